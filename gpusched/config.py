@@ -1,0 +1,150 @@
+"""One Settings object: the TOML file, then ``GPUSCHED_*`` environment variables, then flags.
+
+The file is ``$GPUSCHED_CONFIG`` or ``/etc/gpusched/gpusched.toml`` (missing is fine). Nested keys
+come from the environment with a double underscore: ``GPUSCHED_GPUS__SIMULATE="RTX A4000:16G"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gpusched.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/gpusched/gpusched.toml")
+
+
+class GpusSettings(BaseModel):
+    simulate: str | None = None  # "RTX A4000:16G,RTX 2070:8G": simulated GPUs instead of NVML
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    foreign_policy: Literal["memory", "exclusive"] = "memory"
+    release_timeout_s: float = Field(default=60.0, ge=0)
+
+
+class SchedulerSettings(BaseModel):
+    tick_interval_s: float = Field(default=1.0, gt=0)
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    kill_grace_s: float = Field(default=10.0, ge=0)
+    default_runner: Literal["local", "docker"] = "local"
+
+
+class DockerSettings(BaseModel):
+    enabled: bool = True
+    base_url: str | None = None  # None: DOCKER_HOST or the default socket
+    instance: str = "default"  # gpusched.instance label: daemons sharing a dockerd differ here
+    images: list[str] = Field(default_factory=lambda: ["nvcr.io/nvidia/tao/*"])
+    mount_roots: list[str] = Field(default_factory=lambda: ["/home", "/data", "/srv", "/tmp"])
+    allow_privileged: bool = False
+    allow_host_network: bool = False
+    allow_host_pid: bool = False
+    network: str = "bridge"
+    shm_size: str = "16G"
+    user: str | None = None  # "uid:gid"; None: the submitting user's uid:gid
+    ulimits: dict[str, int] = Field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
+    log_max_size: str = "50m"
+    log_max_file: int = Field(default=3, ge=1)
+    stop_grace_s: float = Field(default=10.0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ApiSettings(BaseModel):
+    admin_group: str = "gpusched-admin"
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+
+
+class BackupSettings(BaseModel):
+    interval_s: float = Field(default=3600.0, gt=0)
+    keep: int = Field(default=24, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GPUSCHED_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    state_dir: Path = Field(default_factory=lambda: default_state_dir())
+    socket: Path = Field(default_factory=lambda: default_socket())
+    log_level: str = "INFO"
+    gpus: GpusSettings = GpusSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    docker: DockerSettings = DockerSettings()
+    api: ApiSettings = ApiSettings()
+    backup: BackupSettings = BackupSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, config_path()))
+
+    @model_validator(mode="after")
+    def _socket_beside_state(self) -> Settings:
+        # A state directory given without a socket keeps its socket beside it, so two daemons
+        # (tests, the demo) never share /run/gpusched or $XDG_RUNTIME_DIR by accident.
+        if "state_dir" in self.model_fields_set and "socket" not in self.model_fields_set:
+            self.socket = self.state_dir / "gpusched.sock"
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "gpusched.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.state_dir / "backups"
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("GPUSCHED_CONFIG") or DEFAULT_CONFIG)
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/gpusched")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpusched"
+
+
+def default_socket() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/gpusched/gpusched.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "gpusched.sock"
+    return default_state_dir() / "gpusched.sock"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from file, environment and the given overrides (flags); None overrides ignored."""
+    path = config_path()
+    if os.environ.get("GPUSCHED_CONFIG") and not path.is_file():
+        raise ConfigError(f"config file {path} (from GPUSCHED_CONFIG) does not exist")
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as err:
+        raise ConfigError(f"bad configuration (file {path}, GPUSCHED_* variables): {err}") from err
+    except (OSError, ValueError) as err:  # unreadable file, TOML syntax
+        raise ConfigError(f"cannot read configuration {path}: {err}") from err

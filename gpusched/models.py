@@ -1,0 +1,243 @@
+"""Pydantic models shared by every layer: what users submit and what the daemon reports."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpusched.errors import SpecError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNIT_MIB = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ARGS = 4096
+MAX_ARG_BYTES = 128 * 1024
+
+
+def parse_size_mib(text: str | int) -> int:
+    """'10G', '512M', '16GiB', '1.5g' -> MiB (binary units; a bare number is MiB)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise SpecError(f"bad size {text!r}: use a number with an optional unit, e.g. 10G or 512M")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "" and not m.group(3):
+        return int(number)  # bare number: MiB
+    return int(number * _UNIT_MIB[unit])
+
+
+def parse_size_bytes(text: str) -> int:
+    return parse_size_mib(text) * 1024 * 1024
+
+
+class GpuRequest(BaseModel):
+    """Which GPUs a job needs: a count (any N), or exact GPUs by index or UUID."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(default=1, ge=0, le=64)
+    ids: tuple[str, ...] | None = None  # exact GPUs: indices ("0") or UUIDs ("GPU-...")
+    gpu_type: str | None = None  # case-insensitive substring of the GPU name
+    mem_mib: int | None = Field(default=None, ge=0)  # free memory needed on each GPU
+
+    @model_validator(mode="after")
+    def _ids_set_count(self) -> GpuRequest:
+        if self.ids is not None:
+            if not self.ids:
+                raise ValueError("an explicit GPU list cannot be empty")
+            if len(set(self.ids)) != len(self.ids):
+                raise ValueError("the GPU list names a GPU twice")
+            if self.count != len(self.ids):
+                object.__setattr__(self, "count", len(self.ids))
+        return self
+
+    @classmethod
+    def parse(
+        cls, gpus: str | None, gpu_type: str | None = None, mem: str | None = None
+    ) -> GpuRequest:
+        """CLI syntax: ``2`` (any two), ``0,1`` or ``GPU-uuid,...`` (exactly those), ``1,``
+        (exactly GPU 1). A bare integer is a count, as in ``docker run --gpus 2``."""
+        mem_mib = parse_size_mib(mem) if mem else None
+        text = (gpus or "1").strip()
+        try:
+            if "," not in text and not text.upper().startswith(("GPU-", "MIG-")):
+                if not text.isdigit():
+                    raise SpecError(
+                        f"bad --gpus {text!r}: give a count (2), a list of indices (0,1), "
+                        "one index with a trailing comma (1,) or GPU UUIDs"
+                    )
+                return cls(count=int(text), gpu_type=gpu_type, mem_mib=mem_mib)
+            ids = tuple(p.strip() for p in text.split(",") if p.strip())
+            for p in ids:
+                if not (p.isdigit() or p.upper().startswith(("GPU-", "MIG-"))):
+                    raise SpecError(f"bad GPU {p!r} in --gpus: use indices or GPU-... UUIDs")
+            return cls(count=len(ids), ids=ids, gpu_type=gpu_type, mem_mib=mem_mib)
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            raise SpecError(f"bad --gpus {text!r}: {err}") from err
+
+
+class Mount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise SpecError(f"bad mount {text!r}: use SRC:DST or SRC:DST:ro")
+        if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+            raise SpecError(f"bad mount option {parts[2]!r} in {text!r}: use ro or rw")
+        return cls(source=parts[0], target=parts[1], read_only=len(parts) == 3 and parts[2] == "ro")
+
+
+class JobSpec(BaseModel):
+    """What a user submits. Validated by the daemon; the owner comes from the socket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    name: str | None = Field(default=None, max_length=200)
+    gpus: GpuRequest = GpuRequest()
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    after: list[int] = Field(default_factory=list, max_length=1000)
+    workdir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    runner: Literal["local", "docker"] = "local"
+    image: str | None = None
+    mounts: list[Mount] = Field(default_factory=list, max_length=100)
+    shm_size: str | None = None
+    user: str | None = None
+    use_tao_mounts: bool = False
+    retries: int = Field(default=0, ge=0, le=100)
+    hold: bool = False
+    est_runtime_s: float | None = Field(default=None, gt=0)
+    kind: str = "job"  # "job", or a TAO stage ("tao:train", ...)
+    stage: dict[str, Any] | None = None  # TAO stage details (later issues)
+    pipeline_id: int | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command_sane(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_ARGS:
+            raise ValueError(f"the command has more than {MAX_ARGS} arguments")
+        if sum(len(a) for a in v) > MAX_ARG_BYTES:
+            raise ValueError("the command is longer than 128 KiB")
+        if any("\x00" in a for a in v):
+            raise ValueError("the command contains a NUL byte")
+        if not v[0]:
+            raise ValueError("the command's program is empty")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_sane(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if not ENV_KEY_RE.match(k):
+                raise ValueError(f"bad environment variable name {k!r}")
+            if "\x00" in val:
+                raise ValueError(f"environment variable {k} contains a NUL byte")
+        return v
+
+    @model_validator(mode="after")
+    def _runner_fields(self) -> JobSpec:
+        if self.runner == "docker" and not self.image:
+            raise ValueError("a docker job needs --image")
+        if self.runner == "local" and (self.image or self.mounts or self.shm_size):
+            raise ValueError("--image, --mount and --shm-size need the docker runner")
+        return self
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    used_memory_mib: int | None = None
+    job_id: int | None = None  # set when the process belongs to a gpusched job
+    foreign: bool = True
+
+
+class Gpu(BaseModel):
+    """One GPU as the inventory last saw it."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str | None = None
+    memory_total_mib: int
+    memory_used_mib: int = 0
+    memory_free_mib: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    compute_capability: str | None = None
+    mig_mode: bool | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+    health: Literal["ok", "lost", "error"] = "ok"
+    health_reason: str | None = None
+    simulated: bool = False
+
+    @property
+    def foreign_processes(self) -> list[GpuProcess]:
+        return [p for p in self.processes if p.foreign]
+
+
+class GpuState(BaseModel):
+    """A GPU as the daemon reports it: the inventory plus scheduling state."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+    memory_free_mib: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    pci_bus_id: str | None = None
+    compute_capability: str | None = None
+    mig_mode: bool | None = None
+    state: Literal["idle", "busy", "foreign", "drained", "lost"]
+    job_id: int | None = None
+    drain_reason: str | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+    health: str = "ok"
+    simulated: bool = False
+
+
+class Placement(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    job_id: int
+    gpu_uuids: tuple[str, ...]
+
+
+class JobView(BaseModel):
+    """A job as the API and ``--json`` output show it (times ISO 8601 UTC)."""
+
+    id: int
+    name: str | None
+    status: str
+    exit_code: int | None
+    reason: str | None
+    attempt: int
+    gpus: list[str]
+    gpu_indices: list[int] = Field(default_factory=list)
+    owner: str
+    owner_uid: int
+    submitted_at: str
+    started_at: str | None
+    ended_at: str | None
+    priority: int
+    runner: str
+    command: list[str]
+    after: list[int]
+    request: GpuRequest
+    kind: str = "job"
+    progress: dict[str, Any] | None = None
+    log_path: str | None = None
+
+

@@ -1,0 +1,1 @@
+"""Runners: the only code that starts processes or talks to Docker."""

@@ -1,0 +1,570 @@
+"""The SQLite store: the only importer of sqlite-utils, and the only place SQL lives.
+
+WAL, ``synchronous=FULL`` and a busy timeout. Every write runs under ``BEGIN IMMEDIATE`` (the
+write lock is taken at the start, so a claim cannot interleave with another writer), and every
+status change is a guarded ``UPDATE ... WHERE status IN (allowed)`` plus a ``job_events`` row in
+the same transaction. ``allocations.gpu_uuid`` is the primary key: a GPU cannot be allocated
+twice, whatever the code above does.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gpusched.errors import Conflict, CorruptDatabase, NotFound, SpecError, StorageFull, StoreError
+from gpusched.models import JobSpec
+from gpusched.states import ACTIVE, ALLOWED_FROM, TERMINAL, JobStatus
+
+Row = dict[str, Any]
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT,
+            owner_uid INTEGER NOT NULL,
+            owner TEXT NOT NULL,
+            status TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            runner TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT 'job',
+            spec TEXT NOT NULL,
+            request TEXT NOT NULL,
+            submitted_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            exit_code INTEGER,
+            reason TEXT,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            retries_left INTEGER NOT NULL DEFAULT 0,
+            cancel_requested_at REAL,
+            cancel_by TEXT,
+            pipeline_id INTEGER,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX jobs_status ON jobs(status);
+        CREATE TABLE job_deps (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            after_id INTEGER NOT NULL REFERENCES jobs(id),
+            PRIMARY KEY (job_id, after_id)
+        );
+        CREATE INDEX job_deps_after ON job_deps(after_id);
+        CREATE TABLE attempts (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            n INTEGER NOT NULL,
+            runner TEXT NOT NULL,
+            state TEXT NOT NULL,          -- starting, live, ended
+            gpus TEXT NOT NULL,           -- JSON list of UUIDs
+            pid INTEGER,
+            pid_start INTEGER,            -- /proc start time, so a reused pid is not adopted
+            container_id TEXT,
+            container_name TEXT,
+            log_path TEXT NOT NULL,
+            run_dir TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            exit_code INTEGER,
+            reason TEXT,
+            oom INTEGER NOT NULL DEFAULT 0,
+            log_offset INTEGER NOT NULL DEFAULT 0,
+            kill_sent_at REAL,
+            PRIMARY KEY (job_id, n)
+        );
+        CREATE INDEX attempts_state ON attempts(state);
+        CREATE TABLE allocations (
+            gpu_uuid TEXT PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            allocated_at REAL NOT NULL,
+            releasing_since REAL
+        );
+        CREATE TABLE job_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            at REAL NOT NULL,
+            from_status TEXT,
+            to_status TEXT NOT NULL,
+            reason TEXT,
+            actor TEXT NOT NULL
+        );
+        CREATE INDEX job_events_job ON job_events(job_id);
+        CREATE TABLE gpus (
+            uuid TEXT PRIMARY KEY,
+            idx INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            memory_total_mib INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            drained INTEGER NOT NULL DEFAULT 0,
+            drain_reason TEXT,
+            drained_at REAL,
+            drained_by TEXT
+        );
+        CREATE TABLE epochs (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            max_epoch INTEGER,
+            started_at REAL,
+            ended_at REAL NOT NULL,
+            seconds REAL,
+            gpu_uuids TEXT NOT NULL,
+            gpu_models TEXT NOT NULL,
+            gpu_count INTEGER NOT NULL,
+            workload TEXT,
+            loss REAL,
+            lr REAL,
+            map REAL,
+            validated INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (job_id, attempt, epoch)
+        );
+        CREATE TABLE artifacts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            path TEXT,
+            epoch INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX artifacts_job ON artifacts(job_id);
+        CREATE TABLE pipelines (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            owner_uid INTEGER NOT NULL,
+            owner TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
+#: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+
+
+def _wrap(err: sqlite3.Error) -> StoreError:
+    text = str(err).lower()
+    if "full" in text:
+        return StorageFull()
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return CorruptDatabase(f"the state database is corrupt ({err})")
+    return StoreError(f"state database error: {err}")
+
+
+class Store:
+    """The daemon's database. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        try:
+            self.conn = sqlite3.connect(
+                str(self.path), isolation_level=None, timeout=busy_timeout_s,
+                check_same_thread=False,
+            )
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as err:
+            raise _wrap(err) from err
+        self.db = sqlite_utils.Database(self.conn)
+        self.lock = threading.RLock()
+        self._migrate()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under BEGIN IMMEDIATE; sqlite errors become StoreErrors."""
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as err:
+                raise _wrap(err) from err
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise
+                if isinstance(exc, sqlite3.Error):
+                    raise _wrap(exc) from exc
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
+        with self.lock:
+            try:
+                return list(self.db.query(sql, params))
+            except sqlite3.Error as err:
+                raise _wrap(err) from err
+
+    def _migrate(self) -> None:
+        with self.write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the state database has schema version {version}, newer than this gpusched "
+                    f"knows ({len(MIGRATIONS)}): upgrade gpusched"
+                )
+            for i in range(version, len(MIGRATIONS)):
+                MIGRATIONS[i](self.db)
+            conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+
+    def schema_version(self) -> int:
+        return int(self.query("PRAGMA user_version")[0]["user_version"])
+
+    def quick_check(self) -> str:
+        rows = self.query("PRAGMA quick_check")
+        return "; ".join(str(next(iter(r.values()))) for r in rows)
+
+    def integrity_check(self) -> str:
+        rows = self.query("PRAGMA integrity_check")
+        return "; ".join(str(next(iter(r.values()))) for r in rows)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, *, owner_uid: int, owner: str, now: float) -> int:
+        status = JobStatus.HELD if spec.hold else JobStatus.QUEUED
+        with self.write() as conn:
+            if spec.after:
+                wanted = sorted(set(spec.after))
+                marks = ",".join("?" * len(wanted))
+                found = {r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})",
+                                                    wanted)}
+                missing = [i for i in wanted if i not in found]
+                if missing:
+                    raise SpecError(f"--after names jobs that do not exist: {missing}")
+            cur = conn.execute(
+                "INSERT INTO jobs (name, owner_uid, owner, status, priority, runner, kind, spec,"
+                " request, submitted_at, retries_left, pipeline_id, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (spec.name, owner_uid, owner, status.value, spec.priority, spec.runner, spec.kind,
+                 spec.model_dump_json(), spec.gpus.model_dump_json(), now, spec.retries,
+                 spec.pipeline_id, now),
+            )
+            job_id = int(cur.lastrowid or 0)
+            conn.executemany("INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
+                             [(job_id, a) for a in sorted(set(spec.after))])
+            self._event(conn, job_id, now, None, status, "submitted", owner)
+        return job_id
+
+    def get_job(self, job_id: int) -> Row:
+        rows = self.query("SELECT * FROM jobs WHERE id = ?", [job_id])
+        if not rows:
+            raise NotFound(f"no job {job_id}")
+        return rows[0]
+
+    def list_jobs(
+        self, *, statuses: Iterable[str] | None = None, owner_uid: int | None = None,
+        name: str | None = None, limit: int | None = None, ids: Iterable[int] | None = None,
+    ) -> list[Row]:
+        where, params = ["1=1"], []  # type: ignore[var-annotated]
+        if statuses is not None:
+            st = list(statuses)
+            where.append(f"status IN ({','.join('?' * len(st))})")
+            params += st
+        if owner_uid is not None:
+            where.append("owner_uid = ?")
+            params.append(owner_uid)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        if ids is not None:
+            idl = list(ids)
+            where.append(f"id IN ({','.join('?' * len(idl)) or 'NULL'})")
+            params += idl
+        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
+        if limit:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
+        return self.query(sql, params)
+
+    def deps(self, job_ids: Iterable[int] | None = None) -> dict[int, list[int]]:
+        """job id -> the ids it waits for (``--after``)."""
+        if job_ids is None:
+            rows = self.query("SELECT job_id, after_id FROM job_deps")
+        else:
+            idl = list(job_ids)
+            if not idl:
+                return {}
+            rows = self.query(
+                f"SELECT job_id, after_id FROM job_deps WHERE job_id IN ({','.join('?' * len(idl))})",
+                idl,
+            )
+        out: dict[int, list[int]] = {}
+        for r in rows:
+            out.setdefault(r["job_id"], []).append(r["after_id"])
+        return out
+
+    def statuses(self, job_ids: Iterable[int]) -> dict[int, str]:
+        idl = list(set(job_ids))
+        if not idl:
+            return {}
+        rows = self.query(f"SELECT id, status FROM jobs WHERE id IN ({','.join('?' * len(idl))})",
+                          idl)
+        return {r["id"]: r["status"] for r in rows}
+
+    def events(self, job_id: int) -> list[Row]:
+        return self.query("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", [job_id])
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, job_id: int, now: float, frm: str | None, to: str,
+               reason: str | None, actor: str) -> None:
+        conn.execute(
+            "INSERT INTO job_events (job_id, at, from_status, to_status, reason, actor)"
+            " VALUES (?,?,?,?,?,?)", (job_id, now, frm, str(to), reason, actor),
+        )
+
+    def _transition(self, conn: sqlite3.Connection, job_id: int, to: JobStatus, now: float, *,
+                    reason: str | None, actor: str, allowed: Iterable[JobStatus] | None = None,
+                    fields: dict[str, Any] | None = None) -> str | None:
+        """Guarded status change inside an open transaction; returns the old status or None."""
+        allowed_from = frozenset(allowed) if allowed is not None else ALLOWED_FROM[to]
+        allowed_from &= ALLOWED_FROM[to]
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] not in allowed_from:
+            return None
+        sets = {"status": to.value, "updated_at": now, **(fields or {})}
+        if reason is not None and "reason" not in sets:
+            sets["reason"] = reason
+        assign = ", ".join(f"{k} = ?" for k in sets)
+        marks = ",".join("?" * len(allowed_from))
+        cur = conn.execute(
+            f"UPDATE jobs SET {assign} WHERE id = ? AND status IN ({marks})",
+            [*sets.values(), job_id, *sorted(allowed_from)],
+        )
+        if cur.rowcount != 1:
+            return None
+        self._event(conn, job_id, now, row[0], to, reason, actor)
+        return str(row[0])
+
+    def transition(self, job_id: int, to: JobStatus, now: float, *, reason: str | None = None,
+                   actor: str = "daemon", allowed: Iterable[JobStatus] | None = None,
+                   fields: dict[str, Any] | None = None) -> bool:
+        with self.write() as conn:
+            return self._transition(conn, job_id, to, now, reason=reason, actor=actor,
+                                    allowed=allowed, fields=fields) is not None
+
+    # -- claims and attempts --------------------------------------------------------------
+
+    def claim(self, job_id: int, gpu_uuids: Sequence[str], *, runner: str, now: float,
+              paths: Callable[[int, int], tuple[str, str]]) -> int | None:
+        """Move a queued job to STARTING with all its GPUs, or change nothing.
+
+        ``paths(job_id, attempt)`` gives (log_path, run_dir). Returns the attempt number, or
+        None when the job was no longer queued or a GPU was taken (all or nothing)."""
+        try:
+            with self.write() as conn:
+                row = conn.execute("SELECT attempt FROM jobs WHERE id = ? AND status = 'queued'",
+                                   (job_id,)).fetchone()
+                if row is None:
+                    return None
+                n = int(row[0]) + 1
+                if self._transition(conn, job_id, JobStatus.STARTING, now, reason=None,
+                                    actor="daemon", fields={"attempt": n, "exit_code": None,
+                                                            "reason": None}) is None:
+                    return None
+                conn.executemany(
+                    "INSERT INTO allocations (gpu_uuid, job_id, attempt, allocated_at)"
+                    " VALUES (?,?,?,?)", [(u, job_id, n, now) for u in gpu_uuids])
+                log_path, run_dir = paths(job_id, n)
+                conn.execute(
+                    "INSERT INTO attempts (job_id, n, runner, state, gpus, log_path, run_dir,"
+                    " started_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (job_id, n, runner, "starting", json.dumps(list(gpu_uuids)), log_path,
+                     run_dir, now))
+                return n
+        except sqlite3.IntegrityError:
+            return None  # a GPU was already allocated: the whole claim rolled back
+
+    def mark_launched(self, job_id: int, n: int, *, now: float, pid: int | None = None,
+                      pid_start: int | None = None, container_id: str | None = None,
+                      container_name: str | None = None) -> bool:
+        with self.write() as conn:
+            conn.execute(
+                "UPDATE attempts SET state='live', pid=?, pid_start=?, container_id=?,"
+                " container_name=? WHERE job_id=? AND n=? AND state='starting'",
+                (pid, pid_start, container_id, container_name, job_id, n))
+            return self._transition(conn, job_id, JobStatus.RUNNING, now, reason=None,
+                                    actor="daemon", allowed={JobStatus.STARTING},
+                                    fields={"started_at": now}) is not None
+
+    def update_attempt(self, job_id: int, n: int, **fields: Any) -> None:
+        if not fields:
+            return
+        with self.write() as conn:
+            assign = ", ".join(f"{k} = ?" for k in fields)
+            conn.execute(f"UPDATE attempts SET {assign} WHERE job_id = ? AND n = ?",
+                         [*fields.values(), job_id, n])
+
+    def attempts(self, job_id: int) -> list[Row]:
+        return self.query("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", [job_id])
+
+    def attempt(self, job_id: int, n: int) -> Row | None:
+        rows = self.query("SELECT * FROM attempts WHERE job_id = ? AND n = ?", [job_id, n])
+        return rows[0] if rows else None
+
+    def live_attempts(self, runner: str | None = None) -> list[Row]:
+        sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.retries_left,"
+               " j.spec AS job_spec FROM attempts a JOIN jobs j ON j.id = a.job_id"
+               " WHERE a.state IN ('starting', 'live')")
+        params: list[Any] = []
+        if runner:
+            sql += " AND a.runner = ?"
+            params.append(runner)
+        return self.query(sql + " ORDER BY a.job_id", params)
+
+    def finish_attempt(self, job_id: int, n: int, *, to: JobStatus, now: float,
+                       ended_at: float, exit_code: int | None, reason: str | None,
+                       oom: bool = False, release_now: bool = True,
+                       requeue: bool = False, consume_retry: bool = True) -> bool:
+        """Record an attempt's end and move its job on, in one transaction.
+
+        With ``requeue`` the job goes back to QUEUED (a retry) instead of ``to``. Allocations are
+        deleted at once (``release_now``) or marked releasing until the inventory shows the GPUs
+        clean of the attempt's processes. Returns False when the attempt had already ended."""
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE attempts SET state='ended', ended_at=?, exit_code=?, reason=?, oom=?"
+                " WHERE job_id=? AND n=? AND state != 'ended'",
+                (ended_at, exit_code, reason, int(oom), job_id, n))
+            if cur.rowcount != 1:
+                return False
+            fields: dict[str, Any] = {"exit_code": exit_code, "cancel_requested_at": None}
+            if requeue:
+                if consume_retry:
+                    conn.execute("UPDATE jobs SET retries_left = retries_left - 1 WHERE id = ?",
+                                 (job_id,))
+                self._transition(conn, job_id, JobStatus.QUEUED, now, reason=reason,
+                                 actor="daemon", allowed=ACTIVE, fields=fields)
+            else:
+                fields["ended_at"] = ended_at
+                self._transition(conn, job_id, to, now, reason=reason, actor="daemon",
+                                 allowed=ACTIVE, fields=fields)
+            if release_now:
+                conn.execute("DELETE FROM allocations WHERE job_id=? AND attempt=?", (job_id, n))
+            else:
+                conn.execute("UPDATE allocations SET releasing_since=? WHERE job_id=? AND"
+                             " attempt=?", (now, job_id, n))
+            return True
+
+    # -- allocations ----------------------------------------------------------------------
+
+    def allocations(self) -> list[Row]:
+        return self.query("SELECT * FROM allocations ORDER BY gpu_uuid")
+
+    def release_gpu(self, gpu_uuid: str) -> None:
+        with self.write() as conn:
+            conn.execute("DELETE FROM allocations WHERE gpu_uuid = ?", (gpu_uuid,))
+
+    # -- user actions ---------------------------------------------------------------------
+
+    def request_cancel(self, job_id: int, *, actor: str, now: float) -> str:
+        """Cancel a job: pending jobs end at once, active ones are marked for the daemon.
+        Returns 'cancelled', 'cancelling' or 'already'."""
+        with self.write() as conn:
+            row = conn.execute("SELECT status, cancel_requested_at FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            status = JobStatus(row[0])
+            if status in (JobStatus.QUEUED, JobStatus.HELD):
+                self._transition(conn, job_id, JobStatus.CANCELLED, now, reason=f"cancelled by {actor}",
+                                 actor=actor, fields={"ended_at": now})
+                return "cancelled"
+            if status in ACTIVE:
+                if row[1] is None:
+                    conn.execute("UPDATE jobs SET cancel_requested_at=?, cancel_by=?, updated_at=?"
+                                 " WHERE id=?", (now, actor, now, job_id))
+                    self._event(conn, job_id, now, status, status, "cancel requested", actor)
+                return "cancelling"
+            if status == JobStatus.CANCELLED:
+                return "already"
+            raise Conflict(f"job {job_id} has already ended ({status.value}); nothing to cancel")
+
+    def hold(self, job_id: int, *, actor: str, now: float) -> None:
+        status = JobStatus(self.get_job(job_id)["status"])
+        if status == JobStatus.HELD:
+            return
+        if not self.transition(job_id, JobStatus.HELD, now, reason=f"held by {actor}",
+                               actor=actor, allowed={JobStatus.QUEUED}):
+            raise Conflict(f"job {job_id} is {status.value}: only queued jobs can be held")
+
+    def release(self, job_id: int, *, actor: str, now: float) -> None:
+        status = JobStatus(self.get_job(job_id)["status"])
+        if status == JobStatus.QUEUED:
+            return
+        if not self.transition(job_id, JobStatus.QUEUED, now, reason=f"released by {actor}",
+                               actor=actor, allowed={JobStatus.HELD}):
+            raise Conflict(f"job {job_id} is {status.value}: only held jobs can be released")
+
+    # -- GPUs -----------------------------------------------------------------------------
+
+    def upsert_gpus(self, gpus: Iterable[tuple[str, int, str, int]], now: float) -> None:
+        """(uuid, index, name, memory_total_mib) for every GPU the inventory sees."""
+        with self.write() as conn:
+            for uuid, idx, name, mem in gpus:
+                conn.execute(
+                    "INSERT INTO gpus (uuid, idx, name, memory_total_mib, first_seen, last_seen)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET idx=excluded.idx,"
+                    " name=excluded.name, memory_total_mib=excluded.memory_total_mib,"
+                    " last_seen=excluded.last_seen", (uuid, idx, name, mem, now, now))
+
+    def gpu_rows(self) -> list[Row]:
+        return self.query("SELECT * FROM gpus ORDER BY idx, uuid")
+
+    def drain(self, gpu_uuid: str, *, reason: str, by: str, now: float) -> bool:
+        """Drain a GPU; returns False if it was already drained (the first reason is kept)."""
+        with self.write() as conn:
+            if conn.execute("SELECT 1 FROM gpus WHERE uuid = ?", (gpu_uuid,)).fetchone() is None:
+                raise NotFound(f"no GPU {gpu_uuid}")
+            cur = conn.execute(
+                "UPDATE gpus SET drained=1, drain_reason=?, drained_at=?, drained_by=?"
+                " WHERE uuid=? AND drained=0", (reason, now, by, gpu_uuid))
+            return cur.rowcount == 1
+
+    def resume(self, gpu_uuid: str) -> None:
+        with self.write() as conn:
+            cur = conn.execute("UPDATE gpus SET drained=0, drain_reason=NULL, drained_at=NULL,"
+                               " drained_by=NULL WHERE uuid=?", (gpu_uuid,))
+            if cur.rowcount != 1:
+                raise NotFound(f"no GPU {gpu_uuid}")
+
+    # -- counts ---------------------------------------------------------------------------
+
+    def count_by_status(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in
+                self.query("SELECT status, count(*) AS n FROM jobs GROUP BY status")}
+
+    def has_work(self) -> bool:
+        """True while any job is queued or active (``daemon --once`` runs until False)."""
+        st = [JobStatus.QUEUED.value, *(s.value for s in ACTIVE)]
+        rows = self.query(f"SELECT 1 FROM jobs WHERE status IN ({','.join('?' * len(st))})"
+                          " LIMIT 1", st)
+        return bool(rows) or bool(self.query("SELECT 1 FROM allocations LIMIT 1"))
+
+
+def is_terminal(status: str) -> bool:
+    return JobStatus(status) in TERMINAL
