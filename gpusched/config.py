@@ -19,8 +19,7 @@ from pydantic_settings import (
 )
 
 from gpusched.errors import ConfigError
-
-DEFAULT_CONFIG = Path("/etc/gpusched/gpusched.toml")
+from gpusched.paths import config_path, default_socket, default_state_dir
 
 
 class GpusSettings(BaseModel):
@@ -114,26 +113,6 @@ class Settings(BaseSettings):
     @property
     def backups_dir(self) -> Path:
         return self.state_dir / "backups"
-
-
-def config_path() -> Path:
-    return Path(os.environ.get("GPUSCHED_CONFIG") or DEFAULT_CONFIG)
-
-
-def default_state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/gpusched")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gpusched"
-
-
-def default_socket() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/gpusched/gpusched.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "gpusched.sock"
-    return default_state_dir() / "gpusched.sock"
 
 
 def load_settings(**overrides: Any) -> Settings:

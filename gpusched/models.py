@@ -8,25 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpusched.errors import SpecError
+from gpusched.units import parse_gpus, parse_size_mib
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNIT_MIB = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ARGS = 4096
 MAX_ARG_BYTES = 128 * 1024
-
-
-def parse_size_mib(text: str | int) -> int:
-    """'10G', '512M', '16GiB', '1.5g' -> MiB (binary units; a bare number is MiB)."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise SpecError(f"bad size {text!r}: use a number with an optional unit, e.g. 10G or 512M")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    if unit == "" and not m.group(3):
-        return int(number)  # bare number: MiB
-    return int(number * _UNIT_MIB[unit])
 
 
 def parse_size_bytes(text: str) -> int:
@@ -55,28 +41,10 @@ class GpuRequest(BaseModel):
         return self
 
     @classmethod
-    def parse(
-        cls, gpus: str | None, gpu_type: str | None = None, mem: str | None = None
-    ) -> GpuRequest:
-        """CLI syntax: ``2`` (any two), ``0,1`` or ``GPU-uuid,...`` (exactly those), ``1,``
-        (exactly GPU 1). A bare integer is a count, as in ``docker run --gpus 2``."""
-        mem_mib = parse_size_mib(mem) if mem else None
-        text = (gpus or "1").strip()
-        try:
-            if "," not in text and not text.upper().startswith(("GPU-", "MIG-")):
-                if not text.isdigit():
-                    raise SpecError(
-                        f"bad --gpus {text!r}: give a count (2), a list of indices (0,1), "
-                        "one index with a trailing comma (1,) or GPU UUIDs"
-                    )
-                return cls(count=int(text), gpu_type=gpu_type, mem_mib=mem_mib)
-            ids = tuple(p.strip() for p in text.split(",") if p.strip())
-            for p in ids:
-                if not (p.isdigit() or p.upper().startswith(("GPU-", "MIG-"))):
-                    raise SpecError(f"bad GPU {p!r} in --gpus: use indices or GPU-... UUIDs")
-            return cls(count=len(ids), ids=ids, gpu_type=gpu_type, mem_mib=mem_mib)
-        except ValueError as err:  # pydantic's ValidationError is a ValueError
-            raise SpecError(f"bad --gpus {text!r}: {err}") from err
+    def parse(cls, gpus: str | None, gpu_type: str | None = None,
+              mem: str | None = None) -> GpuRequest:
+        """See ``units.parse_gpus`` for the syntax."""
+        return cls(**parse_gpus(gpus, gpu_type, mem))
 
 
 class Mount(BaseModel):

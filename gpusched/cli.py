@@ -1,0 +1,390 @@
+"""The ``gpusched`` command: parse, call the daemon, render. ``--json`` everywhere.
+
+Heavy imports (pydantic, the daemon, rich) happen inside the commands that need them, so a
+``gpusched submit`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gpusched import render
+from gpusched.errors import GpuschedError, SpecError
+from gpusched.units import parse_gpus
+
+app = typer.Typer(
+    help="gpusched: queue GPU jobs and NVIDIA TAO stages on this host's GPUs.",
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+
+
+def _client() -> Any:
+    from gpusched.client import Client
+    from gpusched.paths import client_socket
+
+    return Client(client_socket())
+
+
+def _fail(err: GpuschedError) -> None:
+    typer.echo(f"gpusched: {err.message}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _env_pairs(env: list[str]) -> dict[str, str]:
+    out = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise SpecError(f"--env {item}: use K=V, or K alone to pass K from your shell")
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+# -- daemon ------------------------------------------------------------------------------
+
+
+@app.command()
+def daemon(
+    once: Annotated[bool, typer.Option("--once", help="Run until no job is queued or running, "
+                                       "then exit (burst mode).")] = False,
+    simulate_gpus: Annotated[str | None, typer.Option(
+        "--simulate-gpus", help='Simulated GPUs instead of NVML, e.g. "RTX A4000:16G,RTX 2070:8G".'
+    )] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="State directory (database, logs).")] = None,
+    socket: Annotated[Path | None, typer.Option(help="Unix socket to listen on.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+) -> None:
+    """Run the daemon in the foreground (systemd runs it this way)."""
+    import logging
+
+    from gpusched.config import load_settings
+    from gpusched.service import Service, lock_state_dir
+
+    try:
+        overrides: dict[str, Any] = {"state_dir": state_dir, "socket": socket,
+                                     "log_level": log_level}
+        settings = load_settings(**overrides)
+        if simulate_gpus:
+            settings.gpus.simulate = simulate_gpus
+        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        lock_fd = lock_state_dir(settings.state_dir)
+        try:
+            Service(settings).run(once=once)
+        finally:
+            os.close(lock_fd)
+    except GpuschedError as err:
+        _fail(err)
+
+
+# -- GPUs --------------------------------------------------------------------------------
+
+
+@app.command()
+def gpus(as_json: JsonOpt = False) -> None:
+    """List the GPUs the daemon sees, with memory, use, state and foreign processes."""
+    try:
+        data = _client().get("/v1/gpus")
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(data) if as_json else typer.echo(render.gpus_table(data))
+
+
+@app.command()
+def drain(gpu: Annotated[str, typer.Argument(help="GPU index or UUID.")],
+          reason: Annotated[str, typer.Option("--reason", "-r", help="Why (shown to users).")],
+          as_json: JsonOpt = False) -> None:
+    """Stop placing jobs on a GPU (running jobs finish). Root or the admin group only."""
+    try:
+        data = _client().post(f"/v1/gpus/{gpu}/drain", {"reason": reason})
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(data) if as_json else typer.echo(f"GPU {gpu} drained: {reason}")
+
+
+@app.command()
+def resume(gpu: Annotated[str, typer.Argument(help="GPU index or UUID.")],
+           as_json: JsonOpt = False) -> None:
+    """Put a drained GPU back into service. Root or the admin group only."""
+    try:
+        data = _client().post(f"/v1/gpus/{gpu}/resume")
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(data) if as_json else typer.echo(f"GPU {gpu} resumed")
+
+
+# -- jobs --------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS]...",
+                                                 help="The command, after `--`.")],
+    gpus: Annotated[str, typer.Option("--gpus", "-g", help="2 (any two), 0,1 or GPU-uuid,... "
+                                      "(exactly those), 1, (exactly GPU 1), 0 (no GPU).")] = "1",
+    gpu_type: Annotated[str | None, typer.Option(help='Only GPUs whose name contains this, '
+                                                 'e.g. "A4000".')] = None,
+    mem: Annotated[str | None, typer.Option(help="Free GPU memory needed on each GPU, e.g. 10G "
+                                            "(foreign processes count).")] = None,
+    priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
+    after: Annotated[str | None, typer.Option(help="Job ids (1,2) that must succeed first.")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    workdir: Annotated[str | None, typer.Option(help="Working directory (default: here, for "
+                                                "local jobs).")] = None,
+    env: Annotated[list[str], typer.Option("--env", "-e", help="K=V (repeatable); K alone "
+                                           "passes K from your shell.")] = [],  # noqa: B006
+    retries: Annotated[int, typer.Option(help="Run again this many times on failure.")] = 0,
+    hold: Annotated[bool, typer.Option("--hold", help="Queue held; `release` starts it.")] = False,
+    est_time: Annotated[str | None, typer.Option("--time", help="Expected run time (90s, 20m, "
+                                                 "2h): lets the job backfill.")] = None,
+    image: Annotated[str | None, typer.Option(help="Run in a container of this image "
+                                              "(docker runner).")] = None,
+    mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] for containers "
+                                             "(repeatable).")] = [],  # noqa: B006
+    shm_size: Annotated[str | None, typer.Option(help="Container /dev/shm size, e.g. 16G.")] = None,
+    user: Annotated[str | None, typer.Option(help="Container user UID:GID.")] = None,
+    tao_mounts: Annotated[bool, typer.Option("--tao-mounts", help="Use the mounts, envs and "
+                                             "docker options of ~/.tao_mounts.json.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a job; prints its id. Everything after `--` is the command, taken literally."""
+    try:
+        spec: dict[str, Any] = {
+            "command": command, "gpus": parse_gpus(gpus, gpu_type, mem), "priority": priority,
+            "name": name, "env": _env_pairs(env), "retries": retries, "hold": hold,
+            "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
+        }
+        if est_time:
+            spec["est_runtime_s"] = _parse_duration(est_time)
+        if image:
+            spec.update(runner="docker", image=image, workdir=workdir,
+                        mounts=[_mount(m) for m in mount], shm_size=shm_size, user=user)
+            if tao_mounts:
+                _apply_tao_mounts(spec)
+        else:
+            if mount or shm_size or user or tao_mounts:
+                raise SpecError("--mount, --shm-size, --user and --tao-mounts need --image")
+            spec["workdir"] = workdir or os.getcwd()
+            spec["env"] = {"PATH": os.environ.get("PATH", ""), **spec["env"]}
+        result = _client().post("/v1/jobs", spec)
+    except ValueError as err:
+        _fail(SpecError(f"bad --after {after!r}: give job ids like 12,13 ({err})"))
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(result) if as_json else typer.echo(result["id"])
+
+
+def _parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise SpecError(f"bad --time {text!r}: use 90s, 20m, 2h or seconds") from None
+
+
+def _mount(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (
+            len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise SpecError(f"bad --mount {text!r}: use SRC:DST or SRC:DST:ro")
+    return {"source": os.path.abspath(parts[0]), "target": parts[1],
+            "read_only": len(parts) == 3 and parts[2] == "ro"}
+
+
+def _apply_tao_mounts(spec: dict[str, Any]) -> None:
+    """Read ~/.tao_mounts.json here, as the user, and send its content with the spec; the
+    daemon validates the mounts like any other before storing anything."""
+    from gpusched.policy import parse_tao_mounts
+
+    path = Path.home() / ".tao_mounts.json"
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"--tao-mounts: cannot read {path}: {err}") from err
+    mounts, envs, options = parse_tao_mounts(text)
+    spec["mounts"] = [m.model_dump() for m in mounts] + spec["mounts"]
+    spec["env"] = {**envs, **spec["env"]}
+    if options.get("privileged") or options.get("network") == "host":
+        raise SpecError(f"{path} asks for privileged or host-network containers; gpusched "
+                        "does not run those")
+    spec["shm_size"] = spec["shm_size"] or options.get("shm_size")
+    spec["user"] = spec["user"] or options.get("user")
+    spec["use_tao_mounts"] = True
+
+
+@app.command("ls")
+def list_jobs(
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Include ended jobs.")] = False,
+    status: Annotated[str | None, typer.Option(help="Only these statuses (comma list).")] = None,
+    mine: Annotated[bool, typer.Option("--mine", help="Only my jobs.")] = False,
+    name: Annotated[str | None, typer.Option(help="Only jobs with this name.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the newest N jobs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs: queued and running by default."""
+    q = []
+    if all_:
+        q.append("all=1")
+    if status:
+        q.append(f"status={status}")
+    if mine:
+        q.append(f"owner={os.getuid()}")
+    if name:
+        from urllib.parse import quote
+
+        q.append(f"name={quote(name)}")
+    if limit:
+        q.append(f"limit={limit}")
+    try:
+        data = _client().get("/v1/jobs" + ("?" + "&".join(q) if q else ""))
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(data)
+    elif not data:
+        typer.echo("no jobs" if all_ else "no queued or running jobs (ls --all shows ended ones)")
+    else:
+        typer.echo(render.jobs_table(data))
+
+
+@app.command()
+def show(job_id: int, as_json: JsonOpt = False) -> None:
+    """Show one job: status, GPUs, outcome, events."""
+    try:
+        data = _client().get(f"/v1/jobs/{job_id}")
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(data) if as_json else typer.echo(render.job_detail(data))
+
+
+@app.command()
+def logs(job_id: int,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the "
+                                              "job ends.")] = False,
+         attempt: Annotated[int | None, typer.Option(help="Attempt number (default: last).")] = None
+         ) -> None:
+    """Print a job's output (stdout and stderr)."""
+    client, offset = _client(), 0
+    try:
+        while True:
+            q = f"?offset={offset}" + (f"&attempt={attempt}" if attempt else "")
+            chunk = client.get(f"/v1/jobs/{job_id}/log{q}")
+            if attempt is None and chunk["attempt"]:
+                attempt = chunk["attempt"]
+            sys.stdout.write(chunk["data"])
+            sys.stdout.flush()
+            offset = chunk["offset"]
+            if chunk["data"]:
+                continue
+            if not follow or chunk["done"] or chunk["status"] in TERMINAL:
+                break
+            time.sleep(0.25)
+    except GpuschedError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def wait(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+         timeout: Annotated[float | None, typer.Option(help="Give up after this many "
+                                                       "seconds (exit 124).")] = None,
+         as_json: JsonOpt = False) -> None:
+    """Block until the jobs end. Exit 0 only if all succeeded (1 otherwise, 124 on timeout)."""
+    client, start = _client(), time.monotonic()
+    ids = ",".join(str(i) for i in job_ids)
+    try:
+        while True:
+            jobs = client.get(f"/v1/jobs?all=1&ids={ids}")
+            found = {j["id"] for j in jobs}
+            missing = [i for i in job_ids if i not in found]
+            if missing:
+                raise GpuschedError(f"no job {missing[0]}")
+            if all(j["status"] in TERMINAL for j in jobs):
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                typer.echo("gpusched: timed out waiting", err=True)
+                raise typer.Exit(124)
+            time.sleep(0.2)
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(jobs)
+    else:
+        for j in jobs:
+            typer.echo(f"{j['id']}: {j['status']}" + (f" ({j['reason']})" if j["reason"] else ""))
+    raise typer.Exit(0 if all(j["status"] == "succeeded" for j in jobs) else 1)
+
+
+def _action(action: str, job_ids: list[int], as_json: bool) -> None:
+    client, results, failed = _client(), [], None
+    for jid in job_ids:
+        try:
+            results.append(client.post(f"/v1/jobs/{jid}/{action}"))
+        except GpuschedError as err:
+            typer.echo(f"gpusched: job {jid}: {err.message}", err=True)
+            failed = failed or err
+    if as_json:
+        render.emit_json(results)
+    else:
+        for r in results:
+            typer.echo(f"{r['id']}: {r['result']}")
+    if failed:
+        raise typer.Exit(failed.exit_code)
+
+
+@app.command()
+def cancel(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+           as_json: JsonOpt = False) -> None:
+    """Cancel jobs: queued ones at once, running ones with SIGTERM, then SIGKILL after a grace."""
+    _action("cancel", job_ids, as_json)
+
+
+@app.command()
+def hold(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+         as_json: JsonOpt = False) -> None:
+    """Keep queued jobs from starting until `release`."""
+    _action("hold", job_ids, as_json)
+
+
+@app.command()
+def release(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+            as_json: JsonOpt = False) -> None:
+    """Let held jobs start again."""
+    _action("release", job_ids, as_json)
+
+
+@app.command()
+def health(as_json: JsonOpt = False) -> None:
+    """Daemon, store, GPUs and runners: ok or degraded, with the reason. Exit 1 if degraded."""
+    try:
+        data = _client().get("/v1/health")
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(data)
+    else:
+        typer.echo(f"gpusched {data['status']} (pid {data['pid']}, state {data['state_dir']})")
+        for name, c in data["checks"].items():
+            typer.echo(f"  {name:<8}{'ok' if c['ok'] else 'DEGRADED':<10}{c['detail']}")
+    raise typer.Exit(0 if data["ok"] else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

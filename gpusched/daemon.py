@@ -1,0 +1,480 @@
+"""The daemon's tick: a fixed list of named steps, each a function of ``now``.
+
+``tick(now)`` never sleeps and never reads the clock, so tests drive it with a FakeClock. The
+wiring that loops, listens on the socket and handles signals is in ``service.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from gpusched.config import Settings
+from gpusched.errors import GpuschedError, LaunchRefused, RunnerError, RunnerUnavailable
+from gpusched.gpus import Inventory, job_of_pid
+from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
+from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
+from gpusched.scheduling import GpuSlot, QueuedJob, plan
+from gpusched.states import JobStatus
+from gpusched.store import Row, Store
+
+log = logging.getLogger(__name__)
+
+S = JobStatus
+PLAN_WINDOW = 500  # queued jobs the planner looks at per tick (Slurm's bf_max_job_test idea)
+FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
+
+
+class Daemon:
+    STEPS = ("reap", "cancels", "inventory", "reconcile", "dependencies", "plan_and_launch")
+
+    def __init__(self, settings: Settings, store: Store, inventory: Inventory,
+                 runners: dict[str, Runner]) -> None:
+        self.settings = settings
+        self.store = store
+        self.inventory = inventory
+        self.runners = runners
+        self.gpus: list[Gpu] = []
+        self.waiting: dict[int, str] = {}  # job id -> why it waits (from the last plan)
+        self.degraded: dict[str, str] = {}  # runner name -> why it is unusable
+        self.orphan_gpus: set[str] = set()
+        self._known_gpus: tuple[tuple[str, int, str, int], ...] = ()
+        self._next_inventory = 0.0
+        self._next_reconcile = 0.0
+        self._reconcile_now = True  # first tick reconciles: adopt, record, clean up
+        self.last_tick: float | None = None
+        self.placed_last_tick = 0
+        self.tick_error: str | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
+
+    # -- wiring helpers -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the loop tick now (a submission, a cancel, a signal)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending) or closed (shutting down)
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait_fds(self) -> list[int]:
+        fds = [self._wake_r]
+        for r in self.runners.values():
+            fds += r.wait_fds()
+        return fds
+
+    def request_reconcile(self) -> None:
+        self._reconcile_now = True
+        self.wake()
+
+    def close(self) -> None:
+        """Let go of runners and the wake pipe (jobs keep running). Safe to call twice."""
+        if self._wake_r < 0:
+            return
+        for r in self.runners.values():
+            close = getattr(r, "close", None)
+            if close:
+                close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+    # -- the tick -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            for step in self.STEPS:
+                getattr(self, f"step_{step}")(now)
+            self.last_tick = now
+
+    def next_due(self) -> float:
+        return min(self._next_inventory, self._next_reconcile)
+
+    # -- reap -----------------------------------------------------------------------------
+
+    def _runner(self, name: str) -> Runner | None:
+        return self.runners.get(name)
+
+    def step_reap(self, now: float) -> None:
+        for row in self.store.live_attempts():
+            if row["state"] != "live":
+                continue  # never confirmed launched: reconcile decides
+            runner = self._runner(row["runner"])
+            if runner is None:
+                continue
+            ref = AttemptRef.from_row(row)
+            try:
+                outcome = runner.poll(ref, now)
+            except RunnerUnavailable as err:
+                self._runner_down(runner.name, str(err), now)
+                continue
+            self._runner_up(runner.name, now)
+            if outcome is not None:
+                self._record_end(row, ref, runner, outcome, now)
+
+    def _runner_down(self, name: str, why: str, now: float) -> None:
+        if name not in self.degraded:
+            log.warning("runner %s unavailable: %s", name, why)
+        self.degraded[name] = why
+        for row in self.store.live_attempts(runner=name):
+            if row["job_status"] == S.RUNNING.value:
+                self.store.transition(row["job_id"], S.UNKNOWN, now,
+                                      reason=f"{name} unreachable: {why}")
+
+    def _runner_up(self, name: str, now: float) -> None:
+        if self.degraded.pop(name, None) is None:
+            return
+        log.info("runner %s reachable again", name)
+        for row in self.store.live_attempts(runner=name):
+            if row["job_status"] == S.UNKNOWN.value:
+                self.store.transition(row["job_id"], S.RUNNING, now, reason="runner reachable again",
+                                      allowed={S.UNKNOWN})
+
+    def _record_end(self, row: Row, ref: AttemptRef, runner: Runner, outcome: Outcome,
+                    now: float) -> None:
+        job_id, n = ref.job_id, ref.n
+        requeue, consume = False, True
+        if row["cancel_requested_at"] is not None:
+            to, reason = S.CANCELLED, outcome.reason or "cancelled"
+            reason = f"cancelled ({reason})" if not reason.startswith("cancel") else reason
+        elif outcome.lost:
+            to, reason = S.LOST, outcome.reason or "lost"
+        elif outcome.exit_code == 0:
+            to, reason = S.SUCCEEDED, None
+        else:
+            to = S.FAILED
+            reason = "killed: out of memory" if outcome.oom else outcome.reason
+            if (row["retries_left"] or 0) > 0:
+                requeue = True
+                reason = f"{reason}; retrying ({row['retries_left'] - 1} retries left)"
+        release_now = self.inventory.simulated or not ref.gpus
+        self.store.finish_attempt(job_id, n, to=to, now=now, ended_at=outcome.ended_at,
+                                  exit_code=outcome.exit_code, reason=reason, oom=outcome.oom,
+                                  release_now=release_now, requeue=requeue,
+                                  consume_retry=consume)
+        try:
+            runner.cleanup(ref)
+        except GpuschedError as err:
+            log.warning("cleanup of job %s attempt %s failed: %s", job_id, n, err)
+        log.info("job %s attempt %s ended: %s (%s)", job_id, n,
+                 "requeued" if requeue else to.value, reason or f"exit {outcome.exit_code}")
+
+    # -- cancels --------------------------------------------------------------------------
+
+    def step_cancels(self, now: float) -> None:
+        for row in self.store.live_attempts():
+            if row["cancel_requested_at"] is None or row["state"] != "live":
+                continue
+            runner = self._runner(row["runner"])
+            if runner is None:
+                continue
+            ref = AttemptRef.from_row(row)
+            grace = (self.settings.docker.stop_grace_s if row["runner"] == "docker"
+                     else self.settings.scheduler.kill_grace_s)
+            try:
+                if row["kill_sent_at"] is None:
+                    runner.signal_cancel(ref, kill=False)
+                    self.store.update_attempt(ref.job_id, ref.n, kill_sent_at=now)
+                elif now - row["kill_sent_at"] >= grace:
+                    runner.signal_cancel(ref, kill=True)
+            except RunnerUnavailable as err:
+                self._runner_down(runner.name, str(err), now)
+
+    # -- inventory ------------------------------------------------------------------------
+
+    def step_inventory(self, now: float) -> None:
+        if now < self._next_inventory:
+            return
+        self._next_inventory = now + self.settings.gpus.poll_interval_s
+        self.refresh_inventory(now)
+
+    def refresh_inventory(self, now: float) -> None:
+        try:
+            gpus = self.inventory.snapshot(job_of_pid)
+        except GpuschedError as err:
+            log.error("GPU inventory failed: %s", err)
+            return
+        self.gpus = gpus
+        known = tuple((g.uuid, g.index, g.name, g.memory_total_mib) for g in gpus)
+        if known != self._known_gpus:
+            self.store.upsert_gpus(known, now)
+            self._known_gpus = known
+        for g in gpus:
+            if g.health != "ok":
+                if self.store.drain(g.uuid, reason=g.health_reason or f"GPU {g.health}",
+                                    by="daemon", now=now):
+                    log.error("GPU %s (%s) drained: %s", g.index, g.uuid, g.health_reason)
+        self._release_clean_gpus(now)
+
+    def _release_clean_gpus(self, now: float) -> None:
+        """Allocations of ended attempts go once NVML shows none of the job's processes."""
+        by_uuid = {g.uuid: g for g in self.gpus}
+        for alloc in self.store.allocations():
+            since = alloc["releasing_since"]
+            if since is None:
+                continue
+            gpu = by_uuid.get(alloc["gpu_uuid"])
+            still = [p.pid for p in (gpu.processes if gpu else []) if p.job_id == alloc["job_id"]]
+            if not still:
+                self.store.release_gpu(alloc["gpu_uuid"])
+            elif now - since >= self.settings.gpus.release_timeout_s:
+                self.store.drain(alloc["gpu_uuid"], by="daemon", now=now,
+                                 reason=f"processes {still} of finished job {alloc['job_id']} "
+                                        "still hold the GPU")
+                self.store.release_gpu(alloc["gpu_uuid"])
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    def step_reconcile(self, now: float) -> None:
+        if not self._reconcile_now and now < self._next_reconcile:
+            return
+        self._reconcile_now = False
+        self._next_reconcile = now + self.settings.scheduler.reconcile_interval_s
+        self.reconcile(now)
+
+    def reconcile(self, now: float) -> None:
+        """Compare the store with what the runners see: adopt attempts that a crash left
+        unconfirmed, requeue those that never started, remove orphans."""
+        rows = self.store.live_attempts()
+        live = {(r["job_id"], r["n"]) for r in rows if r["state"] == "live"}
+        starting = {(r["job_id"], r["n"]): r for r in rows if r["state"] == "starting"}
+        orphan_gpus: set[str] = set()
+        for runner in self.runners.values():
+            try:
+                found = runner.orphans(live)
+            except RunnerUnavailable as err:
+                self._runner_down(runner.name, str(err), now)
+                for key, row in list(starting.items()):
+                    if row["runner"] == runner.name:
+                        starting.pop(key)  # cannot decide without the backend
+                continue
+            for orphan in found:
+                key = (orphan.job_id or -1, orphan.attempt or -1)
+                row = starting.pop(key, None)
+                if row is not None and row["runner"] == runner.name:
+                    self._adopt(row, runner.name, orphan.handle, now)
+                    continue
+                log.warning("removing orphan: %s", orphan.description)
+                if not runner.remove_orphan(orphan):
+                    orphan_gpus.update(orphan.gpus)
+        for (job_id, n), row in starting.items():
+            runner = self._runner(row["runner"])
+            ref = AttemptRef.from_row(row)
+            outcome = runner.poll(ref, now) if runner and row["runner"] == "local" else None
+            if outcome is not None and not outcome.lost and runner is not None:
+                self.store.mark_launched(job_id, n, now=now)
+                self._record_end({**row, "cancel_requested_at": row["cancel_requested_at"]}, ref,
+                                 runner, outcome, now)
+                continue
+            log.warning("job %s attempt %s never started; queueing it again", job_id, n)
+            self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
+                                      exit_code=None, reason="the daemon stopped before the "
+                                      "attempt started; queued again", requeue=True,
+                                      consume_retry=False)
+        self.orphan_gpus = orphan_gpus
+
+    def _adopt(self, row: Row, runner: str, handle: Any, now: float) -> None:
+        job_id, n = row["job_id"], row["n"]
+        log.info("adopting job %s attempt %s found running after a restart", job_id, n)
+        if runner == "local":
+            pid, start = handle
+            self.store.mark_launched(job_id, n, now=now, pid=pid, pid_start=start)
+        else:
+            self.store.mark_launched(job_id, n, now=now, container_id=str(handle))
+
+    # -- dependencies ---------------------------------------------------------------------
+
+    def step_dependencies(self, now: float) -> None:
+        """Fail queued jobs whose ``--after`` job failed; repeat so chains fail in one tick."""
+        while True:
+            queued = self.store.list_jobs(statuses=[S.QUEUED.value, S.HELD.value])
+            deps = self.store.deps(j["id"] for j in queued)
+            if not deps:
+                return
+            statuses = self.store.statuses(a for ids in deps.values() for a in ids)
+            changed = False
+            for job_id, after in deps.items():
+                bad = [a for a in after if statuses.get(a) in FAILED_DEP]
+                if bad:
+                    changed |= self.store.transition(
+                        job_id, S.FAILED, now, reason=f"dependency job {bad[0]} "
+                        f"{statuses[bad[0]]}; not run", fields={"ended_at": now})
+            if not changed:
+                return
+
+    # -- plan and launch ------------------------------------------------------------------
+
+    def _slots(self, now: float) -> list[GpuSlot]:
+        drained = {r["uuid"]: r["drain_reason"] for r in self.store.gpu_rows() if r["drained"]}
+        allocs = {a["gpu_uuid"]: a for a in self.store.allocations()}
+        ends = self._expected_ends(allocs, now)
+        slots = []
+        for g in self.gpus:
+            a = allocs.get(g.uuid)
+            holder = a["job_id"] if a else (-1 if g.uuid in self.orphan_gpus else None)
+            slots.append(GpuSlot(
+                uuid=g.uuid, index=g.index, name=g.name, memory_total_mib=g.memory_total_mib,
+                memory_free_mib=g.memory_free_mib, usable=g.health == "ok" and g.uuid not in drained,
+                has_foreign=bool(g.foreign_processes), allocated_to=holder,
+                busy_until=ends.get(holder) if holder else None))
+        return slots
+
+    def _expected_ends(self, allocs: dict[str, Row], now: float) -> dict[int, float]:
+        ids = {a["job_id"] for a in allocs.values() if a["releasing_since"] is None}
+        ends = {}
+        for j in self.store.list_jobs(ids=ids) if ids else []:
+            est = json.loads(j["spec"]).get("est_runtime_s")
+            if est and j["started_at"]:
+                ends[j["id"]] = max(now, j["started_at"] + est)
+        return ends
+
+    def runnable(self) -> list[Row]:
+        """Queued jobs whose dependencies all succeeded, in planning order."""
+        rows = self.store.query(
+            "SELECT j.id, j.priority, j.submitted_at, j.request, j.spec, j.runner, j.owner_uid,"
+            " j.owner FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps"
+            " d JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status !="
+            " 'succeeded') ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
+        return [r for r in rows if r["runner"] not in self.degraded]
+
+    def step_plan_and_launch(self, now: float) -> None:
+        rows = self.runnable()
+        self.placed_last_tick = 0
+        if not rows:
+            self.waiting = {}
+            return
+        by_id = {r["id"]: r for r in rows}
+        jobs = [QueuedJob(id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
+                          request=GpuRequest.model_validate_json(r["request"]),
+                          est_runtime_s=json.loads(r["spec"]).get("est_runtime_s"))
+                for r in rows]
+        result = plan(jobs, self._slots(now), now,
+                      foreign_policy=self.settings.gpus.foreign_policy)
+        self.waiting = {**result.waiting, **result.impossible}
+        gpus = {g.uuid: g for g in self.gpus}
+        for placement in result.placements:
+            row = by_id[placement.job_id]
+            self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now)
+
+    def paths(self, job_id: int, n: int) -> tuple[str, str]:
+        log_path = self.settings.logs_dir / str(job_id) / f"{n}.log"
+        run_dir = self.settings.runs_dir / str(job_id) / str(n)
+        return str(log_path), str(run_dir)
+
+    def job_env(self, job_id: int, n: int, gpus: tuple[Gpu, ...]) -> dict[str, str]:
+        uuids = ",".join(g.uuid for g in gpus)
+        return {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": uuids,
+            "GPUSCHED_JOB_ID": str(job_id),
+            "GPUSCHED_ATTEMPT": str(n),
+            "GPUSCHED_GPUS": uuids,
+            "GPUSCHED_GPU_NAMES": ",".join(g.name for g in gpus),
+        }
+
+    def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float) -> None:
+        job_id = row["id"]
+        spec = JobSpec.model_validate_json(row["spec"])
+        runner = self._runner(spec.runner)
+        if runner is None:
+            self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},
+                                  reason=f"the {spec.runner} runner is not enabled on this daemon")
+            return
+        n = self.store.claim(job_id, [g.uuid for g in gpus], runner=runner.name, now=now,
+                             paths=self.paths)
+        if n is None:
+            return
+        log_path, run_dir = self.paths(job_id, n)
+        req = LaunchRequest(job_id=job_id, attempt=n, spec=spec, gpus=gpus,
+                            simulated=self.inventory.simulated, env=self.job_env(job_id, n, gpus),
+                            log_path=Path(log_path), run_dir=Path(run_dir),
+                            owner_uid=row["owner_uid"], owner=row["owner"])
+        try:
+            launched = runner.launch(req)
+        except LaunchRefused as err:
+            self.store.finish_attempt(job_id, n, to=S.HELD, now=now, ended_at=now, exit_code=None,
+                                      reason=err.message, requeue=False)
+            self.store.transition(job_id, S.HELD, now, reason=err.message, allowed={S.STARTING})
+            log.warning("job %s held: %s", job_id, err.message)
+            return
+        except RunnerUnavailable as err:
+            self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
+                                      exit_code=None, reason=f"{runner.name} unavailable: {err}",
+                                      requeue=True, consume_retry=False)
+            self._runner_down(runner.name, str(err), now)
+            return
+        except (RunnerError, OSError) as err:
+            self.store.finish_attempt(job_id, n, to=S.FAILED, now=now, ended_at=now,
+                                      exit_code=None, reason=f"could not start: {err}")
+            return
+        self.store.mark_launched(job_id, n, now=now, pid=launched.pid,
+                                 pid_start=launched.pid_start, container_id=launched.container_id,
+                                 container_name=launched.container_name)
+        self.placed_last_tick += 1
+        log.info("job %s attempt %s started on %s", job_id, n,
+                 ",".join(str(g.index) for g in gpus) or "no GPU")
+
+    # -- views for the API ----------------------------------------------------------------
+
+    def gpu_states(self) -> list[GpuState]:
+        rows = {r["uuid"]: r for r in self.store.gpu_rows()}
+        allocs = {a["gpu_uuid"]: a["job_id"] for a in self.store.allocations()}
+        out = []
+        for g in self.gpus:
+            r = rows.get(g.uuid, {})
+            if g.health == "lost":
+                state = "lost"
+            elif r.get("drained"):
+                state = "drained"
+            elif g.uuid in allocs or g.uuid in self.orphan_gpus:
+                state = "busy"
+            elif g.foreign_processes:
+                state = "foreign"
+            else:
+                state = "idle"
+            out.append(GpuState(
+                index=g.index, uuid=g.uuid, name=g.name, memory_total_mib=g.memory_total_mib,
+                memory_used_mib=g.memory_used_mib, memory_free_mib=g.memory_free_mib,
+                utilization_pct=g.utilization_pct, temperature_c=g.temperature_c,
+                power_w=g.power_w, pci_bus_id=g.pci_bus_id,
+                compute_capability=g.compute_capability, mig_mode=g.mig_mode, state=state,
+                job_id=allocs.get(g.uuid), drain_reason=r.get("drain_reason"),
+                processes=g.processes, health=g.health, simulated=g.simulated))
+        return out
+
+    def health(self) -> dict[str, Any]:
+        checks: dict[str, dict[str, Any]] = {}
+        checks["daemon"] = {"ok": self.tick_error is None,
+                            "detail": self.tick_error or "tick loop running"}
+        try:
+            qc = self.store.quick_check()
+            checks["store"] = {"ok": qc == "ok", "detail": f"quick_check {qc}"}
+        except GpuschedError as err:
+            checks["store"] = {"ok": False, "detail": err.message}
+        lost = [g for g in self.gpus if g.health != "ok"]
+        checks["gpus"] = {
+            "ok": bool(self.gpus) and not lost,
+            "detail": (f"{len(self.gpus)} GPU(s), simulated" if self.inventory.simulated else
+                       f"{len(self.gpus)} GPU(s) through NVML")
+            + (f"; unhealthy: {', '.join(f'{g.index} {g.health_reason}' for g in lost)}"
+               if lost else ""),
+        }
+        for name, runner in self.runners.items():
+            ok, detail = runner.health() if name not in self.degraded else (False,
+                                                                             self.degraded[name])
+            checks[name] = {"ok": ok, "detail": detail}
+        return {"ok": all(c["ok"] for c in checks.values()),
+                "status": "ok" if all(c["ok"] for c in checks.values()) else "degraded",
+                "checks": checks}
+

@@ -1,0 +1,244 @@
+"""What users may ask of the daemon's root-equivalent power: images, mounts, paths, identities.
+
+Pure checks (only ``os.path`` look-ups for paths); each refusal is a SpecError whose message says
+what was refused and what is allowed. runc CVE-2024-21626 leaked host file descriptors through a
+``/proc/self/fd/N`` working directory, so workdirs and mount targets stay out of /proc, /sys, /dev.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from gpusched.config import DockerSettings
+from gpusched.errors import SpecError
+from gpusched.models import ENV_KEY_RE, JobSpec, Mount, parse_size_bytes
+
+FORBIDDEN_TREES = ("/proc", "/sys", "/dev")
+_USER_RE = re.compile(r"^\d{1,10}(:\d{1,10})?$")
+# Set by the runner from the allocation; a user's value would widen what the container sees.
+RESERVED_ENV = ("NVIDIA_VISIBLE_DEVICES",)
+TAO_OPTION_KEYS = ("user", "shm_size", "ulimits", "privileged", "network")
+
+
+def is_under(path: str, root: str) -> bool:
+    """Component-wise containment: /data/x is under /data, /data2 is not."""
+    return PurePosixPath(path).is_relative_to(PurePosixPath(root))
+
+
+def _in_forbidden_tree(path: str) -> str | None:
+    return next((t for t in FORBIDDEN_TREES if is_under(path, t)), None)
+
+
+def _check_clean_abs(path: str, what: str) -> None:
+    """Absolute, no NUL, no '.'/'..' components, no doubled slashes: one spelling per path."""
+    if "\x00" in path:
+        raise SpecError(f"{what} {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        raise SpecError(f"{what} {path!r} must be an absolute path")
+    parts = path.split("/")[1:]
+    if path != "/" and path.endswith("/"):
+        parts = parts[:-1]
+    if any(p in ("..", ".") for p in parts):
+        raise SpecError(f"{what} {path!r} must not contain '.' or '..' components")
+    if any(p == "" for p in parts):
+        raise SpecError(f"{what} {path!r} must not contain '//'")
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(path)
+
+
+def check_image(image: str | None, settings: DockerSettings) -> None:
+    if not image:
+        raise SpecError("a docker job needs an image")
+    if not any(fnmatch.fnmatchcase(image, pat) for pat in settings.images):
+        allowed = ", ".join(settings.images) or "(none configured)"
+        raise SpecError(
+            f"image {image!r} is not allowed on this host; allowed images: {allowed} "
+            "(an admin sets them in [docker] images)"
+        )
+
+
+def check_mount(mount: Mount, settings: DockerSettings) -> None:
+    src, dst = mount.source, mount.target
+    _check_clean_abs(src, "mount source")
+    real = os.path.realpath(src)
+    roots = [os.path.realpath(r) for r in settings.mount_roots]
+    if not any(is_under(real, r) for r in roots):
+        shown = f"{src!r}" if real == _norm(src) else f"{src!r} (resolves to {real!r})"
+        raise SpecError(
+            f"mount source {shown} is outside the allowed mount roots: "
+            f"{', '.join(settings.mount_roots) or '(none configured)'}"
+        )
+    if _in_forbidden_tree(real):
+        raise SpecError(f"mount source {src!r} resolves into {_in_forbidden_tree(real)}")
+    _check_clean_abs(dst, "mount target")
+    if _norm(dst) == "/":
+        raise SpecError("a mount cannot cover the container's root directory /")
+    tree = _in_forbidden_tree(_norm(dst))
+    if tree:
+        raise SpecError(f"mount target {dst!r} is under {tree}, which is not allowed")
+
+
+def check_container_workdir(workdir: str) -> None:
+    _check_clean_abs(workdir, "working directory")
+    tree = _in_forbidden_tree(_norm(workdir))
+    if tree:
+        raise SpecError(f"working directory {workdir!r} is under {tree}, which is not allowed")
+
+
+def check_user(user: str) -> None:
+    if not _USER_RE.match(user):
+        raise SpecError(f"bad user {user!r}: use a numeric uid or uid:gid, e.g. 1000:1000")
+
+
+def validate_docker_spec(spec: JobSpec, settings: DockerSettings) -> None:
+    """Refuse a docker job the daemon must not run (SpecError with the reason)."""
+    check_image(spec.image, settings)
+    targets: set[str] = set()
+    for m in spec.mounts:
+        check_mount(m, settings)
+        t = _norm(m.target)
+        if t in targets:
+            raise SpecError(f"mount target {m.target!r} is given twice")
+        targets.add(t)
+    if spec.workdir is not None:
+        check_container_workdir(spec.workdir)
+    if spec.user is not None:
+        check_user(spec.user)
+    if spec.shm_size is not None:
+        parse_size_bytes(spec.shm_size)
+    for key in RESERVED_ENV:
+        if key in spec.env:
+            raise SpecError(f"{key} is set by gpusched from the allocated GPUs; do not set it")
+
+
+def validate_docker_options(options: Mapping[str, Any], settings: DockerSettings) -> None:
+    """Refuse DockerOptions (from ~/.tao_mounts.json) this host does not allow."""
+    if options.get("privileged") and not settings.allow_privileged:
+        raise SpecError("privileged containers are not allowed on this host")
+    network = options.get("network")
+    if network is not None:
+        if network == "host" and not settings.allow_host_network:
+            raise SpecError("the host network is not allowed on this host")
+        if network not in ("host", "none", settings.network):
+            raise SpecError(
+                f"network {network!r} is not allowed: use {settings.network!r} or 'none'"
+            )
+    if "user" in options:
+        check_user(options["user"])
+    if "shm_size" in options:
+        parse_size_bytes(str(options["shm_size"]))
+
+
+def validate_local_workdir(path: str) -> str:
+    """The working directory of a local job: absolute, an existing directory, outside
+    /proc, /sys and /dev. Returns its resolved path (what the job will run in)."""
+    if "\x00" in path:
+        raise SpecError(f"working directory {path!r} contains a NUL byte")
+    if not os.path.isabs(path):
+        raise SpecError(f"working directory {path!r} must be an absolute path")
+    real = os.path.realpath(path)
+    tree = _in_forbidden_tree(real)
+    if tree:
+        raise SpecError(f"working directory {path!r} resolves under {tree}, which is not allowed")
+    if not os.path.exists(real):
+        raise SpecError(f"working directory {path!r} does not exist")
+    if not os.path.isdir(real):
+        raise SpecError(f"working directory {path!r} is not a directory")
+    return real
+
+
+def _str_field(entry: Mapping[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"~/.tao_mounts.json: {where} needs a non-empty string {key!r}")
+    return value
+
+
+def parse_tao_mounts(text: str) -> tuple[list[Mount], dict[str, str], dict[str, Any]]:
+    """Parse a user's ``~/.tao_mounts.json``: (mounts, environment, docker options).
+
+    Only the options gpusched understands are returned ("user", "shm_size", "ulimits",
+    "privileged", "network"); pass them to validate_docker_options, which refuses privileged
+    and host-network requests this host does not allow.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise SpecError(f"~/.tao_mounts.json is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError("~/.tao_mounts.json must hold a JSON object")
+    mounts: list[Mount] = []
+    raw_mounts = data.get("Mounts", [])
+    if not isinstance(raw_mounts, list):
+        raise SpecError("~/.tao_mounts.json: 'Mounts' must be a list")
+    for i, entry in enumerate(raw_mounts):
+        where = f"Mounts[{i}]"
+        if not isinstance(entry, dict):
+            raise SpecError(f"~/.tao_mounts.json: {where} must be an object")
+        unknown = set(entry) - {"source", "destination", "read_only"}
+        if unknown:
+            raise SpecError(f"~/.tao_mounts.json: {where} has unknown keys {sorted(unknown)}")
+        ro = entry.get("read_only", False)
+        if not isinstance(ro, bool):
+            raise SpecError(f"~/.tao_mounts.json: {where}.read_only must be true or false")
+        mounts.append(Mount(
+            source=_str_field(entry, "source", where),
+            target=_str_field(entry, "destination", where),
+            read_only=ro,
+        ))
+    env: dict[str, str] = {}
+    raw_envs = data.get("Envs", [])
+    if not isinstance(raw_envs, list):
+        raise SpecError("~/.tao_mounts.json: 'Envs' must be a list")
+    for i, entry in enumerate(raw_envs):
+        where = f"Envs[{i}]"
+        if not isinstance(entry, dict):
+            raise SpecError(f"~/.tao_mounts.json: {where} must be an object")
+        name = _str_field(entry, "variable", where)
+        value = entry.get("value")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise SpecError(f"~/.tao_mounts.json: {where}.value must be a string or a number")
+        if not ENV_KEY_RE.match(name):
+            raise SpecError(f"~/.tao_mounts.json: bad environment variable name {name!r}")
+        if "\x00" in str(value):
+            raise SpecError(f"~/.tao_mounts.json: {name} contains a NUL byte")
+        env[name] = str(value)
+    raw_opts = data.get("DockerOptions", {})
+    if not isinstance(raw_opts, dict):
+        raise SpecError("~/.tao_mounts.json: 'DockerOptions' must be an object")
+    options: dict[str, Any] = {k: raw_opts[k] for k in TAO_OPTION_KEYS if k in raw_opts}
+    _check_option_types(options)
+    return mounts, env, options
+
+
+def _check_option_types(options: dict[str, Any]) -> None:
+    if "user" in options:
+        if not isinstance(options["user"], str):
+            raise SpecError("~/.tao_mounts.json: DockerOptions.user must be a string 'uid:gid'")
+        check_user(options["user"])
+    if "shm_size" in options:
+        if isinstance(options["shm_size"], bool) or not isinstance(options["shm_size"], str | int):
+            raise SpecError("~/.tao_mounts.json: DockerOptions.shm_size must be a size like '16G'")
+        parse_size_bytes(str(options["shm_size"]))
+    if "ulimits" in options:
+        ul = options["ulimits"]
+        if not isinstance(ul, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in ul.items()
+        ):
+            raise SpecError(
+                "~/.tao_mounts.json: DockerOptions.ulimits must map names to integers, "
+                'e.g. {"memlock": -1, "stack": 67108864}'
+            )
+    if "privileged" in options and not isinstance(options["privileged"], bool):
+        raise SpecError("~/.tao_mounts.json: DockerOptions.privileged must be true or false")
+    if "network" in options and not isinstance(options["network"], str):
+        raise SpecError("~/.tao_mounts.json: DockerOptions.network must be a string")

@@ -1,0 +1,108 @@
+"""Plain-text rendering for the CLI (no rich here: the common commands must start fast)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for r in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def ago(ts: str | None, now: datetime | None = None) -> str:
+    if not ts:
+        return ""
+    t = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    secs = int(((now or datetime.now(UTC)) - t).total_seconds())
+    return duration(secs) + " ago" if secs >= 0 else ts
+
+
+def duration(secs: float | None) -> str:
+    if secs is None:
+        return ""
+    secs = int(secs)
+    if secs < 60:
+        return f"{secs}s"
+    if secs < 3600:
+        return f"{secs // 60}m{secs % 60:02d}s"
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+
+
+def mib(v: int | None) -> str:
+    if v is None:
+        return ""
+    return f"{v / 1024:.1f}G" if v >= 1024 else f"{v}M"
+
+
+def gpus_table(gpus: list[dict[str, Any]]) -> str:
+    rows = []
+    for g in gpus:
+        foreign = [p for p in g.get("processes", []) if p.get("foreign")]
+        state = g["state"] + (f" (job {g['job_id']})" if g.get("job_id") else "")
+        if g.get("drain_reason"):
+            state += f": {g['drain_reason']}"
+        rows.append([g["index"], g["name"] + (" [sim]" if g.get("simulated") else ""),
+                     f"{mib(g['memory_used_mib'])}/{mib(g['memory_total_mib'])}",
+                     "" if g.get("utilization_pct") is None else f"{g['utilization_pct']}%",
+                     "" if g.get("temperature_c") is None else f"{g['temperature_c']}C",
+                     len(foreign) or "", state, g["uuid"]])
+    return table(["IDX", "NAME", "MEMORY", "UTIL", "TEMP", "FOREIGN", "STATE", "UUID"], rows)
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> str:
+    rows = []
+    for j in jobs:
+        gpus = ",".join(str(i) for i in j.get("gpu_indices") or []) or (
+            "-" if j["status"] not in ("queued", "held") else _want(j["request"]))
+        cmd = " ".join(j["command"])
+        rows.append([j["id"], (j.get("name") or "")[:24], j["status"], gpus, j["owner"],
+                     ago(j["submitted_at"]), _outcome(j), cmd[:50] + ("…" if len(cmd) > 50 else "")])
+    return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "RESULT", "COMMAND"],
+                 rows)
+
+
+def _want(req: dict[str, Any]) -> str:
+    text = ",".join(req["ids"]) if req.get("ids") else f"any {req['count']}"
+    if req.get("gpu_type"):
+        text += f" {req['gpu_type']}"
+    return f"({text})"
+
+
+def _outcome(j: dict[str, Any]) -> str:
+    if j["status"] in ("succeeded", "failed", "cancelled", "lost"):
+        return j.get("reason") or (f"exit {j['exit_code']}" if j["exit_code"] is not None else "")
+    return j.get("reason") or ""
+
+
+def job_detail(j: dict[str, Any]) -> str:
+    lines = [f"job {j['id']}" + (f" ({j['name']})" if j.get("name") else "") + f": {j['status']}"]
+    field = [("owner", j["owner"]), ("command", " ".join(j["command"])),
+             ("runner", j["runner"]), ("gpus wanted", _want(j["request"]).strip("()")),
+             ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(j.get("gpu_indices") or [],
+                                                             j["gpus"], strict=False))),
+             ("priority", j["priority"]), ("after", ", ".join(map(str, j["after"]))),
+             ("attempt", j["attempt"]), ("exit code", j["exit_code"]), ("reason", j["reason"]),
+             ("waiting", j.get("waiting_reason")), ("submitted", j["submitted_at"]),
+             ("started", j["started_at"]), ("ended", j["ended_at"]), ("log", j.get("log_path"))]
+    for k, v in field:
+        if v not in (None, "", []):
+            lines.append(f"  {k + ':':<13}{v}")
+    if j.get("events"):
+        lines.append("  events:")
+        for e in j["events"]:
+            lines.append(f"    {e['at']}  {e['from_status'] or '-':>9} -> {e['to_status']:<9}"
+                         f"  {e['actor']}" + (f": {e['reason']}" if e.get("reason") else ""))
+    return "\n".join(lines)

@@ -1,0 +1,705 @@
+"""Run attempts as Docker containers through the Engine API (one container per attempt).
+
+The container is the source of truth: it carries labels naming its job, attempt, instance and
+GPUs, so a restarted daemon finds, adopts or removes it. Output reaches ``ref.log_path`` through
+a follower thread per container, which resumes from a cursor in ``ref.run_dir / "log.cursor"``.
+``docker`` is imported inside methods so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import json
+import logging
+import os
+import pwd
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpusched.config import DockerSettings
+from gpusched.errors import LaunchRefused, RunnerError, RunnerUnavailable
+from gpusched.models import parse_size_bytes
+from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+log = logging.getLogger(__name__)
+
+ALIVE = ("created", "running", "restarting", "paused")
+# Variables the runner sets from the allocation; the user's spec cannot override them.
+_RUNNER_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
+
+
+class ContainerRunner:
+    name = "docker"
+
+    def __init__(self, settings: DockerSettings, *, kill_grace_s: float = 10.0) -> None:
+        self.settings = settings
+        self.kill_grace_s = kill_grace_s
+        self.url = settings.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self._lock = threading.Lock()
+        self._client: DockerClient | None = None
+        self._stream_client: DockerClient | None = None
+        self._followers: dict[str, LogFollower] = {}
+        self._closed = threading.Event()
+        self._wake: tuple[int, int] | None = None
+        self._events_thread: threading.Thread | None = None
+        self._events_stream: Any = None
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def _unreachable(self, err: BaseException | str) -> RunnerUnavailable:
+        return RunnerUnavailable(f"Docker unreachable at {self.url}: {err}")
+
+    def _probe(self) -> None:
+        """Connect to a unix socket ourselves first: the SDK leaks the socket of a failed
+        connect (a ResourceWarning), and a missing socket is the common way Docker is down."""
+        if not self.url.startswith("unix://"):
+            return
+        path = self.url[len("unix://"):]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(min(5.0, self.settings.timeout_s))
+            try:
+                s.connect(path)
+            except OSError as err:
+                raise self._unreachable(err) from err
+
+    def _new_client(self, timeout: float | None, pool: int = 10) -> DockerClient:
+        import docker
+
+        self._probe()
+        try:
+            if self.settings.base_url:
+                return docker.DockerClient(
+                    base_url=self.settings.base_url, timeout=timeout, max_pool_size=pool  # type: ignore[arg-type]
+                )
+            return docker.from_env(timeout=timeout, max_pool_size=pool)  # type: ignore[arg-type]
+        except docker.errors.DockerException as err:
+            raise self._unreachable(err) from err
+
+    def _docker(self) -> DockerClient:
+        """The client for short calls (timeout from settings); RunnerUnavailable when down."""
+        self._probe()
+        with self._lock:
+            if self._client is None:
+                self._client = self._new_client(self.settings.timeout_s)
+            return self._client
+
+    def _streams(self) -> DockerClient:
+        """The client for long-lived streams (logs, events): no read timeout."""
+        self._probe()
+        with self._lock:
+            if self._stream_client is None:
+                self._stream_client = self._new_client(None, pool=64)
+            return self._stream_client
+
+    @contextlib.contextmanager
+    def _calls(self) -> Iterator[None]:
+        """Turn transport failures into RunnerUnavailable; API answers pass through."""
+        import docker
+        import requests
+
+        try:
+            yield
+        except docker.errors.APIError:
+            raise
+        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as err:
+            raise self._unreachable(err) from err
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def container_name(self, job_id: int, attempt: int) -> str:
+        suffix = "" if self.settings.instance == "default" else f"-{self.settings.instance}"
+        return f"gpusched-{job_id}-a{attempt}{suffix}"
+
+    def _user(self, req: LaunchRequest) -> str:
+        if req.spec.user:
+            return req.spec.user
+        if self.settings.user:
+            return self.settings.user
+        try:
+            gid = pwd.getpwuid(req.owner_uid).pw_gid
+        except KeyError:
+            gid = req.owner_uid
+        return f"{req.owner_uid}:{gid}"
+
+    def container_config(self, req: LaunchRequest) -> dict[str, Any]:
+        """The keyword arguments of ``containers.create`` for this attempt."""
+        from docker.types import DeviceRequest, LogConfig, Ulimit
+        from docker.types import Mount as DockerMount
+
+        s, spec = self.settings, req.spec
+        if s.network == "host" and not s.allow_host_network:
+            raise LaunchRefused("docker.network is 'host' but allow_host_network is false")
+        uuids = [g.uuid for g in req.gpus]
+        env = {**spec.env, **req.env}  # the daemon's GPUSCHED_*/CUDA_* win over the user's
+        for key in _RUNNER_ENV:
+            if key in spec.env and key not in req.env:
+                del env[key]
+        device_requests = []
+        if uuids and not req.simulated:
+            device_requests = [DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])]
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            # Inside the container the granted GPUs are 0..n-1.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(uuids)))
+            # CUDA images set NVIDIA_VISIBLE_DEVICES=all; with nvidia as the default runtime that
+            # alone would expose every GPU, so name exactly the granted ones.
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(uuids)
+        else:
+            env["NVIDIA_VISIBLE_DEVICES"] = "void"  # no GPU through the nvidia runtime
+        shm = spec.shm_size or s.shm_size
+        cfg: dict[str, Any] = {
+            "image": spec.image,
+            "command": list(spec.command),
+            "name": self.container_name(req.job_id, req.attempt),
+            "labels": {
+                "gpusched.job": str(req.job_id),
+                "gpusched.attempt": str(req.attempt),
+                "gpusched.instance": s.instance,
+                "gpusched.gpus": ",".join(uuids),
+                "gpusched.owner": req.owner,
+            },
+            "environment": env,
+            "mounts": [
+                DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+                for m in spec.mounts
+            ],
+            "working_dir": spec.workdir,
+            "user": self._user(req),
+            "shm_size": parse_size_bytes(shm) if shm else None,
+            "ulimits": [Ulimit(name=k, soft=v, hard=v) for k, v in s.ulimits.items()],
+            "network_mode": s.network,
+            "restart_policy": {"Name": "no"},
+            "auto_remove": False,
+            "privileged": False,
+            # tini as PID 1 forwards SIGTERM to the job (PID 1 ignores it otherwise) and reaps.
+            "init": True,
+            "log_config": LogConfig(
+                type="json-file",
+                config={"max-size": s.log_max_size, "max-file": str(s.log_max_file)},
+            ),
+            "device_requests": device_requests,
+        }
+        return {k: v for k, v in cfg.items() if v is not None}
+
+    # -- launch ----------------------------------------------------------------------------
+
+    def _image_missing(self, req: LaunchRequest) -> LaunchRefused:
+        img = req.spec.image
+        return LaunchRefused(
+            f"the image {img} is not on this host: docker pull {img}, or docker load it, "
+            f"then gpusched release {req.job_id}"
+        )
+
+    def create(self, req: LaunchRequest) -> Any:
+        """Create the attempt's container (not started), or return the one that exists."""
+        import docker
+
+        cfg = self.container_config(req)
+        client = self._docker()
+        try:
+            with self._calls():
+                return client.containers.create(**cfg)
+        except docker.errors.ImageNotFound as err:
+            raise self._image_missing(req) from err
+        except docker.errors.APIError as err:
+            if err.status_code == 409:
+                return self._existing(client, cfg["name"], req)
+            if err.status_code == 404:
+                raise self._image_missing(req) from err
+            if err.status_code == 400:
+                raise LaunchRefused(
+                    f"Docker refused the container for job {req.job_id}: {_explain(err)}"
+                ) from err
+            raise RunnerError(f"Docker could not create {cfg['name']}: {_explain(err)}") from err
+
+    def _existing(self, client: DockerClient, name: str, req: LaunchRequest) -> Any:
+        """A container with this attempt's name exists (a crash between create and start):
+        adopt it if it is ours, never create a second one."""
+        import docker
+
+        try:
+            with self._calls():
+                c = client.containers.get(name)
+        except docker.errors.NotFound as err:  # removed between the 409 and now
+            raise RunnerError(f"container {name} vanished during launch; retry") from err
+        labels = c.labels or {}
+        if (labels.get("gpusched.job"), labels.get("gpusched.attempt"),
+                labels.get("gpusched.instance")) != (
+                str(req.job_id), str(req.attempt), self.settings.instance):
+            raise RunnerError(
+                f"a container named {name} exists but is not job {req.job_id} attempt "
+                f"{req.attempt} of this gpusched; remove it (docker rm {name})"
+            )
+        log.info("adopting existing container %s (%s)", name, c.status)
+        return c
+
+    def launch(self, req: LaunchRequest) -> Launched:
+        import docker
+
+        req.run_dir.mkdir(parents=True, exist_ok=True)
+        req.log_path.parent.mkdir(parents=True, exist_ok=True)
+        c = self.create(req)
+        if c.status == "created":
+            try:
+                with self._calls():
+                    c.start()
+            except docker.errors.APIError as err:
+                # The command or the GPU request is wrong (missing binary, no nvidia runtime):
+                # remove the dead container so the name is free, and say why.
+                with contextlib.suppress(docker.errors.APIError, RunnerUnavailable), self._calls():
+                    c.remove(force=True)
+                msg = f"Docker could not start {c.name}: {_explain(err)}"
+                if err.status_code is not None and 400 <= err.status_code < 500:
+                    raise LaunchRefused(msg) from err
+                raise RunnerError(msg) from err
+        self._follow(c.id, req.log_path, req.run_dir)
+        return Launched(container_id=c.id, container_name=c.name)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _follow(self, cid: str, log_path: Any, run_dir: Any) -> LogFollower:
+        with self._lock:
+            f = self._followers.get(cid)
+            if f is None or f.stopped:
+                f = LogFollower(cid, log_path, run_dir, self._streams, self._closed)
+                self._followers[cid] = f
+                f.start()
+            return f
+
+    def _finish_logs(self, ref: AttemptRef, cid: str) -> None:
+        """The container ended: make sure every line it wrote is in the log file."""
+        with self._lock:
+            f = self._followers.pop(cid, None)
+        if f is not None:
+            f.join(timeout=5.0)
+            f.stop()
+        try:
+            LogFollower(cid, ref.log_path, ref.run_dir, self._docker, self._closed).drain()
+        except RunnerUnavailable:
+            raise
+        except Exception as err:  # the outcome matters more than a missing tail
+            log.warning("could not read the last output of %s: %s", cid[:12], err)
+
+    # -- poll, cancel, cleanup -------------------------------------------------------------
+
+    def _get(self, ref: AttemptRef) -> Any:
+        """The attempt's container, or None when it is gone."""
+        import docker
+
+        key = ref.container_id or ref.container_name or self.container_name(ref.job_id, ref.n)
+        client = self._docker()
+        try:
+            with self._calls():
+                return client.containers.get(key)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as err:
+            raise self._unreachable(_explain(err)) from err
+
+    def poll(self, ref: AttemptRef, now: float) -> Outcome | None:
+        c = self._get(ref)
+        if c is None:
+            with self._lock:
+                f = self._followers.pop(ref.container_id or "", None)
+            if f is not None:
+                f.stop()
+            return Outcome(exit_code=None, ended_at=now, lost=True, reason="container disappeared")
+        state = c.attrs.get("State", {})
+        if c.status in ALIVE:
+            if c.status != "created":
+                self._follow(c.id, ref.log_path, ref.run_dir)
+            return None
+        self._finish_logs(ref, c.id)
+        code = state.get("ExitCode")
+        code = int(code) if code is not None else None
+        ended = parse_docker_time(state.get("FinishedAt") or "")
+        oom = bool(state.get("OOMKilled")) and code == 137
+        if oom:
+            reason = "killed: out of memory"
+        elif state.get("Error"):
+            reason = f"exit code {code}: {state['Error']}"
+        else:
+            reason = f"exit code {code}"
+        return Outcome(exit_code=code, ended_at=ended if ended else now, oom=oom, reason=reason)
+
+    def signal_cancel(self, ref: AttemptRef, *, kill: bool) -> None:
+        import docker
+
+        c = self._get(ref)
+        if c is None:
+            return
+        try:
+            with self._calls():
+                if kill:
+                    c.kill()
+                else:
+                    c.kill(signal="SIGTERM")
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as err:
+            if err.status_code == 409:  # not running: nothing to stop
+                return
+            raise RunnerError(f"could not signal {c.name}: {_explain(err)}") from err
+
+    def cleanup(self, ref: AttemptRef) -> None:
+        import docker
+
+        with self._lock:
+            f = self._followers.pop(ref.container_id or "", None)
+        if f is not None:
+            f.stop()
+        c = self._get(ref)
+        if c is None:
+            return
+        with self._lock:
+            f = self._followers.pop(c.id, None)
+        if f is not None:
+            f.stop()
+        try:
+            with self._calls():
+                c.remove(force=True, v=False)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as err:
+            if err.status_code == 409:  # removal already in progress
+                return
+            raise RunnerError(f"could not remove {c.name}: {_explain(err)}") from err
+
+    # -- reconcile -------------------------------------------------------------------------
+
+    def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
+        import docker
+
+        client = self._docker()
+        try:
+            with self._calls():
+                found = client.containers.list(
+                    all=True, filters={"label": [f"gpusched.instance={self.settings.instance}"]}
+                )
+        except docker.errors.APIError as err:
+            raise self._unreachable(_explain(err)) from err
+        out = []
+        for c in found:
+            labels = c.labels or {}
+            if labels.get("gpusched.instance") != self.settings.instance:
+                continue
+            if "gpusched.job" not in labels or "gpusched.attempt" not in labels:
+                continue
+            job = _int_or_none(labels["gpusched.job"])
+            attempt = _int_or_none(labels["gpusched.attempt"])
+            if job is not None and attempt is not None and (job, attempt) in live:
+                continue
+            gpus = tuple(g for g in labels.get("gpusched.gpus", "").split(",") if g)
+            out.append(Orphan(
+                description=f"container {c.name} ({c.status}) of job {job} attempt {attempt}",
+                gpus=gpus, job_id=job, attempt=attempt, handle=c.id,
+            ))
+        return out
+
+    def remove_orphan(self, orphan: Orphan) -> bool:
+        import docker
+
+        client = self._docker()
+        try:
+            with self._calls():
+                c = client.containers.get(orphan.handle)
+                if (c.labels or {}).get("gpusched.instance") != self.settings.instance:
+                    return False  # never touch a container that is not ours
+                if c.status in ("running", "restarting", "paused"):
+                    with contextlib.suppress(docker.errors.APIError):
+                        c.kill()
+                c.remove(force=True, v=False)
+                client.containers.get(orphan.handle)
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.APIError as err:
+            log.warning("could not remove orphan %s: %s", orphan.description, _explain(err))
+            return False
+        return False
+
+    # -- wake-ups and health ---------------------------------------------------------------
+
+    def wait_fds(self) -> list[int]:
+        """A pipe that becomes readable when one of our containers dies (Docker events);
+        the daemon reads and discards what is in it."""
+        with self._lock:
+            if self._closed.is_set():
+                return []
+            if self._wake is None:
+                self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._events_thread = threading.Thread(
+                    target=self._events_loop, name="gpusched-docker-events", daemon=True
+                )
+                self._events_thread.start()
+            return [self._wake[0]]
+
+    def _poke(self) -> None:
+        with self._lock:
+            if self._wake is not None:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._wake[1], b"x")
+
+    def _events_loop(self) -> None:
+        delay = 0.5
+        filters = {"type": "container", "event": "die",
+                   "label": [f"gpusched.instance={self.settings.instance}"]}
+        while not self._closed.is_set():
+            try:
+                stream = self._streams().events(decode=True, filters=filters)
+                with self._lock:
+                    self._events_stream = stream
+                if self._closed.is_set():
+                    stream.close()
+                    return
+                self._poke()  # deaths while we were not listening
+                delay = 0.5
+                for _ in stream:
+                    self._poke()
+                stream.close()
+            except Exception as err:  # Docker restarting: reconnect quietly
+                log.debug("docker events: %s", err)
+            self._closed.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def health(self) -> tuple[bool, str]:
+        try:
+            client = self._docker()
+            with self._calls():
+                version = client.version().get("Version", "?")
+        except RunnerUnavailable as err:
+            return False, err.message
+        except Exception as err:
+            return False, f"Docker unreachable at {self.url}: {err}"
+        return True, f"docker {version} at {self.url}"
+
+    def close(self) -> None:
+        """Stop the follower and events threads and close the clients (jobs keep running)."""
+        self._closed.set()
+        with self._lock:
+            followers = list(self._followers.values())
+            self._followers.clear()
+            stream, self._events_stream = self._events_stream, None
+        for f in followers:
+            f.stop()
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+        for f in followers:
+            f.join(timeout=2.0)
+        if self._events_thread is not None:
+            self._events_thread.join(timeout=2.0)
+        with self._lock:
+            clients = [c for c in (self._client, self._stream_client) if c is not None]
+            self._client = self._stream_client = None
+            wake, self._wake = self._wake, None
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        if wake is not None:
+            for fd in wake:
+                os.close(fd)
+
+
+def _explain(err: Any) -> str:
+    return str(getattr(err, "explanation", None) or err)
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+_TIME_RE = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$"
+)
+
+
+def parse_docker_time_ns(text: str | bytes) -> int | None:
+    """RFC 3339 with up to nanoseconds ('2024-05-01T10:00:00.123456789Z') -> ns since the
+    epoch; None for garbage or Docker's zero time ('0001-01-01T00:00:00Z')."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    m = _TIME_RE.match(text.strip())
+    if not m or int(m.group(1)) <= 1:
+        return None
+    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+    secs = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0))
+    tz = m.group(8)
+    if tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return secs * 1_000_000_000 + int((m.group(7) or "0").ljust(9, "0"))
+
+
+def parse_docker_time(text: str) -> float | None:
+    ns = parse_docker_time_ns(text)
+    return None if ns is None else ns / 1e9
+
+
+class LogFollower:
+    """Copies one container's output into the attempt's log file, exactly once.
+
+    The cursor (run_dir/log.cursor) holds the newest timestamp written, how many messages
+    carried exactly that timestamp, and the log file's size at that point. A resumed follower
+    truncates bytes written after the last cursor save (a crash in between), asks Docker for
+    messages since the cursor and skips those already written.
+    """
+
+    SAVE_EVERY_S = 0.2
+
+    def __init__(self, cid: str, log_path: Path, run_dir: Path,
+                 client_fn: Callable[[], DockerClient], closed: threading.Event) -> None:
+        self.cid, self.log_path, self.run_dir = cid, Path(log_path), Path(run_dir)
+        self.cursor_path = self.run_dir / "log.cursor"
+        self._client_fn, self._closed = client_fn, closed
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.stopped = False
+        self._stream: Any = None
+        self._thread: threading.Thread | None = None
+        self._fh: Any = None
+        self._ns: int | None = None
+        self._count = 0
+        self._offset = 0
+        self._saved_at = 0.0
+
+    def _open(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        cur: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            cur = json.loads(self.cursor_path.read_text())
+        if isinstance(cur, dict) and cur.get("container") == self.cid:
+            self._ns, self._count = cur.get("ns"), int(cur.get("count", 0))
+            self._offset = min(int(cur.get("offset", size)), size)
+        else:
+            self._offset = size
+        self._fh = open(self.log_path, "ab")  # noqa: SIM115 -- lives as long as the follower
+        if size > self._offset:  # written after the last cursor save: Docker sends it again
+            self._fh.truncate(self._offset)
+        self._save()
+
+    def _save(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+        tmp = self.cursor_path.with_name("log.cursor.tmp")
+        tmp.write_text(json.dumps(
+            {"container": self.cid, "ns": self._ns, "count": self._count, "offset": self._offset}
+        ))
+        os.replace(tmp, self.cursor_path)
+        self._saved_at = time.monotonic()
+
+    def _copy(self, client: DockerClient, follow: bool) -> None:
+        """One logs request from the cursor; returns when the stream ends."""
+        since = None if self._ns is None else max(self._ns // 1_000_000 - 1, 1) / 1000
+        stream = client.api.logs(self.cid, stdout=True, stderr=True, stream=True,
+                                 follow=follow, timestamps=True, since=since)
+        with self._lock:
+            if self.stopped:
+                stream.close()
+                return
+            self._stream = stream
+            resume_ns, skip = self._ns, self._count
+        try:
+            for chunk in stream:
+                sp = chunk.find(b" ")
+                ns = parse_docker_time_ns(chunk[:sp]) if sp > 0 else None
+                data = chunk[sp + 1:] if ns is not None else chunk
+                with self._lock:
+                    if self.stopped:
+                        return
+                    if ns is not None and resume_ns is not None:
+                        if ns < resume_ns:
+                            continue
+                        if ns == resume_ns and skip > 0:
+                            skip -= 1
+                            continue
+                        resume_ns = None
+                    self._fh.write(data)
+                    self._fh.flush()  # readers (`gpusched logs -f`) see each line at once
+                    self._offset += len(data)
+                    if ns is not None and (self._ns is None or ns > self._ns):
+                        self._ns, self._count = ns, 1
+                    elif ns is not None and ns == self._ns:
+                        self._count += 1
+                    if time.monotonic() - self._saved_at >= self.SAVE_EVERY_S:
+                        self._save()
+        finally:
+            stream.close()
+            with self._lock:
+                self._stream = None
+                if not self.stopped:
+                    self._save()
+
+    def drain(self) -> None:
+        """Copy whatever the (ended) container wrote after the cursor, synchronously."""
+        self._open()
+        try:
+            with contextlib.suppress(_not_found()):
+                self._copy(self._client_fn(), follow=False)
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        self._open()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"gpusched-logs-{self.cid[:12]}", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        delay = 0.2
+        try:
+            while not self.stopped and not self._closed.is_set():
+                try:
+                    client = self._client_fn()
+                    self._copy(client, follow=True)
+                    state = client.api.inspect_container(self.cid)["State"]["Status"]
+                    if state not in ALIVE:
+                        return
+                except _not_found():
+                    return
+                except Exception as err:  # Docker restarting: retry from the cursor
+                    log.debug("log follower %s: %s", self.cid[:12], err)
+                self._wake.wait(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """No write happens after this returns; the cursor matches the file."""
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            stream, self._stream = self._stream, None
+            if self._fh is not None:
+                with contextlib.suppress(OSError):
+                    self._save()
+                self._fh.close()
+                self._fh = None
+        self._wake.set()
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+def _not_found() -> type[Exception]:
+    import docker
+
+    return docker.errors.NotFound

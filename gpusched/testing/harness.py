@@ -1,0 +1,104 @@
+"""Run a real gpusched daemon as a subprocess (acceptance tests, benchmarks, the demo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gpusched.client import Client
+from gpusched.errors import DaemonUnavailable
+
+SIM_GPUS = "RTX A4000:16G,RTX 2070:8G"
+
+
+def short_tmpdir(prefix: str = "gs") -> Path:
+    """A short directory under /tmp: unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+class DaemonProcess:
+    def __init__(self, state_dir: Path, *, simulate: str | None = SIM_GPUS,
+                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.socket = state_dir / "gpusched.sock"
+        self.simulate = simulate
+        self.extra_env = env or {}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = state_dir / "daemon.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSCHED_")}
+        env.update(GPUSCHED_STATE_DIR=str(self.state_dir), GPUSCHED_SOCKET=str(self.socket),
+                   GPUSCHED_DOCKER__ENABLED="false", GPUSCHED_CONFIG="/dev/null",
+                   PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 20.0) -> DaemonProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "gpusched.cli", "daemon", *self.args]
+        if self.simulate:
+            argv += ["--simulate-gpus", self.simulate]
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            logf.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.client().get("/v1/health")
+                return
+            except DaemonUnavailable:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+
+    def client(self) -> Client:
+        return Client(self.socket, timeout=30)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpusched.cli", *args], env=self.env,
+                              capture_output=True, text=True, check=check, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,49 @@
+"""Parsing of sizes and ``--gpus`` values, standard library only (the CLI imports it without
+pulling in pydantic, so ``gpusched submit`` starts fast)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from gpusched.errors import SpecError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNIT_MIB = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+def parse_size_mib(text: str | int) -> int:
+    """'10G', '512M', '16GiB', '1.5g' -> MiB (binary units; a bare number is MiB)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise SpecError(f"bad size {text!r}: use a number with an optional unit, e.g. 10G or 512M")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "" and not m.group(3):
+        return int(number)  # bare number: MiB
+    return int(number * _UNIT_MIB[unit])
+
+
+def parse_gpus(gpus: str | None, gpu_type: str | None = None,
+               mem: str | None = None) -> dict[str, Any]:
+    """CLI syntax: ``2`` (any two), ``0,1`` or ``GPU-uuid,...`` (exactly those), ``1,``
+    (exactly GPU 1). A bare integer is a count, as in ``docker run --gpus 2``. Returns the
+    fields of ``models.GpuRequest``."""
+    out: dict[str, Any] = {"gpu_type": gpu_type or None,
+                           "mem_mib": parse_size_mib(mem) if mem else None}
+    text = (gpus if gpus is not None else "1").strip()
+    if "," not in text and not text.upper().startswith(("GPU-", "MIG-")):
+        if not text.isdigit():
+            raise SpecError(f"bad --gpus {text!r}: give a count (2), a list of indices (0,1), "
+                            "one index with a trailing comma (1,) or GPU UUIDs")
+        return {**out, "count": int(text)}
+    ids = [p.strip() for p in text.split(",") if p.strip()]
+    if not ids:
+        raise SpecError(f"bad --gpus {text!r}: the list names no GPU")
+    for p in ids:
+        if not (p.isdigit() or p.upper().startswith(("GPU-", "MIG-"))):
+            raise SpecError(f"bad GPU {p!r} in --gpus: use indices or GPU-... UUIDs")
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"bad --gpus {text!r}: a GPU is named twice")
+    return {**out, "count": len(ids), "ids": ids}

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpusched.config import Settings
+from gpusched.gpus import SimulatedInventory
+from gpusched.runners.local import LocalRunner
+from gpusched.service import Service
+from gpusched.testing.clock import FakeClock
+from gpusched.testing.harness import SIM_GPUS, DaemonProcess, short_tmpdir
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(state_dir: Path) -> Settings:
+    return Settings(state_dir=state_dir, socket=state_dir / "gpusched.sock",
+                    gpus={"simulate": SIM_GPUS, "release_timeout_s": 5},
+                    docker={"enabled": False}, scheduler={"kill_grace_s": 2})
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def service(settings: Settings, clock: FakeClock) -> Iterator[Service]:
+    """A daemon driven by hand: ``service.daemon.tick(clock.now())``, no loop, no sleeps."""
+    svc = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
+                  runners={"local": LocalRunner()}, clock=clock)
+    yield svc
+    svc.daemon.close()
+    svc.store.close()
+
+
+@pytest.fixture
+def daemon(state_dir: Path) -> Iterator[DaemonProcess]:
+    """The real daemon as a subprocess on two simulated GPUs."""
+    d = DaemonProcess(state_dir).start()
+    yield d
+    d.stop()

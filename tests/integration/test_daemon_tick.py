@@ -1,0 +1,315 @@
+"""The daemon's tick against a real SQLite file and real local processes, with a FakeClock."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gpusched.config import Settings
+from gpusched.gpus import SimulatedInventory
+from gpusched.models import GpuRequest, JobSpec
+from gpusched.runners.base import AttemptRef, LaunchRequest
+from gpusched.runners.local import LocalRunner
+from gpusched.service import Service
+from gpusched.states import JobStatus
+from gpusched.testing.clock import FakeClock
+from gpusched.testing.harness import SIM_GPUS
+
+
+def submit(svc: Service, *cmd: str, **kw: object) -> int:
+    spec = JobSpec(command=list(cmd), workdir=str(svc.settings.state_dir), **kw)  # type: ignore[arg-type]
+    return svc.store.submit(spec, owner_uid=os.getuid(), owner="tester", now=svc.clock.now())
+
+
+def run_until(svc: Service, cond: Callable[[], bool], timeout: float = 15.0,
+              step: float = 0.5) -> None:
+    """Tick (moving the fake clock) until ``cond`` holds; real time only for real processes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        svc.daemon.tick(svc.clock.now())
+        if cond():
+            return
+        time.sleep(0.02)
+        svc.clock.advance(step)  # type: ignore[attr-defined]
+    raise AssertionError(f"condition not reached; jobs: {svc.store.list_jobs()}")
+
+
+def status(svc: Service, job_id: int) -> str:
+    return str(svc.store.get_job(job_id)["status"])
+
+
+def ended(svc: Service, *ids: int) -> Callable[[], bool]:
+    return lambda: all(status(svc, i) in ("succeeded", "failed", "cancelled", "lost") for i in ids)
+
+
+def log_of(svc: Service, job_id: int, n: int | None = None) -> str:
+    n = n or svc.store.get_job(job_id)["attempt"]
+    return Path(svc.store.attempt(job_id, n)["log_path"]).read_text()  # type: ignore[index]
+
+
+def test_jobs_see_exactly_their_allocated_gpus(service: Service) -> None:
+    one = submit(service, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES ORDER=$CUDA_DEVICE_ORDER "
+                 "JOB=$GPUSCHED_JOB_ID ATT=$GPUSCHED_ATTEMPT")
+    two = submit(service, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", gpus=GpuRequest(count=2))
+    run_until(service, ended(service, one, two))
+    for job_id in (one, two):
+        att = service.store.attempt(job_id, 1)
+        assert att is not None
+        gpus = json.loads(att["gpus"])
+        assert f"CVD={','.join(gpus)}" in log_of(service, job_id)
+        assert status(service, job_id) == "succeeded"
+    assert f"ORDER=PCI_BUS_ID JOB={one} ATT=1" in log_of(service, one)
+    assert len(json.loads(service.store.attempt(two, 1)["gpus"])) == 2  # type: ignore[index]
+    assert service.store.allocations() == []
+
+
+def test_exit_code_reason_and_retries(service: Service) -> None:
+    job = submit(service, "sh", "-c", "echo try $GPUSCHED_ATTEMPT; exit 3", retries=1)
+    run_until(service, ended(service, job))
+    row = service.store.get_job(job)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 3, 2)
+    assert row["reason"] == "exit code 3"
+    assert [a["exit_code"] for a in service.store.attempts(job)] == [3, 3]
+    assert "try 2" in log_of(service, job, 2)
+
+
+def test_command_not_found_is_a_clear_failure(service: Service) -> None:
+    job = submit(service, "no-such-program-gpusched")
+    run_until(service, ended(service, job))
+    row = service.store.get_job(job)
+    assert row["exit_code"] == 127 and "command not found" in row["reason"]
+
+
+def test_shell_metacharacters_stay_literal(service: Service) -> None:
+    job = submit(service, "echo", "$(touch /tmp/gpusched-pwned)", ";", "rm", "-rf", "/", "`id`")
+    run_until(service, ended(service, job))
+    assert log_of(service, job).strip() == "$(touch /tmp/gpusched-pwned) ; rm -rf / `id`"
+    assert not Path("/tmp/gpusched-pwned").exists()
+
+
+def test_after_chain_runs_in_order_and_failure_propagates(service: Service) -> None:
+    a = submit(service, "sh", "-c", "sleep 0.2; date +%s.%N")
+    b = submit(service, "sh", "-c", "date +%s.%N", after=[a])
+    bad = submit(service, "false")
+    c = submit(service, "true", after=[bad])
+    d = submit(service, "true", after=[c])
+    run_until(service, ended(service, a, b, bad, c, d))
+    assert status(service, b) == "succeeded"
+    assert float(log_of(service, a)) < float(log_of(service, b))
+    assert status(service, c) == "failed" and f"dependency job {bad} failed" in (
+        service.store.get_job(c)["reason"])
+    assert status(service, d) == "failed" and service.store.attempts(d) == []
+
+
+def test_after_unknown_job_is_refused(service: Service) -> None:
+    from gpusched.errors import SpecError
+
+    with pytest.raises(SpecError, match="do not exist"):
+        submit(service, "true", after=[999])
+    assert service.store.list_jobs() == []
+
+
+def test_cancel_queued_and_running(service: Service) -> None:
+    running = submit(service, "sleep", "30")
+    service.daemon.tick(service.clock.now())
+    assert status(service, running) == "running"
+    queued = submit(service, "true", gpus=GpuRequest(count=2))
+    service.daemon.tick(service.clock.now())
+    assert status(service, queued) == "queued"
+    assert service.store.request_cancel(queued, actor="tester", now=service.clock.now()) == (
+        "cancelled")
+    assert service.store.request_cancel(running, actor="tester", now=service.clock.now()) == (
+        "cancelling")
+    # a second cancel is harmless
+    assert service.store.request_cancel(running, actor="tester", now=service.clock.now()) == (
+        "cancelling")
+    run_until(service, ended(service, running))
+    row = service.store.get_job(running)
+    assert row["status"] == "cancelled" and row["exit_code"] == 143
+    pid = service.store.attempt(running, 1)["pid"]  # type: ignore[index]
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    events = [e["to_status"] for e in service.store.events(running)]
+    assert events.count("cancelled") == 1
+
+
+def test_cancel_escalates_to_sigkill_after_grace(service: Service) -> None:
+    job = submit(service, "sh", "-c", "trap '' TERM; echo ready; sleep 60 & wait")
+    run_until(service, lambda: "ready" in (log_of(service, job) if status(service, job)
+                                           == "running" else ""))
+    service.store.request_cancel(job, actor="tester", now=service.clock.now())
+    service.daemon.tick(service.clock.now())  # SIGTERM, ignored by the job
+    time.sleep(0.3)
+    assert status(service, job) == "running"
+    service.clock.advance(service.settings.scheduler.kill_grace_s + 1)
+    run_until(service, ended(service, job))
+    row = service.store.get_job(job)
+    assert row["status"] == "cancelled" and row["exit_code"] == 137
+
+
+def test_hold_and_release(service: Service) -> None:
+    job = submit(service, "true", hold=True)
+    service.daemon.tick(service.clock.now())
+    assert status(service, job) == "held"
+    service.store.release(job, actor="tester", now=service.clock.now())
+    run_until(service, ended(service, job))
+    assert status(service, job) == "succeeded"
+
+
+def test_drained_gpu_is_never_used(service: Service) -> None:
+    service.daemon.tick(service.clock.now())
+    gpu0 = service.daemon.gpus[0].uuid
+    service.store.drain(gpu0, reason="fan noise", by="tester", now=service.clock.now())
+    jobs = [submit(service, "sh", "-c", "echo $CUDA_VISIBLE_DEVICES") for _ in range(4)]
+    big = submit(service, "true", gpus=GpuRequest(count=2))
+    run_until(service, ended(service, *jobs))
+    for j in jobs:
+        assert gpu0 not in log_of(service, j)
+    assert status(service, big) == "queued"
+    assert "1 usable" in service.daemon.waiting[big] or "drained" in service.daemon.waiting[big]
+
+
+def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
+                                                             clock: FakeClock) -> None:
+    inv = SimulatedInventory(SIM_GPUS)
+    svc = Service(settings, inventory=inv, runners={"local": LocalRunner()}, clock=clock)
+    uuid = inv.uuids[1]
+    inv.set_health(uuid, "lost", "GPU is lost (fell off the bus)")
+    svc.daemon.tick(clock.now())
+    assert [g.state for g in svc.daemon.gpu_states()] == ["idle", "lost"]
+    svc.daemon.close()
+    svc.store.close()
+    svc2 = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
+                   runners={"local": LocalRunner()}, clock=clock)
+    svc2.daemon.tick(clock.now())
+    states = {g.uuid: (g.state, g.drain_reason) for g in svc2.daemon.gpu_states()}
+    assert states[uuid] == ("drained", "GPU is lost (fell off the bus)")
+    svc2.daemon.close()
+    svc2.store.close()
+
+
+def test_foreign_memory_keeps_a_job_waiting(service: Service) -> None:
+    inv = service.inventory
+    assert isinstance(inv, SimulatedInventory)
+    big_gpu = inv.uuids[0]  # the 16G A4000
+    inv.set_foreign(big_gpu, 12 * 1024)
+    job = submit(service, "true", gpus=GpuRequest(count=1, mem_mib=10 * 1024))
+    service.daemon.tick(service.clock.now())
+    assert status(service, job) == "queued"
+    assert job in service.daemon.waiting
+    states = {g.uuid: g.state for g in service.daemon.gpu_states()}
+    assert states[big_gpu] == "foreign"
+    inv.set_foreign(big_gpu, 0)
+    service.clock.advance(service.settings.gpus.poll_interval_s)
+    run_until(service, ended(service, job))
+    assert json.loads(service.store.attempt(job, 1)["gpus"]) == [big_gpu]  # type: ignore[index]
+
+
+def restart(svc: Service) -> Service:
+    """What a daemon crash or restart leaves: a new Service on the same state directory."""
+    svc.daemon.close()
+    svc.store.close()
+    return Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
+                   runners={"local": LocalRunner()}, clock=svc.clock)
+
+
+def test_restart_adopts_a_running_job_and_records_its_exit(service: Service) -> None:
+    job = submit(service, "sh", "-c", "sleep 1; exit 7")
+    service.daemon.tick(service.clock.now())
+    assert status(service, job) == "running"
+    svc2 = restart(service)
+    try:
+        svc2.daemon.tick(svc2.clock.now())
+        assert status(svc2, job) == "running"
+        run_until(svc2, ended(svc2, job))
+        row = svc2.store.get_job(job)
+        assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 7, 1)
+        assert len(svc2.store.attempts(job)) == 1
+    finally:
+        svc2.daemon.close()
+        svc2.store.close()
+
+
+def test_job_that_ended_while_the_daemon_was_down(service: Service) -> None:
+    job = submit(service, "sh", "-c", "exit 3")
+    service.daemon.tick(service.clock.now())
+    time.sleep(0.3)
+    svc2 = restart(service)
+    try:
+        exit_file = Path(svc2.store.attempt(job, 1)["run_dir"]) / "exit"  # type: ignore[index]
+        svc2.clock.advance(3600)  # the daemon came back an hour later
+        svc2.daemon.tick(svc2.clock.now())
+        row = svc2.store.get_job(job)
+        assert (row["status"], row["exit_code"]) == ("failed", 3)
+        assert row["ended_at"] == pytest.approx(exit_file.stat().st_mtime)
+        assert svc2.store.allocations() == []
+    finally:
+        svc2.daemon.close()
+        svc2.store.close()
+
+
+def test_crash_after_claim_requeues_without_burning_a_retry(service: Service) -> None:
+    service.daemon.refresh_inventory(service.clock.now())
+    job = submit(service, "sh", "-c", "echo ran")
+    service.store.claim(job, [service.daemon.gpus[0].uuid], runner="local",
+                        now=service.clock.now(), paths=service.daemon.paths)
+    svc2 = restart(service)
+    try:
+        run_until(svc2, ended(svc2, job))
+        row = svc2.store.get_job(job)
+        assert (row["status"], row["attempt"], row["retries_left"]) == ("succeeded", 2, 0)
+        assert [a["state"] for a in svc2.store.attempts(job)] == ["ended", "ended"]
+        assert log_of(svc2, job).strip() == "ran"
+    finally:
+        svc2.daemon.close()
+        svc2.store.close()
+
+
+def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) -> None:
+    service.daemon.refresh_inventory(service.clock.now())
+    job = submit(service, "sh", "-c", "echo started >> counter; sleep 1")
+    gpu = service.daemon.gpus[0]
+    n = service.store.claim(job, [gpu.uuid], runner="local", now=service.clock.now(),
+                            paths=service.daemon.paths)
+    assert n == 1
+    log_path, run_dir = service.daemon.paths(job, n)
+    spec = JobSpec.model_validate_json(service.store.get_job(job)["spec"])
+    LocalRunner().launch(LaunchRequest(
+        job_id=job, attempt=n, spec=spec, gpus=(gpu,), simulated=True,
+        env=service.daemon.job_env(job, n, (gpu,)), log_path=Path(log_path),
+        run_dir=Path(run_dir), owner_uid=os.getuid(), owner="tester"))
+    svc2 = restart(service)  # the daemon died before recording the launch
+    try:
+        svc2.daemon.tick(svc2.clock.now())
+        assert status(svc2, job) == "running"
+        run_until(svc2, ended(svc2, job))
+        assert status(svc2, job) == "succeeded"
+        assert len(svc2.store.attempts(job)) == 1
+        counter = Path(svc2.settings.state_dir) / "counter"
+        assert counter.read_text() == "started\n"
+    finally:
+        svc2.daemon.close()
+        svc2.store.close()
+
+
+def test_orphan_shim_is_killed(service: Service) -> None:
+    """A shim for an attempt the store does not know (a cancelled job's leftover) goes."""
+    job = submit(service, "sleep", "30")
+    service.daemon.tick(service.clock.now())
+    att = AttemptRef.from_row(service.store.live_attempts()[0])
+    # the store forgets it (as if the job had been recorded ended); the process stays
+    service.store.finish_attempt(job, 1, to=JobStatus.LOST, now=service.clock.now(),
+                                 ended_at=service.clock.now(), exit_code=None, reason="test")
+    service.daemon.request_reconcile()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{att.pid}"):
+        service.daemon.tick(service.clock.now())
+        service.daemon._reconcile_now = True
+        time.sleep(0.05)
+        service.daemon.runners["local"].poll(att, service.clock.now())
+    stat = Path(f"/proc/{att.pid}/stat")
+    assert not stat.exists() or ") Z" in stat.read_text()
