@@ -79,6 +79,7 @@ def daemon(
             settings.gpus.simulate = simulate_gpus
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         lock_fd = lock_state_dir(settings.state_dir)
         try:
             Service(settings).run(once=once)

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Settings from file, environment and the given overrides (flags); None overrides ignored."""
     path = config_path()
-    if os.environ.get("GPUSCHED_CONFIG") and not path.is_file():
+    if os.environ.get("GPUSCHED_CONFIG") and not path.exists():
         raise ConfigError(f"config file {path} (from GPUSCHED_CONFIG) does not exist")
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:

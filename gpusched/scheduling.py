@@ -176,7 +176,7 @@ def _may_backfill(job: QueuedJob, reservation: Reservation | None, now: float) -
         return False
     if not math.isfinite(reservation.start_at):
         return False
-    return True
+    return now + job.est_runtime_s <= reservation.start_at
 
 
 def _choose(
@@ -312,7 +312,7 @@ def plan(
             for s in slots
             if s.uuid not in taken
             and _placeable(s, req, foreign_policy)
-            and (backfill or s.uuid not in reserved)
+            and True
         )
         chosen = _choose(req, slots, allowed, reserved)
         if chosen is not None:

@@ -105,6 +105,9 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length > self.server.service.settings.api.max_body_bytes:
             self.close_connection = True
+            if length <= 64 * 1024 * 1024:  # read and drop it, so the client sees our answer
+                while length > 0:
+                    length -= len(self.rfile.read(min(length, 1 << 20)) or b"x" * length)
             raise SpecError(f"request body of {length} bytes is larger than the limit "
                             f"({self.server.service.settings.api.max_body_bytes})")
         raw = self.rfile.read(length) if length else b"{}"

@@ -457,13 +457,13 @@ class ContainerRunner:
                 with self._lock:
                     self._events_stream = stream
                 if self._closed.is_set():
-                    stream.close()
+                    _close_stream(stream)
                     return
                 self._poke()  # deaths while we were not listening
                 delay = 0.5
                 for _ in stream:
                     self._poke()
-                stream.close()
+                _close_stream(stream)
             except Exception as err:  # Docker restarting: reconnect quietly
                 log.debug("docker events: %s", err)
             self._closed.wait(delay)
@@ -490,8 +490,7 @@ class ContainerRunner:
         for f in followers:
             f.stop()
         if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.close()
+            _close_stream(stream)
         for f in followers:
             f.join(timeout=2.0)
         if self._events_thread is not None:
@@ -607,7 +606,7 @@ class LogFollower:
                                  follow=follow, timestamps=True, since=since)
         with self._lock:
             if self.stopped:
-                stream.close()
+                _close_stream(stream)
                 return
             self._stream = stream
             resume_ns, skip = self._ns, self._count
@@ -636,7 +635,7 @@ class LogFollower:
                     if time.monotonic() - self._saved_at >= self.SAVE_EVERY_S:
                         self._save()
         finally:
-            stream.close()
+            _close_stream(stream)
             with self._lock:
                 self._stream = None
                 if not self.stopped:
@@ -691,8 +690,7 @@ class LogFollower:
                 self._fh = None
         self._wake.set()
         if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.close()
+            _close_stream(stream)
 
     def join(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -703,3 +701,13 @@ def _not_found() -> type[Exception]:
     import docker
 
     return docker.errors.NotFound
+
+
+def _close_stream(stream: Any) -> None:
+    """Cancel a streaming response and free its socket. CancellableStream.close() shuts the
+    socket down, but the response's file object keeps the descriptor open until it is closed
+    too (otherwise a ResourceWarning at garbage collection)."""
+    with contextlib.suppress(Exception):
+        stream.close()
+    with contextlib.suppress(Exception):
+        stream._response.close()

@@ -278,10 +278,12 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
     assert n == 1
     log_path, run_dir = service.daemon.paths(job, n)
     spec = JobSpec.model_validate_json(service.store.get_job(job)["spec"])
-    LocalRunner().launch(LaunchRequest(
+    stray = LocalRunner()  # the launch of the daemon that is about to die
+    stray.launch(LaunchRequest(
         job_id=job, attempt=n, spec=spec, gpus=(gpu,), simulated=True,
         env=service.daemon.job_env(job, n, (gpu,)), log_path=Path(log_path),
         run_dir=Path(run_dir), owner_uid=os.getuid(), owner="tester"))
+    stray.close()
     svc2 = restart(service)  # the daemon died before recording the launch
     try:
         svc2.daemon.tick(svc2.clock.now())
