@@ -383,6 +383,15 @@ def health(as_json: JsonOpt = False) -> None:
     raise typer.Exit(0 if data["ok"] else 1)
 
 
+@app.command()
+def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary state "
+                                            "directory.")] = False) -> None:
+    """Run the demo: a daemon on two simulated GPUs in a temporary state directory."""
+    from gpusched.demo import main as run_demo
+
+    raise typer.Exit(run_demo(keep=keep, out=typer.echo))
+
+
 def main() -> None:
     app()
 

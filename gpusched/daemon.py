@@ -25,7 +25,9 @@ from gpusched.store import Row, Store
 log = logging.getLogger(__name__)
 
 S = JobStatus
-PLAN_WINDOW = 500  # queued jobs the planner looks at per tick (Slurm's bf_max_job_test idea)
+# Queued jobs the planner looks at per tick, in priority/submission order (the idea of Slurm's
+# bf_max_job_test): jobs beyond it wait for the head of the queue to move.
+PLAN_WINDOW = 128
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
 
 
@@ -49,6 +51,8 @@ class Daemon:
         self.last_tick: float | None = None
         self.placed_last_tick = 0
         self.tick_error: str | None = None
+        self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
+        self._live: list[Row] = []  # live attempts, read once per tick
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
 
@@ -107,7 +111,9 @@ class Daemon:
         return self.runners.get(name)
 
     def step_reap(self, now: float) -> None:
-        for row in self.store.live_attempts():
+        self._live = self.store.live_attempts()
+        ended = False
+        for row in self._live:
             if row["state"] != "live":
                 continue  # never confirmed launched: reconcile decides
             runner = self._runner(row["runner"])
@@ -122,6 +128,9 @@ class Daemon:
             self._runner_up(runner.name, now)
             if outcome is not None:
                 self._record_end(row, ref, runner, outcome, now)
+                ended = True
+        if ended:
+            self._live = self.store.live_attempts()
 
     def _runner_down(self, name: str, why: str, now: float) -> None:
         if name not in self.degraded:
@@ -173,7 +182,7 @@ class Daemon:
     # -- cancels --------------------------------------------------------------------------
 
     def step_cancels(self, now: float) -> None:
-        for row in self.store.live_attempts():
+        for row in self._live:
             if row["cancel_requested_at"] is None or row["state"] != "live":
                 continue
             runner = self._runner(row["runner"])
@@ -298,19 +307,11 @@ class Daemon:
     def step_dependencies(self, now: float) -> None:
         """Fail queued jobs whose ``--after`` job failed; repeat so chains fail in one tick."""
         while True:
-            queued = self.store.list_jobs(statuses=[S.QUEUED.value, S.HELD.value])
-            deps = self.store.deps(j["id"] for j in queued)
-            if not deps:
-                return
-            statuses = self.store.statuses(a for ids in deps.values() for a in ids)
-            changed = False
-            for job_id, after in deps.items():
-                bad = [a for a in after if statuses.get(a) in FAILED_DEP]
-                if bad:
-                    changed |= self.store.transition(
-                        job_id, S.FAILED, now, reason=f"dependency job {bad[0]} "
-                        f"{statuses[bad[0]]}; not run", fields={"ended_at": now})
-            if not changed:
+            broken = self.store.broken_dependencies()
+            for job_id, (after_id, after_status) in broken.items():
+                self.store.transition(job_id, S.FAILED, now, fields={"ended_at": now},
+                                      reason=f"dependency job {after_id} {after_status}; not run")
+            if not broken:
                 return
 
     # -- plan and launch ------------------------------------------------------------------
@@ -342,8 +343,8 @@ class Daemon:
     def runnable(self) -> list[Row]:
         """Queued jobs whose dependencies all succeeded, in planning order."""
         rows = self.store.query(
-            "SELECT j.id, j.priority, j.submitted_at, j.request, j.spec, j.runner, j.owner_uid,"
-            " j.owner FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps"
+            "SELECT j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
+            " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps"
             " d JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status !="
             " 'succeeded') ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
         return [r for r in rows if r["runner"] not in self.degraded]
@@ -355,10 +356,18 @@ class Daemon:
             self.waiting = {}
             return
         by_id = {r["id"]: r for r in rows}
-        jobs = [QueuedJob(id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
-                          request=GpuRequest.model_validate_json(r["request"]),
-                          est_runtime_s=json.loads(r["spec"]).get("est_runtime_s"))
-                for r in rows]
+        cache = self._queued_cache
+        jobs = []
+        for r in rows:
+            job = cache.get(r["id"])
+            if job is None or job.priority != r["priority"]:
+                job = cache[r["id"]] = QueuedJob(
+                    id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
+                    request=GpuRequest.model_validate_json(r["request"]),
+                    est_runtime_s=r["est_runtime_s"])
+            jobs.append(job)
+        if len(cache) > 4 * PLAN_WINDOW:
+            self._queued_cache = {j.id: j for j in jobs}
         result = plan(jobs, self._slots(now), now,
                       foreign_policy=self.settings.gpus.foreign_policy)
         self.waiting = {**result.waiting, **result.impossible}
@@ -385,7 +394,8 @@ class Daemon:
 
     def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float) -> None:
         job_id = row["id"]
-        spec = JobSpec.model_validate_json(row["spec"])
+        self._queued_cache.pop(job_id, None)
+        spec = JobSpec.model_validate_json(self.store.get_job(job_id)["spec"])
         runner = self._runner(spec.runner)
         if runner is None:
             self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},

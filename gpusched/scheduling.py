@@ -312,7 +312,7 @@ def plan(
             for s in slots
             if s.uuid not in taken
             and _placeable(s, req, foreign_policy)
-            and True
+            and (backfill or s.uuid not in reserved)
         )
         chosen = _choose(req, slots, allowed, reserved)
         if chosen is not None:

@@ -318,6 +318,18 @@ class Store:
             out.setdefault(r["job_id"], []).append(r["after_id"])
         return out
 
+    def broken_dependencies(self) -> dict[int, tuple[int, str]]:
+        """Pending jobs with an ``--after`` job that failed, was cancelled or lost:
+        job id -> (that dependency, its status)."""
+        rows = self.query(
+            "SELECT d.job_id, d.after_id, a.status FROM job_deps d JOIN jobs j ON j.id = d.job_id"
+            " JOIN jobs a ON a.id = d.after_id WHERE j.status IN ('queued', 'held')"
+            " AND a.status IN ('failed', 'cancelled', 'lost') ORDER BY d.job_id, d.after_id")
+        out: dict[int, tuple[int, str]] = {}
+        for r in rows:
+            out.setdefault(r["job_id"], (r["after_id"], r["status"]))
+        return out
+
     def statuses(self, job_ids: Iterable[int]) -> dict[int, str]:
         idl = list(set(job_ids))
         if not idl:

@@ -1,9 +1,9 @@
-"""Run attempts as Docker containers through the Engine API (one container per attempt).
+"""Run attempts as Docker containers through the Engine API, one container per attempt.
 
-The container is the source of truth: it carries labels naming its job, attempt, instance and
-GPUs, so a restarted daemon finds, adopts or removes it. Output reaches ``ref.log_path`` through
-a follower thread per container, which resumes from a cursor in ``ref.run_dir / "log.cursor"``.
-``docker`` is imported inside methods so the CLI starts fast.
+The container is the source of truth: its labels name the job, attempt, instance and GPUs, so
+a restarted daemon finds, adopts or removes it. Output reaches ``ref.log_path`` through one
+follower thread per container that resumes from ``ref.run_dir / "log.cursor"``. ``docker`` is
+imported inside methods so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALIVE = ("created", "running", "restarting", "paused")
-# Variables the runner sets from the allocation; the user's spec cannot override them.
+# Set by the runner from the allocation; the user's spec cannot override them.
 _RUNNER_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
 
 
@@ -42,7 +42,7 @@ class ContainerRunner:
 
     def __init__(self, settings: DockerSettings, *, kill_grace_s: float = 10.0) -> None:
         self.settings = settings
-        self.kill_grace_s = kill_grace_s
+        self.kill_grace_s = kill_grace_s  # the daemon escalates; signal_cancel never waits
         self.url = settings.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self._lock = threading.Lock()
         self._client: DockerClient | None = None
@@ -55,32 +55,29 @@ class ContainerRunner:
 
     # -- clients ---------------------------------------------------------------------------
 
-    def _unreachable(self, err: BaseException | str) -> RunnerUnavailable:
+    def _unreachable(self, err: object) -> RunnerUnavailable:
         return RunnerUnavailable(f"Docker unreachable at {self.url}: {err}")
 
     def _probe(self) -> None:
         """Connect to a unix socket ourselves first: the SDK leaks the socket of a failed
-        connect (a ResourceWarning), and a missing socket is the common way Docker is down."""
-        if not self.url.startswith("unix://"):
-            return
-        path = self.url[len("unix://"):]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(min(5.0, self.settings.timeout_s))
-            try:
-                s.connect(path)
-            except OSError as err:
-                raise self._unreachable(err) from err
+        connect (a ResourceWarning), and a missing socket is how Docker is usually down."""
+        if self.url.startswith("unix://"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(min(5.0, self.settings.timeout_s))
+                try:
+                    s.connect(self.url[len("unix://"):])
+                except OSError as err:
+                    raise self._unreachable(err) from err
 
-    def _new_client(self, timeout: float | None, pool: int = 10) -> DockerClient:
+    def _new_client(self, timeout: float | None, pool: int) -> DockerClient:
         import docker
 
-        self._probe()
         try:
             if self.settings.base_url:
                 return docker.DockerClient(
-                    base_url=self.settings.base_url, timeout=timeout, max_pool_size=pool  # type: ignore[arg-type]
+                    base_url=self.settings.base_url, timeout=timeout, max_pool_size=pool
                 )
-            return docker.from_env(timeout=timeout, max_pool_size=pool)  # type: ignore[arg-type]
+            return docker.from_env(timeout=timeout, max_pool_size=pool)
         except docker.errors.DockerException as err:
             raise self._unreachable(err) from err
 
@@ -89,7 +86,7 @@ class ContainerRunner:
         self._probe()
         with self._lock:
             if self._client is None:
-                self._client = self._new_client(self.settings.timeout_s)
+                self._client = self._new_client(self.settings.timeout_s, 10)
             return self._client
 
     def _streams(self) -> DockerClient:
@@ -97,12 +94,12 @@ class ContainerRunner:
         self._probe()
         with self._lock:
             if self._stream_client is None:
-                self._stream_client = self._new_client(None, pool=64)
+                self._stream_client = self._new_client(None, 64)
             return self._stream_client
 
     @contextlib.contextmanager
     def _calls(self) -> Iterator[None]:
-        """Turn transport failures into RunnerUnavailable; API answers pass through."""
+        """Transport failures become RunnerUnavailable; Docker's answers (APIError) pass."""
         import docker
         import requests
 
@@ -110,7 +107,7 @@ class ContainerRunner:
             yield
         except docker.errors.APIError:
             raise
-        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as err:
+        except (requests.RequestException, docker.errors.DockerException, OSError) as err:
             raise self._unreachable(err) from err
 
     # -- configuration ---------------------------------------------------------------------
@@ -120,10 +117,8 @@ class ContainerRunner:
         return f"gpusched-{job_id}-a{attempt}{suffix}"
 
     def _user(self, req: LaunchRequest) -> str:
-        if req.spec.user:
-            return req.spec.user
-        if self.settings.user:
-            return self.settings.user
+        if req.spec.user or self.settings.user:
+            return str(req.spec.user or self.settings.user)
         try:
             gid = pwd.getpwuid(req.owner_uid).pw_gid
         except KeyError:
@@ -132,23 +127,19 @@ class ContainerRunner:
 
     def container_config(self, req: LaunchRequest) -> dict[str, Any]:
         """The keyword arguments of ``containers.create`` for this attempt."""
-        from docker.types import DeviceRequest, LogConfig, Ulimit
-        from docker.types import Mount as DockerMount
+        from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
         s, spec = self.settings, req.spec
         if s.network == "host" and not s.allow_host_network:
             raise LaunchRefused("docker.network is 'host' but allow_host_network is false")
         uuids = [g.uuid for g in req.gpus]
-        env = {**spec.env, **req.env}  # the daemon's GPUSCHED_*/CUDA_* win over the user's
-        for key in _RUNNER_ENV:
-            if key in spec.env and key not in req.env:
-                del env[key]
+        env = {k: v for k, v in spec.env.items() if k not in _RUNNER_ENV}
+        env.update(req.env)  # the daemon's GPUSCHED_* and CUDA_* win over the user's
         device_requests = []
         if uuids and not req.simulated:
             device_requests = [DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])]
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-            # Inside the container the granted GPUs are 0..n-1.
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(uuids)))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(len(uuids))))  # 0..n-1 inside
             # CUDA images set NVIDIA_VISIBLE_DEVICES=all; with nvidia as the default runtime that
             # alone would expose every GPU, so name exactly the granted ones.
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(uuids)
@@ -160,17 +151,13 @@ class ContainerRunner:
             "command": list(spec.command),
             "name": self.container_name(req.job_id, req.attempt),
             "labels": {
-                "gpusched.job": str(req.job_id),
-                "gpusched.attempt": str(req.attempt),
-                "gpusched.instance": s.instance,
-                "gpusched.gpus": ",".join(uuids),
+                "gpusched.job": str(req.job_id), "gpusched.attempt": str(req.attempt),
+                "gpusched.instance": s.instance, "gpusched.gpus": ",".join(uuids),
                 "gpusched.owner": req.owner,
             },
             "environment": env,
-            "mounts": [
-                DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
-                for m in spec.mounts
-            ],
+            "mounts": [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+                       for m in spec.mounts],
             "working_dir": spec.workdir,
             "user": self._user(req),
             "shm_size": parse_size_bytes(shm) if shm else None,
@@ -179,65 +166,55 @@ class ContainerRunner:
             "restart_policy": {"Name": "no"},
             "auto_remove": False,
             "privileged": False,
-            # tini as PID 1 forwards SIGTERM to the job (PID 1 ignores it otherwise) and reaps.
+            # tini as PID 1 forwards SIGTERM to the job (PID 1 would ignore it) and reaps.
             "init": True,
-            "log_config": LogConfig(
-                type="json-file",
-                config={"max-size": s.log_max_size, "max-file": str(s.log_max_file)},
-            ),
+            "log_config": LogConfig(type="json-file", config={
+                "max-size": s.log_max_size, "max-file": str(s.log_max_file)}),
             "device_requests": device_requests,
         }
         return {k: v for k, v in cfg.items() if v is not None}
 
     # -- launch ----------------------------------------------------------------------------
 
-    def _image_missing(self, req: LaunchRequest) -> LaunchRefused:
-        img = req.spec.image
-        return LaunchRefused(
-            f"the image {img} is not on this host: docker pull {img}, or docker load it, "
-            f"then gpusched release {req.job_id}"
-        )
-
     def create(self, req: LaunchRequest) -> Any:
-        """Create the attempt's container (not started), or return the one that exists."""
+        """Create the attempt's container (not started), or return the existing one."""
         import docker
 
         cfg = self.container_config(req)
+        img = req.spec.image
+        missing = LaunchRefused(
+            f"the image {img} is not on this host: docker pull {img}, or docker load it, "
+            f"then gpusched release {req.job_id}")
         client = self._docker()
         try:
             with self._calls():
                 return client.containers.create(**cfg)
         except docker.errors.ImageNotFound as err:
-            raise self._image_missing(req) from err
+            raise missing from err
         except docker.errors.APIError as err:
             if err.status_code == 409:
                 return self._existing(client, cfg["name"], req)
             if err.status_code == 404:
-                raise self._image_missing(req) from err
+                raise missing from err
             if err.status_code == 400:
-                raise LaunchRefused(
-                    f"Docker refused the container for job {req.job_id}: {_explain(err)}"
-                ) from err
+                raise LaunchRefused(f"Docker refused job {req.job_id}: {_explain(err)}") from err
             raise RunnerError(f"Docker could not create {cfg['name']}: {_explain(err)}") from err
 
     def _existing(self, client: DockerClient, name: str, req: LaunchRequest) -> Any:
-        """A container with this attempt's name exists (a crash between create and start):
-        adopt it if it is ours, never create a second one."""
+        """The name is taken (a crash between create and start): adopt the container if it is
+        this attempt's; never create a second one."""
         import docker
 
         try:
             with self._calls():
                 c = client.containers.get(name)
-        except docker.errors.NotFound as err:  # removed between the 409 and now
+        except docker.errors.NotFound as err:
             raise RunnerError(f"container {name} vanished during launch; retry") from err
-        labels = c.labels or {}
-        if (labels.get("gpusched.job"), labels.get("gpusched.attempt"),
-                labels.get("gpusched.instance")) != (
+        lb = c.labels or {}
+        if (lb.get("gpusched.job"), lb.get("gpusched.attempt"), lb.get("gpusched.instance")) != (
                 str(req.job_id), str(req.attempt), self.settings.instance):
-            raise RunnerError(
-                f"a container named {name} exists but is not job {req.job_id} attempt "
-                f"{req.attempt} of this gpusched; remove it (docker rm {name})"
-            )
+            raise RunnerError(f"a container named {name} exists but is not job {req.job_id} "
+                              f"attempt {req.attempt} of this gpusched; remove it (docker rm)")
         log.info("adopting existing container %s (%s)", name, c.status)
         return c
 
@@ -252,8 +229,7 @@ class ContainerRunner:
                 with self._calls():
                     c.start()
             except docker.errors.APIError as err:
-                # The command or the GPU request is wrong (missing binary, no nvidia runtime):
-                # remove the dead container so the name is free, and say why.
+                # A bad command or GPU request (no nvidia runtime): free the name, say why.
                 with contextlib.suppress(docker.errors.APIError, RunnerUnavailable), self._calls():
                     c.remove(force=True)
                 msg = f"Docker could not start {c.name}: {_explain(err)}"
@@ -265,24 +241,28 @@ class ContainerRunner:
 
     # -- output ----------------------------------------------------------------------------
 
-    def _follow(self, cid: str, log_path: Any, run_dir: Any) -> LogFollower:
+    def _follow(self, cid: str, log_path: Path, run_dir: Path) -> None:
         with self._lock:
             f = self._followers.get(cid)
-            if f is None or f.stopped:
-                f = LogFollower(cid, log_path, run_dir, self._streams, self._closed)
-                self._followers[cid] = f
+            if (f is None or f.stopped) and not self._closed.is_set():
+                f = self._followers[cid] = LogFollower(cid, log_path, run_dir, self._streams)
                 f.start()
-            return f
+
+    def _unfollow(self, *cids: str | None) -> LogFollower | None:
+        with self._lock:
+            found = [f for f in (self._followers.pop(c or "", None) for c in cids) if f]
+        for f in found[1:]:
+            f.stop()
+        return found[0] if found else None
 
     def _finish_logs(self, ref: AttemptRef, cid: str) -> None:
-        """The container ended: make sure every line it wrote is in the log file."""
-        with self._lock:
-            f = self._followers.pop(cid, None)
+        """The container ended: make sure everything it wrote is in the log file."""
+        f = self._unfollow(cid)
         if f is not None:
-            f.join(timeout=5.0)
+            f.join(timeout=5.0)  # normally done: the stream ends when the container does
             f.stop()
         try:
-            LogFollower(cid, ref.log_path, ref.run_dir, self._docker, self._closed).drain()
+            LogFollower(cid, ref.log_path, ref.run_dir, self._docker).drain()
         except RunnerUnavailable:
             raise
         except Exception as err:  # the outcome matters more than a missing tail
@@ -307,28 +287,23 @@ class ContainerRunner:
     def poll(self, ref: AttemptRef, now: float) -> Outcome | None:
         c = self._get(ref)
         if c is None:
-            with self._lock:
-                f = self._followers.pop(ref.container_id or "", None)
+            f = self._unfollow(ref.container_id)
             if f is not None:
                 f.stop()
             return Outcome(exit_code=None, ended_at=now, lost=True, reason="container disappeared")
-        state = c.attrs.get("State", {})
         if c.status in ALIVE:
             if c.status != "created":
-                self._follow(c.id, ref.log_path, ref.run_dir)
+                self._follow(c.id, ref.log_path, ref.run_dir)  # adopted after a restart
             return None
         self._finish_logs(ref, c.id)
-        code = state.get("ExitCode")
-        code = int(code) if code is not None else None
-        ended = parse_docker_time(state.get("FinishedAt") or "")
+        state = c.attrs.get("State", {})
+        code = None if state.get("ExitCode") is None else int(state["ExitCode"])
         oom = bool(state.get("OOMKilled")) and code == 137
-        if oom:
-            reason = "killed: out of memory"
-        elif state.get("Error"):
-            reason = f"exit code {code}: {state['Error']}"
-        else:
-            reason = f"exit code {code}"
-        return Outcome(exit_code=code, ended_at=ended if ended else now, oom=oom, reason=reason)
+        reason = "killed: out of memory" if oom else f"exit code {code}"
+        if state.get("Error") and not oom:
+            reason += f": {state['Error']}"
+        ended = parse_docker_time(state.get("FinishedAt") or "")
+        return Outcome(exit_code=code, ended_at=ended or now, oom=oom, reason=reason)
 
     def signal_cancel(self, ref: AttemptRef, *, kill: bool) -> None:
         import docker
@@ -338,69 +313,56 @@ class ContainerRunner:
             return
         try:
             with self._calls():
-                if kill:
-                    c.kill()
-                else:
-                    c.kill(signal="SIGTERM")
+                c.kill() if kill else c.kill(signal="SIGTERM")
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as err:
-            if err.status_code == 409:  # not running: nothing to stop
-                return
-            raise RunnerError(f"could not signal {c.name}: {_explain(err)}") from err
+            if err.status_code != 409:  # 409: not running, nothing to stop
+                raise RunnerError(f"could not signal {c.name}: {_explain(err)}") from err
 
     def cleanup(self, ref: AttemptRef) -> None:
         import docker
 
-        with self._lock:
-            f = self._followers.pop(ref.container_id or "", None)
+        c = self._get(ref)
+        f = self._unfollow(ref.container_id, c.id if c is not None else None)
         if f is not None:
             f.stop()
-        c = self._get(ref)
         if c is None:
             return
-        with self._lock:
-            f = self._followers.pop(c.id, None)
-        if f is not None:
-            f.stop()
         try:
             with self._calls():
                 c.remove(force=True, v=False)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as err:
-            if err.status_code == 409:  # removal already in progress
-                return
-            raise RunnerError(f"could not remove {c.name}: {_explain(err)}") from err
+            if err.status_code != 409:  # 409: removal already in progress
+                raise RunnerError(f"could not remove {c.name}: {_explain(err)}") from err
 
     # -- reconcile -------------------------------------------------------------------------
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
         import docker
 
+        inst = self.settings.instance
         client = self._docker()
         try:
             with self._calls():
                 found = client.containers.list(
-                    all=True, filters={"label": [f"gpusched.instance={self.settings.instance}"]}
-                )
+                    all=True, filters={"label": [f"gpusched.instance={inst}"]})
         except docker.errors.APIError as err:
             raise self._unreachable(_explain(err)) from err
         out = []
         for c in found:
-            labels = c.labels or {}
-            if labels.get("gpusched.instance") != self.settings.instance:
+            lb = c.labels or {}
+            if lb.get("gpusched.instance") != inst or "gpusched.job" not in lb:
                 continue
-            if "gpusched.job" not in labels or "gpusched.attempt" not in labels:
-                continue
-            job = _int_or_none(labels["gpusched.job"])
-            attempt = _int_or_none(labels["gpusched.attempt"])
+            job, attempt = _int(lb["gpusched.job"]), _int(lb.get("gpusched.attempt", ""))
             if job is not None and attempt is not None and (job, attempt) in live:
                 continue
-            gpus = tuple(g for g in labels.get("gpusched.gpus", "").split(",") if g)
             out.append(Orphan(
                 description=f"container {c.name} ({c.status}) of job {job} attempt {attempt}",
-                gpus=gpus, job_id=job, attempt=attempt, handle=c.id,
+                gpus=tuple(g for g in lb.get("gpusched.gpus", "").split(",") if g),
+                job_id=job, attempt=attempt, handle=c.id,
             ))
         return out
 
@@ -422,30 +384,27 @@ class ContainerRunner:
             return True
         except docker.errors.APIError as err:
             log.warning("could not remove orphan %s: %s", orphan.description, _explain(err))
-            return False
         return False
 
-    # -- wake-ups and health ---------------------------------------------------------------
+    # -- wake-ups, health, close -----------------------------------------------------------
 
     def wait_fds(self) -> list[int]:
-        """A pipe that becomes readable when one of our containers dies (Docker events);
-        the daemon reads and discards what is in it."""
+        """A pipe that becomes readable when one of our containers dies (Docker events).
+        The daemon reads and discards its bytes."""
         with self._lock:
             if self._closed.is_set():
                 return []
             if self._wake is None:
                 self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 self._events_thread = threading.Thread(
-                    target=self._events_loop, name="gpusched-docker-events", daemon=True
-                )
+                    target=self._events_loop, name="gpusched-docker-events", daemon=True)
                 self._events_thread.start()
             return [self._wake[0]]
 
     def _poke(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):
             if self._wake is not None:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.write(self._wake[1], b"x")
+                os.write(self._wake[1], b"x")
 
     def _events_loop(self) -> None:
         delay = 0.5
@@ -456,14 +415,15 @@ class ContainerRunner:
                 stream = self._streams().events(decode=True, filters=filters)
                 with self._lock:
                     self._events_stream = stream
-                if self._closed.is_set():
+                try:
+                    if self._closed.is_set():
+                        return
+                    self._poke()  # deaths while nobody listened
+                    delay = 0.5
+                    for _ in stream:
+                        self._poke()
+                finally:
                     _close_stream(stream)
-                    return
-                self._poke()  # deaths while we were not listening
-                delay = 0.5
-                for _ in stream:
-                    self._poke()
-                _close_stream(stream)
             except Exception as err:  # Docker restarting: reconnect quietly
                 log.debug("docker events: %s", err)
             self._closed.wait(delay)
@@ -481,7 +441,8 @@ class ContainerRunner:
         return True, f"docker {version} at {self.url}"
 
     def close(self) -> None:
-        """Stop the follower and events threads and close the clients (jobs keep running)."""
+        """Stop the follower and events threads and close the clients (jobs keep running).
+        No log write happens after this returns."""
         self._closed.set()
         with self._lock:
             followers = list(self._followers.values())
@@ -491,10 +452,9 @@ class ContainerRunner:
             f.stop()
         if stream is not None:
             _close_stream(stream)
-        for f in followers:
-            f.join(timeout=2.0)
-        if self._events_thread is not None:
-            self._events_thread.join(timeout=2.0)
+        for t in [*(f._thread for f in followers), self._events_thread]:
+            if t is not None:
+                t.join(timeout=2.0)
         with self._lock:
             clients = [c for c in (self._client, self._stream_client) if c is not None]
             self._client = self._stream_client = None
@@ -502,41 +462,45 @@ class ContainerRunner:
         for c in clients:
             with contextlib.suppress(Exception):
                 c.close()
-        if wake is not None:
-            for fd in wake:
-                os.close(fd)
+        for fd in wake or ():
+            os.close(fd)
 
 
 def _explain(err: Any) -> str:
     return str(getattr(err, "explanation", None) or err)
 
 
-def _int_or_none(text: str) -> int | None:
+def _int(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
         return None
 
 
+def _close_stream(stream: Any) -> None:
+    """Cancel a streaming response and free its socket: CancellableStream.close() shuts the
+    socket down, but the response's file object holds the descriptor until it is closed too."""
+    with contextlib.suppress(Exception):
+        stream.close()
+    with contextlib.suppress(Exception):
+        stream._response.close()
+
+
 _TIME_RE = re.compile(
-    r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$"
-)
+    r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
 
 def parse_docker_time_ns(text: str | bytes) -> int | None:
-    """RFC 3339 with up to nanoseconds ('2024-05-01T10:00:00.123456789Z') -> ns since the
-    epoch; None for garbage or Docker's zero time ('0001-01-01T00:00:00Z')."""
+    """RFC 3339 with up to nine fraction digits -> ns since the epoch; None for garbage and
+    for Docker's zero time ('0001-01-01T00:00:00Z')."""
     if isinstance(text, bytes):
         text = text.decode("ascii", "replace")
     m = _TIME_RE.match(text.strip())
     if not m or int(m.group(1)) <= 1:
         return None
-    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
-    secs = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0))
-    tz = m.group(8)
-    if tz != "Z":
-        sign = 1 if tz[0] == "+" else -1
-        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    secs = calendar.timegm(tuple(int(g) for g in m.groups()[:6]) + (0, 0, 0))
+    if (tz := m.group(8)) != "Z":
+        secs -= (1 if tz[0] == "+" else -1) * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
     return secs * 1_000_000_000 + int((m.group(7) or "0").ljust(9, "0"))
 
 
@@ -546,21 +510,22 @@ def parse_docker_time(text: str) -> float | None:
 
 
 class LogFollower:
-    """Copies one container's output into the attempt's log file, exactly once.
+    """Copies one container's output (stdout and stderr) into the attempt's log, exactly once.
 
     The cursor (run_dir/log.cursor) holds the newest timestamp written, how many messages
-    carried exactly that timestamp, and the log file's size at that point. A resumed follower
-    truncates bytes written after the last cursor save (a crash in between), asks Docker for
-    messages since the cursor and skips those already written.
+    carried exactly that timestamp, and the log's size then. A new follower truncates what
+    was written after the last cursor save (a crash in between), asks Docker for messages since
+    the cursor and skips those it already wrote. Docker's json-file keeps log_max_size x
+    log_max_file per container: output rotated away while nobody followed is lost.
     """
 
     SAVE_EVERY_S = 0.2
 
     def __init__(self, cid: str, log_path: Path, run_dir: Path,
-                 client_fn: Callable[[], DockerClient], closed: threading.Event) -> None:
+                 client_fn: Callable[[], DockerClient]) -> None:
         self.cid, self.log_path, self.run_dir = cid, Path(log_path), Path(run_dir)
         self.cursor_path = self.run_dir / "log.cursor"
-        self._client_fn, self._closed = client_fn, closed
+        self._client_fn = client_fn
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.stopped = False
@@ -568,15 +533,14 @@ class LogFollower:
         self._thread: threading.Thread | None = None
         self._fh: Any = None
         self._ns: int | None = None
-        self._count = 0
-        self._offset = 0
+        self._count = self._offset = 0
         self._saved_at = 0.0
 
     def _open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         size = self.log_path.stat().st_size if self.log_path.exists() else 0
-        cur: dict[str, Any] = {}
+        cur: Any = {}
         with contextlib.suppress(OSError, ValueError):
             cur = json.loads(self.cursor_path.read_text())
         if isinstance(cur, dict) and cur.get("container") == self.cid:
@@ -590,17 +554,17 @@ class LogFollower:
         self._save()
 
     def _save(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
+        self._fh.flush()
         tmp = self.cursor_path.with_name("log.cursor.tmp")
         tmp.write_text(json.dumps(
-            {"container": self.cid, "ns": self._ns, "count": self._count, "offset": self._offset}
-        ))
+            {"container": self.cid, "ns": self._ns, "count": self._count, "offset": self._offset}))
         os.replace(tmp, self.cursor_path)
         self._saved_at = time.monotonic()
 
     def _copy(self, client: DockerClient, follow: bool) -> None:
-        """One logs request from the cursor; returns when the stream ends."""
+        """One logs request from the cursor, until the stream ends."""
+        # Docker filters with `since` (>=); a float keeps only microseconds, so ask from a
+        # millisecond earlier and skip by the exact nanosecond cursor.
         since = None if self._ns is None else max(self._ns // 1_000_000 - 1, 1) / 1000
         stream = client.api.logs(self.cid, stdout=True, stderr=True, stream=True,
                                  follow=follow, timestamps=True, since=since)
@@ -611,7 +575,7 @@ class LogFollower:
             self._stream = stream
             resume_ns, skip = self._ns, self._count
         try:
-            for chunk in stream:
+            for chunk in stream:  # one frame per log message: "<RFC3339Nano> <bytes>"
                 sp = chunk.find(b" ")
                 ns = parse_docker_time_ns(chunk[:sp]) if sp > 0 else None
                 data = chunk[sp + 1:] if ns is not None else chunk
@@ -619,14 +583,12 @@ class LogFollower:
                     if self.stopped:
                         return
                     if ns is not None and resume_ns is not None:
-                        if ns < resume_ns:
-                            continue
-                        if ns == resume_ns and skip > 0:
-                            skip -= 1
+                        if ns < resume_ns or (ns == resume_ns and skip > 0):
+                            skip -= ns == resume_ns
                             continue
                         resume_ns = None
                     self._fh.write(data)
-                    self._fh.flush()  # readers (`gpusched logs -f`) see each line at once
+                    self._fh.flush()  # `gpusched logs -f` sees each line at once
                     self._offset += len(data)
                     if ns is not None and (self._ns is None or ns > self._ns):
                         self._ns, self._count = ns, 1
@@ -642,10 +604,12 @@ class LogFollower:
                     self._save()
 
     def drain(self) -> None:
-        """Copy whatever the (ended) container wrote after the cursor, synchronously."""
+        """Copy, synchronously, what the ended container wrote after the cursor."""
+        import docker
+
         self._open()
         try:
-            with contextlib.suppress(_not_found()):
+            with contextlib.suppress(docker.errors.NotFound):
                 self._copy(self._client_fn(), follow=False)
         finally:
             self.stop()
@@ -653,21 +617,21 @@ class LogFollower:
     def start(self) -> None:
         self._open()
         self._thread = threading.Thread(
-            target=self._loop, name=f"gpusched-logs-{self.cid[:12]}", daemon=True
-        )
+            target=self._loop, name=f"gpusched-logs-{self.cid[:12]}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        import docker
+
         delay = 0.2
         try:
-            while not self.stopped and not self._closed.is_set():
+            while not self.stopped:
                 try:
                     client = self._client_fn()
                     self._copy(client, follow=True)
-                    state = client.api.inspect_container(self.cid)["State"]["Status"]
-                    if state not in ALIVE:
+                    if client.api.inspect_container(self.cid)["State"]["Status"] not in ALIVE:
                         return
-                except _not_found():
+                except docker.errors.NotFound:
                     return
                 except Exception as err:  # Docker restarting: retry from the cursor
                     log.debug("log follower %s: %s", self.cid[:12], err)
@@ -677,7 +641,7 @@ class LogFollower:
             self.stop()
 
     def stop(self) -> None:
-        """No write happens after this returns; the cursor matches the file."""
+        """No write happens after this returns, and the cursor matches the file."""
         with self._lock:
             if self.stopped:
                 return
@@ -695,19 +659,3 @@ class LogFollower:
     def join(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-
-
-def _not_found() -> type[Exception]:
-    import docker
-
-    return docker.errors.NotFound
-
-
-def _close_stream(stream: Any) -> None:
-    """Cancel a streaming response and free its socket. CancellableStream.close() shuts the
-    socket down, but the response's file object keeps the descriptor open until it is closed
-    too (otherwise a ResourceWarning at garbage collection)."""
-    with contextlib.suppress(Exception):
-        stream.close()
-    with contextlib.suppress(Exception):
-        stream._response.close()
