@@ -25,7 +25,7 @@ from gpusched.testing.harness import DaemonProcess, short_tmpdir
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def cpu_seconds(pid: int) -> float:

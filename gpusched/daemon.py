@@ -6,12 +6,11 @@ wiring that loops, listens on the socket and handles signals is in ``service.py`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gpusched.config import Settings
 from gpusched.errors import GpuschedError, LaunchRefused, RunnerError, RunnerUnavailable
@@ -270,20 +269,21 @@ class Daemon:
                 continue
             for orphan in found:
                 key = (orphan.job_id or -1, orphan.attempt or -1)
-                row = starting.pop(key, None)
-                if row is not None and row["runner"] == runner.name:
-                    self._adopt(row, runner.name, orphan.handle, now)
+                if key in starting and starting[key]["runner"] == runner.name:
+                    self._adopt(starting.pop(key), runner.name, orphan.handle, now)
                     continue
                 log.warning("removing orphan: %s", orphan.description)
                 if not runner.remove_orphan(orphan):
                     orphan_gpus.update(orphan.gpus)
         for (job_id, n), row in starting.items():
-            runner = self._runner(row["runner"])
+            maybe = self._runner(row["runner"])
             ref = AttemptRef.from_row(row)
-            outcome = runner.poll(ref, now) if runner and row["runner"] == "local" else None
-            if outcome is not None and not outcome.lost and runner is not None:
+            # a local attempt may have run and finished while we were down: its exit file says
+            outcome = maybe.poll(ref, now) if maybe and row["runner"] == "local" else None
+            if outcome is not None and not outcome.lost and maybe is not None:
+                runner = maybe
                 self.store.mark_launched(job_id, n, now=now)
-                self._record_end({**row, "cancel_requested_at": row["cancel_requested_at"]}, ref,
+                self._record_end(row, ref,
                                  runner, outcome, now)
                 continue
             log.warning("job %s attempt %s never started; queueing it again", job_id, n)
@@ -332,21 +332,22 @@ class Daemon:
         return slots
 
     def _expected_ends(self, allocs: dict[str, Row], now: float) -> dict[int, float]:
-        ids = {a["job_id"] for a in allocs.values() if a["releasing_since"] is None}
-        ends = {}
-        for j in self.store.list_jobs(ids=ids) if ids else []:
-            est = json.loads(j["spec"]).get("est_runtime_s")
-            if est and j["started_at"]:
-                ends[j["id"]] = max(now, j["started_at"] + est)
-        return ends
+        ids = sorted({a["job_id"] for a in allocs.values() if a["releasing_since"] is None})
+        if not ids:
+            return {}
+        rows = self.store.query(
+            "SELECT id, started_at, json_extract(spec, '$.est_runtime_s') AS est FROM jobs"
+            f" WHERE id IN ({','.join('?' * len(ids))}) AND started_at IS NOT NULL", ids)
+        return {r["id"]: max(now, r["started_at"] + r["est"]) for r in rows if r["est"]}
 
     def runnable(self) -> list[Row]:
         """Queued jobs whose dependencies all succeeded, in planning order."""
         rows = self.store.query(
             "SELECT j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
-            " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps"
-            " d JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status !="
-            " 'succeeded') ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
+            " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j"
+            " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
+            " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
+            " ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
         return [r for r in rows if r["runner"] not in self.degraded]
 
     def step_plan_and_launch(self, now: float) -> None:
@@ -443,6 +444,7 @@ class Daemon:
         out = []
         for g in self.gpus:
             r = rows.get(g.uuid, {})
+            state: Literal["idle", "busy", "foreign", "drained", "lost"]
             if g.health == "lost":
                 state = "lost"
             elif r.get("drained"):

@@ -145,7 +145,8 @@ def validate_local_workdir(path: str) -> str:
     if not os.path.isabs(path):
         raise SpecError(f"working directory {path!r} must be an absolute path")
     real = os.path.realpath(path)
-    tree = _in_forbidden_tree(real)
+    # Both spellings: /proc/self/cwd resolves elsewhere, yet means "wherever the reader is".
+    tree = _in_forbidden_tree(_norm(path)) or _in_forbidden_tree(real)
     if tree:
         raise SpecError(f"working directory {path!r} resolves under {tree}, which is not allowed")
     if not os.path.exists(real):

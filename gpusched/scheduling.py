@@ -295,12 +295,19 @@ def plan(
     impossible: dict[int, str] = {}
     reservation: Reservation | None = None
 
+    # Many queued jobs share one request: judge each distinct request once per plan (the daemon
+    # plans on every job start and end, so this loop is its hot path).
+    impossible_memo: dict[tuple[object, ...], str | None] = {}
+    wait_memo: dict[tuple[object, ...], str] = {}
     for job in sorted(jobs, key=job_order_key):
         req = job.request
         if req.ids is None and req.count == 0:
             placements.append(Placement(job_id=job.id, gpu_uuids=()))  # CPU-only: no GPU
             continue
-        reason = impossible_reason(req, slots)
+        rkey = (req.count, req.ids, req.gpu_type, req.mem_mib)  # cheaper than hashing the model
+        if rkey not in impossible_memo:
+            impossible_memo[rkey] = impossible_reason(req, slots)
+        reason = impossible_memo[rkey]
         if reason is not None:
             impossible[job.id] = reason
             continue
@@ -322,9 +329,16 @@ def plan(
                 taken[uuid] = job.id
                 released_at[uuid] = until
             continue
-        waiting[job.id] = _wait_reason(job, slots, taken, reservation, backfill, foreign_policy)
         if reservation is None:
+            waiting[job.id] = _wait_reason(job, slots, taken, None, backfill, foreign_policy)
             reservation = _reserve(job, slots, released_at, now, foreign_policy)
+            continue
+        # after the reservation exists its GPUs are fixed; only ``taken`` still grows
+        key = (*rkey, backfill, len(taken))
+        if key not in wait_memo:
+            wait_memo[key] = _wait_reason(job, slots, taken, reservation, backfill,
+                                          foreign_policy)
+        waiting[job.id] = wait_memo[key]
 
     return Plan(
         placements=tuple(placements),

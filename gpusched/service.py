@@ -212,9 +212,9 @@ class Service:
 
     def _stuck(self) -> bool:
         """--once: queued work that no placement can ever start (nothing active either)."""
-        counts = self.store.count_by_status()
-        active = sum(counts.get(s, 0) for s in ("starting", "running", "unknown"))
-        return active == 0 and not self.store.allocations() and self.daemon.placed_last_tick == 0
+        if self.daemon.placed_last_tick or self.store.live_attempts():
+            return False
+        return not self.store.allocations()
 
     def _wait(self) -> None:
         """Sleep until a wake-up (submission, signal), a job's end (pidfd, Docker event) or

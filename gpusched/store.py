@@ -217,7 +217,9 @@ class Store:
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         with self.lock:
             try:
-                return list(self.db.query(sql, params))
+                cur = self.conn.execute(sql, params)
+                keys = [d[0] for d in cur.description]
+                return [dict(zip(keys, row, strict=True)) for row in cur]
             except sqlite3.Error as err:
                 raise _wrap(err) from err
 
@@ -281,7 +283,8 @@ class Store:
         self, *, statuses: Iterable[str] | None = None, owner_uid: int | None = None,
         name: str | None = None, limit: int | None = None, ids: Iterable[int] | None = None,
     ) -> list[Row]:
-        where, params = ["1=1"], []  # type: ignore[var-annotated]
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
         if statuses is not None:
             st = list(statuses)
             where.append(f"status IN ({','.join('?' * len(st))})")

@@ -18,9 +18,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpusched.config import DockerSettings
 from gpusched.errors import LaunchRefused, RunnerError, RunnerUnavailable
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from docker import DockerClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ALIVE = ("created", "running", "restarting", "paused")
 # Set by the runner from the allocation; the user's spec cannot override them.
@@ -44,73 +45,59 @@ class ContainerRunner:
         self.settings = settings
         self.kill_grace_s = kill_grace_s  # the daemon escalates; signal_cancel never waits
         self.url = settings.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        self._lock = threading.Lock()
+        self._lock, self._closed = threading.Lock(), threading.Event()
         self._client: DockerClient | None = None
         self._stream_client: DockerClient | None = None
         self._followers: dict[str, LogFollower] = {}
-        self._closed = threading.Event()
         self._wake: tuple[int, int] | None = None
         self._events_thread: threading.Thread | None = None
         self._events_stream: Any = None
 
-    # -- clients ---------------------------------------------------------------------------
-
     def _unreachable(self, err: object) -> RunnerUnavailable:
         return RunnerUnavailable(f"Docker unreachable at {self.url}: {err}")
 
-    def _probe(self) -> None:
-        """Connect to a unix socket ourselves first: the SDK leaks the socket of a failed
-        connect (a ResourceWarning), and a missing socket is how Docker is usually down."""
+    def _docker(self, stream: bool = False) -> DockerClient:
+        """The client for short calls (timeout from settings) or, with ``stream``, for logs
+        and events (no read timeout). RunnerUnavailable when Docker is down."""
+        import docker
+
         if self.url.startswith("unix://"):
+            # Connect ourselves first: the SDK leaks the socket of a failed connect.
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(min(5.0, self.settings.timeout_s))
                 try:
                     s.connect(self.url[len("unix://"):])
                 except OSError as err:
                     raise self._unreachable(err) from err
-
-    def _new_client(self, timeout: float | None, pool: int) -> DockerClient:
-        import docker
-
-        try:
-            if self.settings.base_url:
-                return docker.DockerClient(
-                    base_url=self.settings.base_url, timeout=timeout, max_pool_size=pool
-                )
-            return docker.from_env(timeout=timeout, max_pool_size=pool)
-        except docker.errors.DockerException as err:
-            raise self._unreachable(err) from err
-
-    def _docker(self) -> DockerClient:
-        """The client for short calls (timeout from settings); RunnerUnavailable when down."""
-        self._probe()
         with self._lock:
-            if self._client is None:
-                self._client = self._new_client(self.settings.timeout_s, 10)
-            return self._client
+            client = self._stream_client if stream else self._client
+            if client is None:
+                kw: dict[str, Any] = {"timeout": None if stream else self.settings.timeout_s,
+                                      "max_pool_size": 64 if stream else 10}
+                try:
+                    client = (docker.DockerClient(base_url=self.settings.base_url, **kw)
+                              if self.settings.base_url else docker.from_env(**kw))
+                except docker.errors.DockerException as err:
+                    raise self._unreachable(err) from err
+                setattr(self, "_stream_client" if stream else "_client", client)
+            return client
 
-    def _streams(self) -> DockerClient:
-        """The client for long-lived streams (logs, events): no read timeout."""
-        self._probe()
-        with self._lock:
-            if self._stream_client is None:
-                self._stream_client = self._new_client(None, 64)
-            return self._stream_client
-
-    @contextlib.contextmanager
-    def _calls(self) -> Iterator[None]:
-        """Transport failures become RunnerUnavailable; Docker's answers (APIError) pass."""
+    def _do(self, what: str, call: Callable[[], T], *, ok: tuple[int, ...] = ()) -> T | None:
+        """One Docker call. None when the object is gone (404) or Docker answers a status in
+        ``ok``; RunnerUnavailable when Docker cannot be asked; RunnerError otherwise."""
         import docker
         import requests
 
         try:
-            yield
-        except docker.errors.APIError:
-            raise
+            return call()
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as err:
+            if err.status_code in ok:
+                return None
+            raise RunnerError(f"{what}: {_explain(err)}") from err
         except (requests.RequestException, docker.errors.DockerException, OSError) as err:
             raise self._unreachable(err) from err
-
-    # -- configuration ---------------------------------------------------------------------
 
     def container_name(self, job_id: int, attempt: int) -> str:
         suffix = "" if self.settings.instance == "default" else f"-{self.settings.instance}"
@@ -147,8 +134,7 @@ class ContainerRunner:
             env["NVIDIA_VISIBLE_DEVICES"] = "void"  # no GPU through the nvidia runtime
         shm = spec.shm_size or s.shm_size
         cfg: dict[str, Any] = {
-            "image": spec.image,
-            "command": list(spec.command),
+            "image": spec.image, "command": list(spec.command),
             "name": self.container_name(req.job_id, req.attempt),
             "labels": {
                 "gpusched.job": str(req.job_id), "gpusched.attempt": str(req.attempt),
@@ -158,58 +144,42 @@ class ContainerRunner:
             "environment": env,
             "mounts": [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
                        for m in spec.mounts],
-            "working_dir": spec.workdir,
-            "user": self._user(req),
+            "working_dir": spec.workdir, "user": self._user(req),
             "shm_size": parse_size_bytes(shm) if shm else None,
             "ulimits": [Ulimit(name=k, soft=v, hard=v) for k, v in s.ulimits.items()],
-            "network_mode": s.network,
-            "restart_policy": {"Name": "no"},
-            "auto_remove": False,
-            "privileged": False,
-            # tini as PID 1 forwards SIGTERM to the job (PID 1 would ignore it) and reaps.
-            "init": True,
+            "network_mode": s.network, "restart_policy": {"Name": "no"},
+            "auto_remove": False, "privileged": False,
+            "init": True,  # tini as PID 1 forwards SIGTERM to the job (PID 1 ignores it)
             "log_config": LogConfig(type="json-file", config={
                 "max-size": s.log_max_size, "max-file": str(s.log_max_file)}),
             "device_requests": device_requests,
         }
         return {k: v for k, v in cfg.items() if v is not None}
 
-    # -- launch ----------------------------------------------------------------------------
-
     def create(self, req: LaunchRequest) -> Any:
         """Create the attempt's container (not started), or return the existing one."""
-        import docker
-
-        cfg = self.container_config(req)
-        img = req.spec.image
-        missing = LaunchRefused(
-            f"the image {img} is not on this host: docker pull {img}, or docker load it, "
-            f"then gpusched release {req.job_id}")
-        client = self._docker()
+        cfg, img, client = self.container_config(req), req.spec.image, self._docker()
         try:
-            with self._calls():
-                return client.containers.create(**cfg)
-        except docker.errors.ImageNotFound as err:
-            raise missing from err
-        except docker.errors.APIError as err:
-            if err.status_code == 409:
+            c = self._do("Docker could not create it", lambda: client.containers.create(**cfg))
+        except RunnerError as err:
+            code = getattr(err.__cause__, "status_code", None)
+            if code == 409:
                 return self._existing(client, cfg["name"], req)
-            if err.status_code == 404:
-                raise missing from err
-            if err.status_code == 400:
-                raise LaunchRefused(f"Docker refused job {req.job_id}: {_explain(err)}") from err
-            raise RunnerError(f"Docker could not create {cfg['name']}: {_explain(err)}") from err
+            if code == 400:
+                raise LaunchRefused(f"Docker refused job {req.job_id}: {err.message}") from err
+            raise
+        if c is None:  # 404: ImageNotFound
+            raise LaunchRefused(
+                f"the image {img} is not on this host: docker pull {img}, or docker load it, "
+                f"then gpusched release {req.job_id}")
+        return c
 
     def _existing(self, client: DockerClient, name: str, req: LaunchRequest) -> Any:
         """The name is taken (a crash between create and start): adopt the container if it is
         this attempt's; never create a second one."""
-        import docker
-
-        try:
-            with self._calls():
-                c = client.containers.get(name)
-        except docker.errors.NotFound as err:
-            raise RunnerError(f"container {name} vanished during launch; retry") from err
+        c = self._do("inspect", lambda: client.containers.get(name))
+        if c is None:
+            raise RunnerError(f"container {name} vanished during launch; retry")
         lb = c.labels or {}
         if (lb.get("gpusched.job"), lb.get("gpusched.attempt"), lb.get("gpusched.instance")) != (
                 str(req.job_id), str(req.attempt), self.settings.instance):
@@ -219,47 +189,41 @@ class ContainerRunner:
         return c
 
     def launch(self, req: LaunchRequest) -> Launched:
-        import docker
-
         req.run_dir.mkdir(parents=True, exist_ok=True)
         req.log_path.parent.mkdir(parents=True, exist_ok=True)
         c = self.create(req)
         if c.status == "created":
             try:
-                with self._calls():
-                    c.start()
-            except docker.errors.APIError as err:
+                self._do(f"Docker could not start {c.name}", c.start)
+            except RunnerError as err:
                 # A bad command or GPU request (no nvidia runtime): free the name, say why.
-                with contextlib.suppress(docker.errors.APIError, RunnerUnavailable), self._calls():
-                    c.remove(force=True)
-                msg = f"Docker could not start {c.name}: {_explain(err)}"
-                if err.status_code is not None and 400 <= err.status_code < 500:
-                    raise LaunchRefused(msg) from err
-                raise RunnerError(msg) from err
+                with contextlib.suppress(RunnerError):
+                    self._do("remove", lambda: c.remove(force=True))
+                code = getattr(err.__cause__, "status_code", None) or 500
+                raise (LaunchRefused(err.message) if code < 500 else err) from err.__cause__
         self._follow(c.id, req.log_path, req.run_dir)
         return Launched(container_id=c.id, container_name=c.name)
-
-    # -- output ----------------------------------------------------------------------------
 
     def _follow(self, cid: str, log_path: Path, run_dir: Path) -> None:
         with self._lock:
             f = self._followers.get(cid)
             if (f is None or f.stopped) and not self._closed.is_set():
-                f = self._followers[cid] = LogFollower(cid, log_path, run_dir, self._streams)
+                f = LogFollower(cid, log_path, run_dir, lambda: self._docker(True))
+                self._followers[cid] = f
                 f.start()
 
-    def _unfollow(self, *cids: str | None) -> LogFollower | None:
+    def _unfollow(self, *cids: str | None) -> None:
         with self._lock:
             found = [f for f in (self._followers.pop(c or "", None) for c in cids) if f]
-        for f in found[1:]:
+        for f in found:
             f.stop()
-        return found[0] if found else None
 
     def _finish_logs(self, ref: AttemptRef, cid: str) -> None:
         """The container ended: make sure everything it wrote is in the log file."""
-        f = self._unfollow(cid)
+        with self._lock:
+            f = self._followers.pop(cid, None)
         if f is not None:
-            f.join(timeout=5.0)  # normally done: the stream ends when the container does
+            f.join(timeout=5.0)  # normally done at once: the stream ends with the container
             f.stop()
         try:
             LogFollower(cid, ref.log_path, ref.run_dir, self._docker).drain()
@@ -268,28 +232,19 @@ class ContainerRunner:
         except Exception as err:  # the outcome matters more than a missing tail
             log.warning("could not read the last output of %s: %s", cid[:12], err)
 
-    # -- poll, cancel, cleanup -------------------------------------------------------------
-
     def _get(self, ref: AttemptRef) -> Any:
         """The attempt's container, or None when it is gone."""
-        import docker
-
         key = ref.container_id or ref.container_name or self.container_name(ref.job_id, ref.n)
         client = self._docker()
         try:
-            with self._calls():
-                return client.containers.get(key)
-        except docker.errors.NotFound:
-            return None
-        except docker.errors.APIError as err:
-            raise self._unreachable(_explain(err)) from err
+            return self._do("inspect", lambda: client.containers.get(key))
+        except RunnerError as err:  # Docker cannot answer: not the same as gone
+            raise self._unreachable(err.message) from err
 
     def poll(self, ref: AttemptRef, now: float) -> Outcome | None:
         c = self._get(ref)
         if c is None:
-            f = self._unfollow(ref.container_id)
-            if f is not None:
-                f.stop()
+            self._unfollow(ref.container_id)
             return Outcome(exit_code=None, ended_at=now, lost=True, reason="container disappeared")
         if c.status in ALIVE:
             if c.status != "created":
@@ -302,60 +257,36 @@ class ContainerRunner:
         reason = "killed: out of memory" if oom else f"exit code {code}"
         if state.get("Error") and not oom:
             reason += f": {state['Error']}"
-        ended = parse_docker_time(state.get("FinishedAt") or "")
-        return Outcome(exit_code=code, ended_at=ended or now, oom=oom, reason=reason)
+        ended = parse_docker_time_ns(state.get("FinishedAt") or "")
+        return Outcome(exit_code=code, ended_at=ended / 1e9 if ended else now, oom=oom,
+                       reason=reason)
 
     def signal_cancel(self, ref: AttemptRef, *, kill: bool) -> None:
-        import docker
-
         c = self._get(ref)
-        if c is None:
-            return
-        try:
-            with self._calls():
-                c.kill() if kill else c.kill(signal="SIGTERM")
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as err:
-            if err.status_code != 409:  # 409: not running, nothing to stop
-                raise RunnerError(f"could not signal {c.name}: {_explain(err)}") from err
+        if c is not None:  # 409: not running, nothing to stop
+            sig = "SIGKILL" if kill else "SIGTERM"
+            self._do(f"could not signal {c.name}", lambda: c.kill(signal=sig), ok=(409,))
 
     def cleanup(self, ref: AttemptRef) -> None:
-        import docker
-
         c = self._get(ref)
-        f = self._unfollow(ref.container_id, c.id if c is not None else None)
-        if f is not None:
-            f.stop()
-        if c is None:
-            return
-        try:
-            with self._calls():
-                c.remove(force=True, v=False)
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as err:
-            if err.status_code != 409:  # 409: removal already in progress
-                raise RunnerError(f"could not remove {c.name}: {_explain(err)}") from err
-
-    # -- reconcile -------------------------------------------------------------------------
+        self._unfollow(ref.container_id, c.id if c is not None else None)
+        if c is not None:  # 409: removal already in progress
+            self._do(f"could not remove {c.name}", lambda: c.remove(force=True, v=False),
+                     ok=(409,))
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
-        import docker
-
         inst = self.settings.instance
         client = self._docker()
         try:
-            with self._calls():
-                found = client.containers.list(
-                    all=True, filters={"label": [f"gpusched.instance={inst}"]})
-        except docker.errors.APIError as err:
-            raise self._unreachable(_explain(err)) from err
+            found = self._do("list", lambda: client.containers.list(
+                all=True, filters={"label": [f"gpusched.instance={inst}"]})) or []
+        except RunnerError as err:
+            raise self._unreachable(err.message) from err
         out = []
         for c in found:
             lb = c.labels or {}
             if lb.get("gpusched.instance") != inst or "gpusched.job" not in lb:
-                continue
+                continue  # never list what is not ours
             job, attempt = _int(lb["gpusched.job"]), _int(lb.get("gpusched.attempt", ""))
             if job is not None and attempt is not None and (job, attempt) in live:
                 continue
@@ -367,26 +298,20 @@ class ContainerRunner:
         return out
 
     def remove_orphan(self, orphan: Orphan) -> bool:
-        import docker
-
         client = self._docker()
         try:
-            with self._calls():
-                c = client.containers.get(orphan.handle)
-                if (c.labels or {}).get("gpusched.instance") != self.settings.instance:
-                    return False  # never touch a container that is not ours
-                if c.status in ("running", "restarting", "paused"):
-                    with contextlib.suppress(docker.errors.APIError):
-                        c.kill()
-                c.remove(force=True, v=False)
-                client.containers.get(orphan.handle)
-        except docker.errors.NotFound:
-            return True
-        except docker.errors.APIError as err:
-            log.warning("could not remove orphan %s: %s", orphan.description, _explain(err))
-        return False
-
-    # -- wake-ups, health, close -----------------------------------------------------------
+            c = self._do("inspect", lambda: client.containers.get(orphan.handle))
+            if c is None:
+                return True
+            if (c.labels or {}).get("gpusched.instance") != self.settings.instance:
+                return False  # never touch a container that is not ours
+            if c.status in ("running", "restarting", "paused"):
+                self._do("kill", c.kill, ok=(409,))
+            self._do("remove", lambda: c.remove(force=True, v=False), ok=(409,))
+            return self._do("inspect", lambda: client.containers.get(orphan.handle)) is None
+        except RunnerError as err:
+            log.warning("could not remove orphan %s: %s", orphan.description, err.message)
+            return False
 
     def wait_fds(self) -> list[int]:
         """A pipe that becomes readable when one of our containers dies (Docker events).
@@ -412,7 +337,7 @@ class ContainerRunner:
                    "label": [f"gpusched.instance={self.settings.instance}"]}
         while not self._closed.is_set():
             try:
-                stream = self._streams().events(decode=True, filters=filters)
+                stream = self._docker(True).events(decode=True, filters=filters)
                 with self._lock:
                     self._events_stream = stream
                 try:
@@ -432,12 +357,9 @@ class ContainerRunner:
     def health(self) -> tuple[bool, str]:
         try:
             client = self._docker()
-            with self._calls():
-                version = client.version().get("Version", "?")
-        except RunnerUnavailable as err:
-            return False, err.message
-        except Exception as err:
-            return False, f"Docker unreachable at {self.url}: {err}"
+            version = (self._do("version", client.version) or {}).get("Version", "?")
+        except RunnerError as err:
+            return False, f"Docker unreachable at {self.url}: {err.message}"
         return True, f"docker {version} at {self.url}"
 
     def close(self) -> None:
@@ -471,10 +393,7 @@ def _explain(err: Any) -> str:
 
 
 def _int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
+    return int(text) if text.isdigit() else None
 
 
 def _close_stream(stream: Any) -> None:
@@ -498,15 +417,10 @@ def parse_docker_time_ns(text: str | bytes) -> int | None:
     m = _TIME_RE.match(text.strip())
     if not m or int(m.group(1)) <= 1:
         return None
-    secs = calendar.timegm(tuple(int(g) for g in m.groups()[:6]) + (0, 0, 0))
+    secs = calendar.timegm((*(int(g) for g in m.groups()[:6]), 0, 0, 0))
     if (tz := m.group(8)) != "Z":
         secs -= (1 if tz[0] == "+" else -1) * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
     return secs * 1_000_000_000 + int((m.group(7) or "0").ljust(9, "0"))
-
-
-def parse_docker_time(text: str) -> float | None:
-    ns = parse_docker_time_ns(text)
-    return None if ns is None else ns / 1e9
 
 
 class LogFollower:
@@ -524,11 +438,8 @@ class LogFollower:
     def __init__(self, cid: str, log_path: Path, run_dir: Path,
                  client_fn: Callable[[], DockerClient]) -> None:
         self.cid, self.log_path, self.run_dir = cid, Path(log_path), Path(run_dir)
-        self.cursor_path = self.run_dir / "log.cursor"
-        self._client_fn = client_fn
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self.stopped = False
+        self.cursor_path, self._client_fn = self.run_dir / "log.cursor", client_fn
+        self._lock, self._wake, self.stopped = threading.Lock(), threading.Event(), False
         self._stream: Any = None
         self._thread: threading.Thread | None = None
         self._fh: Any = None
@@ -569,11 +480,9 @@ class LogFollower:
         stream = client.api.logs(self.cid, stdout=True, stderr=True, stream=True,
                                  follow=follow, timestamps=True, since=since)
         with self._lock:
+            self._stream, resume_ns, skip = stream, self._ns, self._count
             if self.stopped:
-                _close_stream(stream)
-                return
-            self._stream = stream
-            resume_ns, skip = self._ns, self._count
+                return _close_stream(stream)
         try:
             for chunk in stream:  # one frame per log message: "<RFC3339Nano> <bytes>"
                 sp = chunk.find(b" ")
@@ -645,13 +554,11 @@ class LogFollower:
         with self._lock:
             if self.stopped:
                 return
-            self.stopped = True
-            stream, self._stream = self._stream, None
+            self.stopped, stream, self._stream = True, self._stream, None
             if self._fh is not None:
                 with contextlib.suppress(OSError):
                     self._save()
                 self._fh.close()
-                self._fh = None
         self._wake.set()
         if stream is not None:
             _close_stream(stream)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -80,7 +81,7 @@ def test_isolation_no_overlap_and_no_starvation(daemon: DaemonProcess) -> None:
     assert len(show(daemon, big)["gpus"]) == 2
     for g, spans in per_gpu.items():
         spans.sort()
-        for (s1, e1, j1), (s2, _e2, j2) in zip(spans, spans[1:], strict=False):
+        for (_s1, e1, j1), (s2, _e2, j2) in itertools.pairwise(spans):
             assert e1 <= s2, f"jobs {j1} and {j2} overlapped on {g}"
     big_start = intervals(daemon, big)[0]
     # the 2-GPU job ran before the 1-GPU jobs that arrived after it

@@ -48,7 +48,8 @@ class Env:
             gpus=gpus, simulated=simulated,
             env={"GPUSCHED_JOB_ID": str(job), "GPUSCHED_ATTEMPT": str(attempt),
                  "GPUSCHED_GPUS": ",".join(g.uuid for g in gpus)},
-            log_path=self.tmp / "logs" / f"{job}.log", run_dir=self.tmp / "runs" / f"{job}-{attempt}",
+            log_path=self.tmp / "logs" / f"{job}.log",
+            run_dir=self.tmp / "runs" / f"{job}-{attempt}",
             owner_uid=owner_uid, owner="root" if owner_uid == 0 else f"u{owner_uid}",
         )
 
@@ -299,7 +300,7 @@ def test_real_gpus_become_a_device_request(env: Env) -> None:
 def test_missing_image_is_refused_with_what_to_do(env: Env) -> None:
     r = env.runner()
     req = env.req("true", image="gpusched-test:absent")
-    with pytest.raises(LaunchRefused, match="docker pull gpusched-test:absent.*release 1"):
+    with pytest.raises(LaunchRefused, match=r"docker pull gpusched-test:absent.*release 1"):
         r.launch(req)
     assert env.ours() == []
 

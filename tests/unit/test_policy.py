@@ -1,0 +1,224 @@
+"""What a user may ask of the daemon's root-equivalent power (promise 9, scenario 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpusched.config import DockerSettings
+from gpusched.errors import SpecError
+from gpusched.models import JobSpec, Mount
+from gpusched.policy import (
+    parse_tao_mounts,
+    validate_docker_options,
+    validate_docker_spec,
+    validate_local_workdir,
+)
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> dict[str, Path]:
+    data, data2, outside = tmp_path / "data", tmp_path / "data2", tmp_path / "outside"
+    for d in (data, data2, outside):
+        d.mkdir()
+    (data / "ds").mkdir()
+    (data / "escape").symlink_to(outside)
+    (data / "inner").symlink_to(data / "ds")
+    return {"data": data, "data2": data2, "outside": outside}
+
+
+def settings(roots: dict[str, Path], **kw: Any) -> DockerSettings:
+    return DockerSettings(images=["nvcr.io/nvidia/tao/*", "local/tao:5.?"],
+                          mount_roots=[str(roots["data"])], **kw)
+
+
+def spec(**kw: Any) -> JobSpec:
+    kw.setdefault("image", "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5")
+    return JobSpec(command=["ssd", "train"], runner="docker", **kw)
+
+
+def test_allowed_spec_passes(roots: dict[str, Path]) -> None:
+    d = roots["data"]
+    validate_docker_spec(spec(
+        mounts=[Mount(source=str(d / "ds"), target="/workspace/ds", read_only=True),
+                Mount(source=str(d / "inner"), target="/workspace/inner"),
+                Mount(source=str(d / "not-yet"), target="/results")],
+        workdir="/workspace", user="1000:1000", shm_size="16G",
+    ), settings(roots))
+    validate_docker_spec(spec(image="local/tao:5.1", user="1000"), settings(roots))
+
+
+@pytest.mark.parametrize("image", [
+    "nvcr.io/nvidia/pytorch:24.01", "docker.io/nvcr.io/nvidia/tao/x", "local/tao:5.10", "evil",
+])
+def test_image_off_the_allowlist_is_refused(roots: dict[str, Path], image: str) -> None:
+    with pytest.raises(SpecError, match=r"not allowed.*nvcr\.io/nvidia/tao/\*, local/tao:5\.\?"):
+        validate_docker_spec(spec(image=image), settings(roots))
+
+
+def test_symlink_out_of_a_root_is_refused(roots: dict[str, Path]) -> None:
+    src = str(roots["data"] / "escape")
+    with pytest.raises(SpecError, match=r"resolves to .*outside the allowed mount roots"):
+        validate_docker_spec(spec(mounts=[Mount(source=src, target="/x")]), settings(roots))
+
+
+def test_symlinked_root_is_compared_resolved(roots: dict[str, Path], tmp_path: Path) -> None:
+    link = tmp_path / "link-to-data"
+    link.symlink_to(roots["data"])
+    s = DockerSettings(images=["*"], mount_roots=[str(link)])
+    validate_docker_spec(spec(mounts=[Mount(source=str(roots["data"] / "ds"), target="/x")]), s)
+
+
+@pytest.mark.parametrize("source", [
+    "{data}/../outside", "{data}/ds/../../outside", "{data}/./ds", "relative/path",
+    "{data}//ds", "/etc", "{data2}", "{data2}/x", "{outside}",
+])
+def test_bad_mount_sources_are_refused(roots: dict[str, Path], source: str) -> None:
+    src = source.format(**{k: str(v) for k, v in roots.items()})
+    with pytest.raises(SpecError, match="mount source"):
+        validate_docker_spec(spec(mounts=[Mount(source=src, target="/x")]), settings(roots))
+
+
+def test_prefix_is_not_containment(roots: dict[str, Path]) -> None:
+    # /data2 shares the string prefix /data but is not under it.
+    assert str(roots["data2"]).startswith(str(roots["data"]))
+    with pytest.raises(SpecError, match="outside the allowed mount roots"):
+        validate_docker_spec(spec(mounts=[Mount(source=str(roots["data2"]), target="/x")]),
+                             settings(roots))
+
+
+@pytest.mark.parametrize("target", [
+    "/", "relative", "/proc", "/proc/sys", "/sys/kernel", "/dev", "/dev/shm", "/a/../proc", "//x",
+])
+def test_bad_mount_targets_are_refused(roots: dict[str, Path], target: str) -> None:
+    m = Mount(source=str(roots["data"] / "ds"), target=target)
+    with pytest.raises(SpecError, match=r"mount|root directory"):
+        validate_docker_spec(spec(mounts=[m]), settings(roots))
+
+
+def test_duplicate_mount_target_is_refused(roots: dict[str, Path]) -> None:
+    src = str(roots["data"] / "ds")
+    mounts = [Mount(source=src, target="/x"), Mount(source=src, target="/x/")]
+    with pytest.raises(SpecError, match="given twice"):
+        validate_docker_spec(spec(mounts=mounts), settings(roots))
+
+
+@pytest.mark.parametrize("workdir", [
+    "/proc/self/fd/3", "/proc/self/cwd", "/sys", "/dev/fd/5", "relative", "/work/../proc/1",
+    "/work/./x", "/a//b",
+])
+def test_bad_container_workdirs_are_refused(roots: dict[str, Path], workdir: str) -> None:
+    with pytest.raises(SpecError, match="working directory"):
+        validate_docker_spec(spec(workdir=workdir), settings(roots))
+
+
+def test_trailing_slash_workdir_is_fine(roots: dict[str, Path]) -> None:
+    validate_docker_spec(spec(workdir="/workspace/"), settings(roots))
+
+
+@pytest.mark.parametrize("user", ["root", "1000:", ":1000", "1000:1000:1", "-1", "1000:abc", " 1"])
+def test_bad_user_is_refused(roots: dict[str, Path], user: str) -> None:
+    with pytest.raises(SpecError, match="bad user"):
+        validate_docker_spec(spec(user=user), settings(roots))
+
+
+def test_bad_shm_size_is_refused(roots: dict[str, Path]) -> None:
+    with pytest.raises(SpecError, match="bad size"):
+        validate_docker_spec(spec(shm_size="lots"), settings(roots))
+
+
+def test_user_cannot_choose_visible_gpus(roots: dict[str, Path]) -> None:
+    with pytest.raises(SpecError, match="NVIDIA_VISIBLE_DEVICES"):
+        validate_docker_spec(spec(env={"NVIDIA_VISIBLE_DEVICES": "all"}), settings(roots))
+
+
+def test_local_workdir(tmp_path: Path) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "f").write_text("")
+    (tmp_path / "l").symlink_to(tmp_path / "w")
+    assert validate_local_workdir(str(tmp_path / "w")) == str(tmp_path / "w")
+    assert validate_local_workdir(str(tmp_path / "l")) == os.path.realpath(tmp_path / "w")
+    with pytest.raises(SpecError, match="absolute"):
+        validate_local_workdir("w")
+    with pytest.raises(SpecError, match="does not exist"):
+        validate_local_workdir(str(tmp_path / "nope"))
+    with pytest.raises(SpecError, match="not a directory"):
+        validate_local_workdir(str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("path", ["/proc/self/fd/3", "/proc/self/cwd", "/sys", "/dev/shm"])
+def test_local_workdir_in_proc_sys_dev_is_refused(path: str) -> None:
+    with pytest.raises(SpecError, match="not allowed"):
+        validate_local_workdir(path)
+
+
+def test_local_workdir_symlink_into_proc_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "sneaky").symlink_to("/proc/self")
+    with pytest.raises(SpecError, match="under /proc"):
+        validate_local_workdir(str(tmp_path / "sneaky"))
+
+
+TAO_MOUNTS = {
+    "Mounts": [
+        {"source": "/data/tao/ds", "destination": "/workspace/ds"},
+        {"source": "/data/tao/results", "destination": "/workspace/results"},
+    ],
+    "Envs": [{"variable": "TELEMETRY_OPT_OUT", "value": "yes"}, {"variable": "N", "value": 3}],
+    "DockerOptions": {
+        "shm_size": "16G", "ulimits": {"memlock": -1, "stack": 67108864}, "user": "1000:1000",
+        "ports": {"8888": 8888}, "tty": True,
+    },
+}
+
+
+def test_tao_mounts_good() -> None:
+    mounts, env, opts = parse_tao_mounts(json.dumps(TAO_MOUNTS))
+    assert mounts == [Mount(source="/data/tao/ds", target="/workspace/ds"),
+                      Mount(source="/data/tao/results", target="/workspace/results")]
+    assert env == {"TELEMETRY_OPT_OUT": "yes", "N": "3"}
+    assert opts == {"shm_size": "16G", "ulimits": {"memlock": -1, "stack": 67108864},
+                    "user": "1000:1000"}
+
+
+def test_tao_mounts_empty_object() -> None:
+    assert parse_tao_mounts("{}") == ([], {}, {})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("not json", "not valid JSON"),
+    ("[]", "JSON object"),
+    ('{"Mounts": {}}', "'Mounts' must be a list"),
+    ('{"Mounts": ["/a:/b"]}', r"Mounts\[0\] must be an object"),
+    ('{"Mounts": [{"source": "/a"}]}', "destination"),
+    ('{"Mounts": [{"source": "", "destination": "/b"}]}', "source"),
+    ('{"Mounts": [{"source": "/a", "destination": "/b", "propagation": "shared"}]}', "unknown"),
+    ('{"Envs": [{"variable": "A B", "value": "x"}]}', "bad environment variable"),
+    ('{"Envs": [{"variable": "A", "value": null}]}', "string or a number"),
+    ('{"Envs": [{"variable": "A", "value": true}]}', "string or a number"),
+    ('{"DockerOptions": []}', "must be an object"),
+    ('{"DockerOptions": {"user": "root"}}', "bad user"),
+    ('{"DockerOptions": {"shm_size": "huge"}}', "bad size"),
+    ('{"DockerOptions": {"ulimits": {"memlock": "unlimited"}}}', "ulimits"),
+    ('{"DockerOptions": {"privileged": "yes"}}', "privileged"),
+    ("[" * 100000, "not valid JSON"),
+])
+def test_tao_mounts_malformed(text: str, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        parse_tao_mounts(text)
+
+
+def test_tao_mounts_privileged_and_host_network_are_refused(roots: dict[str, Path]) -> None:
+    _, _, opts = parse_tao_mounts('{"DockerOptions": {"privileged": true, "network": "host"}}')
+    assert opts == {"privileged": True, "network": "host"}
+    with pytest.raises(SpecError, match="privileged"):
+        validate_docker_options(opts, settings(roots))
+    with pytest.raises(SpecError, match="host network"):
+        validate_docker_options({"network": "host"}, settings(roots))
+    validate_docker_options(opts, settings(roots, allow_privileged=True, allow_host_network=True))
+    validate_docker_options({"network": "none", "privileged": False}, settings(roots))
+    with pytest.raises(SpecError, match="network 'mynet' is not allowed"):
+        validate_docker_options({"network": "mynet"}, settings(roots))
