@@ -160,6 +160,8 @@ class Service:
                       seconds=self.settings.scheduler.reconcile_interval_s, id="reconcile")
         sched.add_job(self.daemon.wake, "interval", seconds=self.settings.gpus.poll_interval_s,
                       id="inventory")
+        sched.add_job(self.backup, "interval", seconds=self.settings.backup.interval_s,
+                      id="backup")
         sched.start()
         return sched
 
@@ -209,6 +211,14 @@ class Service:
             for s, h in old.items():
                 signal.signal(s, h)
             log.info("gpusched daemon stopped; running jobs keep running")
+
+    def backup(self) -> None:
+        try:
+            path = self.store.backup(self.settings.backups_dir, keep=self.settings.backup.keep,
+                                     now=self.clock.now())
+            log.info("database backed up to %s", path)
+        except Exception as err:  # a failed backup must not stop the daemon
+            log.error("database backup failed: %s", err)
 
     def _stuck(self) -> bool:
         """--once: queued work that no placement can ever start (nothing active either)."""

@@ -567,6 +567,29 @@ class Store:
             if cur.rowcount != 1:
                 raise NotFound(f"no GPU {gpu_uuid}")
 
+    # -- backups --------------------------------------------------------------------------
+
+    def backup(self, dest_dir: Path, *, keep: int, now: float) -> Path:
+        """An online, consistent copy (``VACUUM INTO``) in ``dest_dir``; keeps the newest
+        ``keep`` copies."""
+        import time as _time
+
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        stamp = _time.strftime("%Y%m%dT%H%M%SZ", _time.gmtime(now))
+        dest = dest_dir / f"gpusched-{stamp}.db"
+        tmp = dest.with_suffix(".db.tmp")
+        tmp.unlink(missing_ok=True)
+        with self.lock:
+            try:
+                self.conn.execute("VACUUM INTO ?", (str(tmp),))
+            except sqlite3.Error as err:
+                tmp.unlink(missing_ok=True)
+                raise _wrap(err) from err
+        tmp.replace(dest)
+        for old in sorted(dest_dir.glob("gpusched-*.db"))[:-keep]:
+            old.unlink(missing_ok=True)
+        return dest
+
     # -- counts ---------------------------------------------------------------------------
 
     def count_by_status(self) -> dict[str, int]:

@@ -1,9 +1,8 @@
 """Run attempts as Docker containers through the Engine API, one container per attempt.
 
-The container is the source of truth: its labels name the job, attempt, instance and GPUs, so
-a restarted daemon finds, adopts or removes it. Output reaches ``ref.log_path`` through one
-follower thread per container that resumes from ``ref.run_dir / "log.cursor"``. ``docker`` is
-imported inside methods so the CLI starts fast.
+Labels on the container name its job, attempt, instance and GPUs, so a restarted daemon finds,
+adopts or removes it. Output reaches ``ref.log_path`` through one follower thread per container,
+resumed from ``ref.run_dir / "log.cursor"``. ``docker`` is imported lazily: the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
 ALIVE = ("created", "running", "restarting", "paused")
 # Set by the runner from the allocation; the user's spec cannot override them.
 _RUNNER_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
@@ -157,35 +155,32 @@ class ContainerRunner:
         return {k: v for k, v in cfg.items() if v is not None}
 
     def create(self, req: LaunchRequest) -> Any:
-        """Create the attempt's container (not started), or return the existing one."""
+        """Create the attempt's container (not started). When the name is taken (a crash
+        between create and start) adopt that container if it is this attempt's: never two."""
         cfg, img, client = self.container_config(req), req.spec.image, self._docker()
         try:
             c = self._do("Docker could not create it", lambda: client.containers.create(**cfg))
         except RunnerError as err:
             code = getattr(err.__cause__, "status_code", None)
-            if code == 409:
-                return self._existing(client, cfg["name"], req)
             if code == 400:
                 raise LaunchRefused(f"Docker refused job {req.job_id}: {err.message}") from err
-            raise
+            if code != 409:
+                raise
+            c = self._do("inspect", lambda: client.containers.get(cfg["name"]))
+            if c is None:
+                raise RunnerError(f"container {cfg['name']} vanished during launch") from err
+            lb = c.labels or {}
+            if (lb.get("gpusched.job"), lb.get("gpusched.attempt"),
+                    lb.get("gpusched.instance")) != (str(req.job_id), str(req.attempt),
+                                                     self.settings.instance):
+                raise RunnerError(f"a container named {cfg['name']} exists but is not job "
+                                  f"{req.job_id} attempt {req.attempt} of this gpusched; "
+                                  "remove it (docker rm)") from err
+            log.info("adopting existing container %s (%s)", cfg["name"], c.status)
         if c is None:  # 404: ImageNotFound
             raise LaunchRefused(
                 f"the image {img} is not on this host: docker pull {img}, or docker load it, "
                 f"then gpusched release {req.job_id}")
-        return c
-
-    def _existing(self, client: DockerClient, name: str, req: LaunchRequest) -> Any:
-        """The name is taken (a crash between create and start): adopt the container if it is
-        this attempt's; never create a second one."""
-        c = self._do("inspect", lambda: client.containers.get(name))
-        if c is None:
-            raise RunnerError(f"container {name} vanished during launch; retry")
-        lb = c.labels or {}
-        if (lb.get("gpusched.job"), lb.get("gpusched.attempt"), lb.get("gpusched.instance")) != (
-                str(req.job_id), str(req.attempt), self.settings.instance):
-            raise RunnerError(f"a container named {name} exists but is not job {req.job_id} "
-                              f"attempt {req.attempt} of this gpusched; remove it (docker rm)")
-        log.info("adopting existing container %s (%s)", name, c.status)
         return c
 
     def launch(self, req: LaunchRequest) -> Launched:
@@ -212,25 +207,12 @@ class ContainerRunner:
                 self._followers[cid] = f
                 f.start()
 
-    def _unfollow(self, *cids: str | None) -> None:
+    def _unfollow(self, *cids: str | None, wait: float = 0.0) -> None:
         with self._lock:
             found = [f for f in (self._followers.pop(c or "", None) for c in cids) if f]
         for f in found:
+            f.join(wait)
             f.stop()
-
-    def _finish_logs(self, ref: AttemptRef, cid: str) -> None:
-        """The container ended: make sure everything it wrote is in the log file."""
-        with self._lock:
-            f = self._followers.pop(cid, None)
-        if f is not None:
-            f.join(timeout=5.0)  # normally done at once: the stream ends with the container
-            f.stop()
-        try:
-            LogFollower(cid, ref.log_path, ref.run_dir, self._docker).drain()
-        except RunnerUnavailable:
-            raise
-        except Exception as err:  # the outcome matters more than a missing tail
-            log.warning("could not read the last output of %s: %s", cid[:12], err)
 
     def _get(self, ref: AttemptRef) -> Any:
         """The attempt's container, or None when it is gone."""
@@ -250,7 +232,14 @@ class ContainerRunner:
             if c.status != "created":
                 self._follow(c.id, ref.log_path, ref.run_dir)  # adopted after a restart
             return None
-        self._finish_logs(ref, c.id)
+        # Ended: the follower's stream ends with the container; then read anything left.
+        self._unfollow(c.id, wait=5.0)
+        try:
+            LogFollower(c.id, ref.log_path, ref.run_dir, self._docker).drain()
+        except RunnerUnavailable:
+            raise
+        except Exception as err:  # the outcome matters more than a missing tail
+            log.warning("could not read the last output of %s: %s", c.name, err)
         state = c.attrs.get("State", {})
         code = None if state.get("ExitCode") is None else int(state["ExitCode"])
         oom = bool(state.get("OOMKilled")) and code == 137
@@ -275,8 +264,7 @@ class ContainerRunner:
                      ok=(409,))
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
-        inst = self.settings.instance
-        client = self._docker()
+        inst, client = self.settings.instance, self._docker()
         try:
             found = self._do("list", lambda: client.containers.list(
                 all=True, filters={"label": [f"gpusched.instance={inst}"]})) or []
@@ -293,8 +281,7 @@ class ContainerRunner:
             out.append(Orphan(
                 description=f"container {c.name} ({c.status}) of job {job} attempt {attempt}",
                 gpus=tuple(g for g in lb.get("gpusched.gpus", "").split(",") if g),
-                job_id=job, attempt=attempt, handle=c.id,
-            ))
+                job_id=job, attempt=attempt, handle=c.id))
         return out
 
     def remove_orphan(self, orphan: Orphan) -> bool:
@@ -364,16 +351,14 @@ class ContainerRunner:
 
     def close(self) -> None:
         """Stop the follower and events threads and close the clients (jobs keep running).
-        No log write happens after this returns."""
+        No log write happens after this returns. Safe to call twice."""
         self._closed.set()
         with self._lock:
-            followers = list(self._followers.values())
+            followers, stream = list(self._followers.values()), self._events_stream
             self._followers.clear()
-            stream, self._events_stream = self._events_stream, None
         for f in followers:
             f.stop()
-        if stream is not None:
-            _close_stream(stream)
+        _close_stream(stream)
         for t in [*(f._thread for f in followers), self._events_thread]:
             if t is not None:
                 t.join(timeout=2.0)
@@ -399,10 +384,9 @@ def _int(text: str) -> int | None:
 def _close_stream(stream: Any) -> None:
     """Cancel a streaming response and free its socket: CancellableStream.close() shuts the
     socket down, but the response's file object holds the descriptor until it is closed too."""
-    with contextlib.suppress(Exception):
-        stream.close()
-    with contextlib.suppress(Exception):
-        stream._response.close()
+    for close in (lambda: stream.close(), lambda: stream._response.close()):
+        with contextlib.suppress(Exception):
+            close()
 
 
 _TIME_RE = re.compile(
@@ -560,8 +544,7 @@ class LogFollower:
                     self._save()
                 self._fh.close()
         self._wake.set()
-        if stream is not None:
-            _close_stream(stream)
+        _close_stream(stream)
 
     def join(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
