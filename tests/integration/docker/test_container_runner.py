@@ -336,11 +336,17 @@ def test_wait_fd_wakes_when_a_container_dies(env: Env) -> None:
     r = env.runner()
     fds = r.wait_fds()
     assert len(fds) == 1
-    time.sleep(0.3)  # let the events stream connect
+    time.sleep(0.5)  # the events stream connects (and wakes once: deaths while away)
+    r.wait_fds()
+    assert select.select(r.wait_fds(), [], [], 0)[0] == []  # idle: no busy loop
     req = env.req("sleep 0.2")
     r.launch(req)
     readable, _, _ = select.select(fds, [], [], 10)
     assert readable == fds
+    # The daemon never reads the pipe: the next call keeps it readable (a tick must see the
+    # death), the one after empties it, so the daemon's loop does not spin.
+    assert select.select(r.wait_fds(), [], [], 0)[0] == fds
+    assert select.select(r.wait_fds(), [], [], 0.2)[0] == []
 
 
 def test_health(env: Env) -> None:

@@ -1,0 +1,113 @@
+"""Prometheus exposition: GPU, job and queue gauges plus an epoch-time histogram.
+
+Optional (``metrics.port`` in the config, off by default) and local only: the server binds
+127.0.0.1. prometheus_client is imported lazily and every render builds a fresh
+``CollectorRegistry``, so nothing lingers in the library's global registry.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from gpusched.throughput import gpu_set_key
+
+#: every GPU state the daemon reports; each GPU gets one 0/1 sample per state
+GPU_STATES = ("idle", "busy", "foreign", "drained", "lost")
+#: epoch durations from 1 s to 10 min
+EPOCH_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0,
+                 450.0, 600.0)
+
+
+def _models(row: dict[str, Any]) -> list[str]:
+    raw = row.get("gpu_models") or []
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    return [str(m) for m in raw]
+
+
+def render_metrics(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], queue_len: int,
+                   epoch_rows: Iterable[dict[str, Any]]) -> bytes:
+    """The text exposition format. ``epoch_rows`` are store epoch rows; training epochs only
+    (validated ones include evaluation time) go into the histogram, labelled by GPU set. Pass a
+    bounded window of rows: the histogram is rebuilt from them on every scrape."""
+    from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+    reg = CollectorRegistry(auto_describe=True)
+    labels = ["gpu", "uuid", "name"]
+    mem_used = Gauge("gpusched_gpu_memory_used_mib", "GPU memory in use (MiB)", labels, registry=reg)
+    mem_total = Gauge("gpusched_gpu_memory_total_mib", "GPU memory in all (MiB)", labels, registry=reg)
+    util = Gauge("gpusched_gpu_utilization_pct", "GPU utilization (%)", labels, registry=reg)
+    temp = Gauge("gpusched_gpu_temperature_c", "GPU temperature (°C)", labels, registry=reg)
+    state = Gauge("gpusched_gpu_state", "1 for the GPU's current scheduling state", ["gpu", "state"],
+                  registry=reg)
+    jobs = Gauge("gpusched_jobs", "Jobs by status", ["status"], registry=reg)
+    queue = Gauge("gpusched_queue_length", "Jobs waiting for GPUs", registry=reg)
+    epochs = Histogram("gpusched_epoch_seconds", "Seconds per training epoch", ["gpu_model"],
+                       buckets=EPOCH_BUCKETS, registry=reg)
+
+    for g in gpus:
+        idx = str(g.get("index"))
+        lv = (idx, str(g.get("uuid", "")), str(g.get("name", "")))
+        if g.get("memory_used_mib") is not None:
+            mem_used.labels(*lv).set(g["memory_used_mib"])
+        if g.get("memory_total_mib") is not None:
+            mem_total.labels(*lv).set(g["memory_total_mib"])
+        if g.get("utilization_pct") is not None:
+            util.labels(*lv).set(g["utilization_pct"])
+        if g.get("temperature_c") is not None:
+            temp.labels(*lv).set(g["temperature_c"])
+        current = str(g.get("state") or "")
+        for st in dict.fromkeys((*GPU_STATES, current) if current else GPU_STATES):
+            state.labels(idx, st).set(1 if st == current else 0)
+    for status, n in sorted(job_counts.items()):
+        jobs.labels(str(status)).set(n)
+    queue.set(queue_len)
+    for row in epoch_rows:
+        secs = row.get("seconds")
+        if secs is None or row.get("validated"):
+            continue
+        epochs.labels(gpu_set_key(_models(row))).observe(float(secs))
+    return generate_latest(reg)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MetricsServer
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        try:
+            body = self.server.fetch()
+            code = 200
+        except Exception as err:  # a scrape failure must not kill the server thread
+            body, code = f"# error: {err}\n".encode(), 500
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood the daemon log
+
+
+class _MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, fetch: Callable[[], bytes]) -> None:
+        self.fetch = fetch
+        super().__init__(("127.0.0.1", port), _Handler)
+
+
+def serve_metrics(port: int, fetch: Callable[[], bytes]) -> ThreadingHTTPServer:
+    """Serve ``fetch()`` (e.g. a :func:`render_metrics` call) at http://127.0.0.1:port/metrics
+    from a daemon thread. ``port=0`` picks a free port (``server.server_address[1]``). Stop with
+    ``server.shutdown(); server.server_close()``."""
+    server = _MetricsServer(port, fetch)
+    threading.Thread(target=server.serve_forever, name="gpusched-metrics", daemon=True).start()
+    return server
