@@ -29,48 +29,70 @@ def _models(row: dict[str, Any]) -> list[str]:
     return [str(m) for m in raw]
 
 
+def _epoch_buckets(values: list[float]) -> list[tuple[str, float]]:
+    values = sorted(values)
+    out, i = [], 0
+    for le in EPOCH_BUCKETS:
+        while i < len(values) and values[i] <= le:
+            i += 1
+        out.append((str(le), float(i)))
+    out.append(("+Inf", float(len(values))))
+    return out
+
+
 def render_metrics(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], queue_len: int,
                    epoch_rows: Iterable[dict[str, Any]]) -> bytes:
     """The text exposition format. ``epoch_rows`` are store epoch rows; training epochs only
     (validated ones include evaluation time) go into the histogram, labelled by GPU set. Pass a
-    bounded window of rows: the histogram is rebuilt from them on every scrape."""
-    from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+    bounded window of rows: the histogram is rebuilt from them on every scrape.
 
-    reg = CollectorRegistry(auto_describe=True)
+    Families are built directly (no Gauge/Histogram objects), so no ``_created`` series claims
+    the histogram was reset at every scrape.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
     labels = ["gpu", "uuid", "name"]
-    mem_used = Gauge("gpusched_gpu_memory_used_mib", "GPU memory in use (MiB)", labels, registry=reg)
-    mem_total = Gauge("gpusched_gpu_memory_total_mib", "GPU memory in all (MiB)", labels, registry=reg)
-    util = Gauge("gpusched_gpu_utilization_pct", "GPU utilization (%)", labels, registry=reg)
-    temp = Gauge("gpusched_gpu_temperature_c", "GPU temperature (°C)", labels, registry=reg)
-    state = Gauge("gpusched_gpu_state", "1 for the GPU's current scheduling state", ["gpu", "state"],
-                  registry=reg)
-    jobs = Gauge("gpusched_jobs", "Jobs by status", ["status"], registry=reg)
-    queue = Gauge("gpusched_queue_length", "Jobs waiting for GPUs", registry=reg)
-    epochs = Histogram("gpusched_epoch_seconds", "Seconds per training epoch", ["gpu_model"],
-                       buckets=EPOCH_BUCKETS, registry=reg)
+    mem_used = GaugeMetricFamily("gpusched_gpu_memory_used_mib", "GPU memory in use (MiB)", labels=labels)
+    mem_total = GaugeMetricFamily("gpusched_gpu_memory_total_mib", "GPU memory in all (MiB)", labels=labels)
+    util = GaugeMetricFamily("gpusched_gpu_utilization_pct", "GPU utilization (%)", labels=labels)
+    temp = GaugeMetricFamily("gpusched_gpu_temperature_c", "GPU temperature (°C)", labels=labels)
+    state = GaugeMetricFamily("gpusched_gpu_state", "1 for the GPU's current scheduling state",
+                              labels=["gpu", "state"])
+    jobs = GaugeMetricFamily("gpusched_jobs", "Jobs by status", labels=["status"])
+    queue = GaugeMetricFamily("gpusched_queue_length", "Jobs waiting for GPUs", value=queue_len)
+    epochs = HistogramMetricFamily("gpusched_epoch_seconds", "Seconds per training epoch",
+                                   labels=["gpu_model"])
 
     for g in gpus:
         idx = str(g.get("index"))
-        lv = (idx, str(g.get("uuid", "")), str(g.get("name", "")))
-        if g.get("memory_used_mib") is not None:
-            mem_used.labels(*lv).set(g["memory_used_mib"])
-        if g.get("memory_total_mib") is not None:
-            mem_total.labels(*lv).set(g["memory_total_mib"])
-        if g.get("utilization_pct") is not None:
-            util.labels(*lv).set(g["utilization_pct"])
-        if g.get("temperature_c") is not None:
-            temp.labels(*lv).set(g["temperature_c"])
+        lv = [idx, str(g.get("uuid", "")), str(g.get("name", ""))]
+        for family, key in ((mem_used, "memory_used_mib"), (mem_total, "memory_total_mib"),
+                            (util, "utilization_pct"), (temp, "temperature_c")):
+            if g.get(key) is not None:
+                family.add_metric(lv, float(g[key]))
         current = str(g.get("state") or "")
         for st in dict.fromkeys((*GPU_STATES, current) if current else GPU_STATES):
-            state.labels(idx, st).set(1 if st == current else 0)
+            state.add_metric([idx, st], 1.0 if st == current else 0.0)
     for status, n in sorted(job_counts.items()):
-        jobs.labels(str(status)).set(n)
-    queue.set(queue_len)
+        jobs.add_metric([str(status)], float(n))
+    per_set: dict[str, list[float]] = {}
     for row in epoch_rows:
         secs = row.get("seconds")
         if secs is None or row.get("validated"):
             continue
-        epochs.labels(gpu_set_key(_models(row))).observe(float(secs))
+        per_set.setdefault(gpu_set_key(_models(row)), []).append(float(secs))
+    for key in sorted(per_set):
+        epochs.add_metric([key], _epoch_buckets(per_set[key]), sum_value=sum(per_set[key]))
+
+    families = [mem_used, mem_total, util, temp, state, jobs, queue, epochs]
+
+    class _Snapshot:
+        def collect(self) -> Iterable[Any]:
+            return families
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Snapshot())
     return generate_latest(reg)
 
 

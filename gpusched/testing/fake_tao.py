@@ -203,7 +203,7 @@ def map_at(epoch: int, *, offset: int = 0, pth: float = 0.0) -> float:
     lower for pruned models, with noise so the last epoch is not always the best."""
     e = epoch + offset
     cap = 0.70 - (0.3 * pth * pth + 0.05 * pth)
-    noise = random.Random(f"fake_tao:{_seed()}:{e}:{pth:.3f}").gauss(0.0, 0.006)
+    noise = random.Random(f"map:{_seed()}:{e}").gauss(0.0, 0.006)
     return round(max(0.0, min(1.0, cap * (1 - 0.85 * math.exp(-e / 16.0)) + noise)), 6)
 
 
@@ -211,7 +211,7 @@ def class_aps(m: float, classes: Sequence[str]) -> dict[str, float]:
     """Per-class AP whose mean is ``m``."""
     n = len(classes)
     offs = [0.0] if n == 1 else [0.12 * (1 - 2 * i / (n - 1)) for i in range(n)]
-    return {c: m + o for c, o in zip(classes, offs, strict=True)}
+    return {c: round(m + o, 6) for c, o in zip(classes, offs, strict=True)}
 
 
 def pruned_mb(pth: float) -> float:
@@ -285,7 +285,7 @@ def train(a: argparse.Namespace, run: Run) -> None:
                 run.say(line)
             run.status("RUNNING", "Evaluation metrics generated.",
                        categorical={"average_precision": {**aps, "dontcare": math.nan}},
-                       kpi={"mean average precision": m, "validation_loss": vloss})
+                       kpi={"mean average precision": m, "validation_loss": round(vloss, 6)})
         if epoch % ci == 0:
             write_model(results / "weights" / f"ssd_{backbone}_epoch_{epoch:03d}.hdf5",
                         {"epoch": epoch + offset, "map": m, "pth": pth, "backbone": backbone,

@@ -85,7 +85,7 @@ def test_status_follower_feeds_chunks() -> None:
 
 def test_parse_status_line_accepts_nan_and_rejects_garbage() -> None:
     rec = parse_status_line('{"kpi": {"x": NaN, "y": Infinity}}')
-    assert rec is not None and rec["kpi"]["y"] == float("inf")  # type: ignore[index]
+    assert rec is not None and rec["kpi"]["y"] == float("inf")
     for bad in ["", "garbage", '{"epoch": 5, "max_ep', "[1, 2]", "  "]:
         assert parse_status_line(bad) is None
 
@@ -170,9 +170,11 @@ def test_training_csv_resumed_partial_and_noval() -> None:
 
 
 def test_checkpoint_epochs() -> None:
-    names = ["weights/ssd_resnet18_epoch_080.hdf5", "ssd_resnet18_epoch_010.tlt", "ssd_mobilenet_v2_epoch_020.hdf5",
-             "ssd_resnet18_epoch_010.hdf5", "ssd_resnet18_epoch_030.hdf5.tmp", "status.json", "epoch_040.hdf5"]
-    assert checkpoint_epochs(names) == {10: "ssd_resnet18_epoch_010.hdf5", 20: "ssd_mobilenet_v2_epoch_020.hdf5",
+    names = ["weights/ssd_resnet18_epoch_080.hdf5", "ssd_resnet18_epoch_010.tlt",
+             "ssd_mobilenet_v2_epoch_020.hdf5", "ssd_resnet18_epoch_010.hdf5",
+             "ssd_resnet18_epoch_030.hdf5.tmp", "status.json", "epoch_040.hdf5"]
+    assert checkpoint_epochs(names) == {10: "ssd_resnet18_epoch_010.hdf5",
+                                        20: "ssd_mobilenet_v2_epoch_020.hdf5",
                                         80: "weights/ssd_resnet18_epoch_080.hdf5"}
 
 
@@ -211,7 +213,8 @@ def test_best_checkpoint_fallbacks() -> None:
 
 
 def test_parse_keras_stdout() -> None:
-    assert parse_keras_stdout(fixture("keras_stdout.txt")) == [(69, 80, 221.0), (70, 80, 222.0), (71, 80, None)]
+    expected = [(69, 80, 221.0), (70, 80, 222.0), (71, 80, None)]
+    assert parse_keras_stdout(fixture("keras_stdout.txt")) == expected
     tty = "Epoch 1/2\r 10/742 [>....] - ETA: 5s\r742/742 [==============================] - 48s 65ms/step\n"
     assert parse_keras_stdout(tty) == [(1, 2, 48.0)]
     assert parse_keras_stdout("") == []
