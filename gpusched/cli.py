@@ -186,6 +186,61 @@ def submit(
     render.emit_json(result) if as_json else typer.echo(result["id"])
 
 
+@app.command(context_settings={"allow_interspersed_args": False,
+                               "ignore_unknown_options": True})
+def tao(
+    argv: Annotated[list[str], typer.Argument(metavar="ssd TASK [TAO FLAGS]...",
+                                              help="TAO's own command line after `tao model`.")],
+    on: Annotated[str | None, typer.Option("--on", help="Pin GPUs: 0,1 or GPU UUIDs "
+                                           "(count = TAO's --gpus).")] = None,
+    gpu_type: Annotated[str | None, typer.Option(help="Only GPUs whose name contains this.")] = None,
+    mem: Annotated[str | None, typer.Option(help="Free GPU memory needed per GPU, e.g. 10G.")] = None,
+    priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
+    after: Annotated[str | None, typer.Option(help="Job ids that must succeed first.")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    runner: Annotated[str | None, typer.Option(help="docker or local (default: the daemon's "
+                                               "tao.runner).")] = None,
+    image: Annotated[str | None, typer.Option(help="TAO image (default: tao.image).")] = None,
+    mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] (repeatable); "
+                                             "default: ~/.tao_mounts.json.")] = [],  # noqa: B006
+    env: Annotated[list[str], typer.Option("--env", "-e", help="K=V (repeatable).")] = [],  # noqa: B006
+    hold: Annotated[bool, typer.Option("--hold", help="Queue held.")] = False,
+    retries: Annotated[int, typer.Option(help="Run again on failure.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a TAO stage with TAO's own flags: `gpusched tao ssd train -e SPEC -r RESULTS
+    --gpus 2 -k KEY` (swap `tao model` for `gpusched tao`). Prints the job id."""
+    from gpusched.tao import parse_tao_argv
+
+    try:
+        stage = parse_tao_argv(argv)
+        req: dict[str, Any] = {
+            "stage": stage.model_dump(mode="json", exclude_defaults=True) | {
+                "task": stage.task}, "name": name, "priority": priority,
+            "on": [x.strip() for x in on.split(",") if x.strip()] if on else None,
+            "gpu_type": gpu_type, "runner": runner, "image": image, "hold": hold,
+            "retries": retries, "env": _env_pairs(env),
+            "after": [int(a) for a in after.split(",") if a.strip()] if after else []}
+        if mem:
+            from gpusched.units import parse_size_mib
+
+            req["mem_mib"] = parse_size_mib(mem)
+        if mount:
+            req["mounts"] = [_mount(m) for m in mount]
+        elif (Path.home() / ".tao_mounts.json").exists():
+            spec: dict[str, Any] = {"mounts": [], "env": {}, "shm_size": None, "user": None}
+            _apply_tao_mounts(spec)
+            req["mounts"], req["shm_size"], req["user"] = (spec["mounts"], spec["shm_size"],
+                                                          spec["user"])
+            req["env"] = {**spec["env"], **req["env"]}
+        result = _client().post("/v1/stages", req)
+    except ValueError as err:
+        _fail(SpecError(f"bad --after {after!r}: give job ids like 12,13 ({err})"))
+    except GpuschedError as err:
+        _fail(err)
+    render.emit_json(result) if as_json else typer.echo(result["id"])
+
+
 def _parse_duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip().lower()
@@ -381,6 +436,119 @@ def health(as_json: JsonOpt = False) -> None:
         for name, c in data["checks"].items():
             typer.echo(f"  {name:<8}{'ok' if c['ok'] else 'DEGRADED':<10}{c['detail']}")
     raise typer.Exit(0 if data["ok"] else 1)
+
+
+@app.command()
+def artifacts(job_id: int, as_json: JsonOpt = False) -> None:
+    """What a stage produced: checkpoints (epoch, mAP), the best one, evaluation, pruned model."""
+    try:
+        data = _client().get(f"/v1/jobs/{job_id}/artifacts")
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(data)
+    elif not data:
+        typer.echo(f"job {job_id} recorded no artifacts")
+    else:
+        typer.echo(render.artifacts_table(data))
+
+
+@app.command()
+def top(once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+        interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0) -> None:
+    """A live view of GPUs, running jobs (progress, s/epoch, ETA) and the head of the queue."""
+    from gpusched.top import run_top
+
+    client = _client()
+    try:
+        client.get("/v1/health")
+    except GpuschedError as err:
+        _fail(err)
+    run_top(lambda: client.get("/v1/top"), interval_s=interval, once=once)
+
+
+report_app = typer.Typer(help="Per-GPU throughput and timeline reports.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+def _since(text: str) -> float:
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+    t = text.strip()
+    if t and t[-1] in units and t[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(t[:-1]) * units[t[-1]]
+    try:
+        from gpusched.clock import parse_iso
+
+        return parse_iso(t if "T" in t or ":" in t else t + "T00:00:00+00:00")
+    except ValueError:
+        raise SpecError(f"bad --since {text!r}: use 24h, 7d or a date like 2026-11-01") from None
+
+
+@report_app.command("throughput")
+def report_throughput(
+    since: Annotated[str, typer.Option(help="Window start: 24h, 7d or a date.")] = "30d",
+    workload: Annotated[str | None, typer.Option(help="Only this workload.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, json, csv or html.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File for html "
+                                                "(default gpusched-report.html).")] = None,
+) -> None:
+    """s/epoch by GPU model and count (median, p90), epochs/h, scaling efficiency, busy
+    fraction of each GPU, and recommendations."""
+    from gpusched import reports, throughput
+
+    if fmt not in ("table", "json", "csv", "html"):
+        _fail(SpecError(f"bad --format {fmt!r}: use table, json, csv or html"))
+    try:
+        start, client = _since(since), _client()
+        q = f"?since={start}" + (f"&workload={workload}" if workload else "")
+        epochs = client.get(f"/v1/epochs{q}")
+        spans = client.get(f"/v1/spans?since={start}")
+        gpus = client.get("/v1/gpus")
+    except GpuschedError as err:
+        _fail(err)
+    now = time.time()
+    stats = throughput.summarize(epochs, workload=workload)
+    recs = throughput.recommend(stats)
+    busy = throughput.busy_fraction(spans, gpus, start, now)
+    if fmt == "table":
+        typer.echo(reports.throughput_table(stats, recs) if stats else
+                   "no training epochs recorded in this window")
+    elif fmt == "json":
+        render.emit_json(reports.throughput_json(stats, recs, busy))
+    elif fmt == "csv":
+        sys.stdout.write(reports.throughput_csv(stats))
+    else:
+        path = output or Path("gpusched-report.html")
+        path.write_text(reports.html_report(stats, recs, busy, spans, gpus, start, now))
+        typer.echo(f"wrote {path}")
+
+
+@report_app.command("timeline")
+def report_timeline(
+    since: Annotated[str, typer.Option(help="Window start: 24h, 7d or a date.")] = "24h",
+    fmt: Annotated[str, typer.Option("--format", help="html, png or svg.")] = "html",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default "
+                                                "gpusched-timeline.FORMAT).")] = None,
+) -> None:
+    """A Gantt chart of jobs per GPU over time, coloured by stage, idle gaps visible."""
+    from gpusched import reports, throughput
+
+    if fmt not in ("html", "png", "svg"):
+        _fail(SpecError(f"bad --format {fmt!r}: use html, png or svg"))
+    try:
+        start, client = _since(since), _client()
+        spans = client.get(f"/v1/spans?since={start}")
+        gpus = client.get("/v1/gpus")
+    except GpuschedError as err:
+        _fail(err)
+    now = time.time()
+    path = output or Path(f"gpusched-timeline.{fmt}")
+    if fmt == "html":
+        busy = throughput.busy_fraction(spans, gpus, start, now)
+        path.write_text(reports.timeline_html(spans, gpus, start, now, busy))
+    else:
+        reports.timeline_plot(spans, gpus, start, now, str(path), fmt=fmt)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -55,6 +55,16 @@ class DockerSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+class TaoSettings(BaseModel):
+    runner: Literal["docker", "local"] = "docker"
+    image: str = "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5"
+    local_command: list[str] = Field(default_factory=list)  # prepended to `ssd TASK ...`
+
+
+class MetricsSettings(BaseModel):
+    port: int | None = Field(default=None, ge=0, le=65535)  # None: no Prometheus endpoint
+
+
 class ApiSettings(BaseModel):
     admin_group: str = "gpusched-admin"
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
@@ -76,6 +86,8 @@ class Settings(BaseSettings):
     gpus: GpusSettings = GpusSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     docker: DockerSettings = DockerSettings()
+    tao: TaoSettings = TaoSettings()
+    metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
     backup: BackupSettings = BackupSettings()
 

@@ -6,6 +6,7 @@ wiring that loops, listens on the socket and handles signals is in ``service.py`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -16,10 +17,12 @@ from gpusched.config import Settings
 from gpusched.errors import GpuschedError, LaunchRefused, RunnerError, RunnerUnavailable
 from gpusched.gpus import Inventory, job_of_pid
 from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
+from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
+from gpusched.throughput import eta
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
 
 
 class Daemon:
-    STEPS = ("reap", "cancels", "inventory", "reconcile", "dependencies", "plan_and_launch")
+    STEPS = ("reap", "progress", "cancels", "inventory", "reconcile", "dependencies",
+             "plan_and_launch")
 
     def __init__(self, settings: Settings, store: Store, inventory: Inventory,
                  runners: dict[str, Runner]) -> None:
@@ -50,6 +54,8 @@ class Daemon:
         self.last_tick: float | None = None
         self.placed_last_tick = 0
         self.tick_error: str | None = None
+        self.progress = ProgressTracker()
+        self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._live: list[Row] = []  # live attempts, read once per tick
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -149,15 +155,55 @@ class Daemon:
                 self.store.transition(row["job_id"], S.RUNNING, now, reason="runner reachable again",
                                       allowed={S.UNKNOWN})
 
+    # -- progress -------------------------------------------------------------------------
+
+    def step_progress(self, now: float) -> None:
+        for row in self._live:
+            if row["state"] == "live":
+                self._follow(row, AttemptRef.from_row(row), now)
+
+    def _follow(self, row: Row, ref: AttemptRef, now: float) -> None:
+        """Read new epochs of one attempt into the store."""
+        cached = self._specs.get(ref.key)
+        if cached is None:
+            spec = json.loads(row["job_spec"])
+            cached = self._specs[ref.key] = (spec, workload_of(spec))
+        spec, workload = cached
+        rows = self.progress.poll(ref, spec, now)
+        if rows:
+            names = {g.uuid: g.name for g in self.gpus}
+            self.store.record_epochs(ref.job_id, ref.n, rows, gpu_uuids=ref.gpus,
+                                     gpu_models=[names.get(u, "?") for u in ref.gpus],
+                                     workload=workload)
+
+    def progress_of(self, job_id: int, n: int) -> dict[str, Any] | None:
+        s = self.progress.summary((job_id, n))
+        if s is None:
+            return None
+        recent = s.pop("recent_seconds")
+        s["s_per_epoch"] = sorted(recent)[len(recent) // 2] if recent else None
+        s["eta_s"] = (eta(s["epoch"], s["max_epoch"], recent, None)
+                      if s["max_epoch"] else None)
+        return s
+
     def _record_end(self, row: Row, ref: AttemptRef, runner: Runner, outcome: Outcome,
                     now: float) -> None:
         job_id, n = ref.job_id, ref.n
+        self._follow(row, ref, now)  # the last epochs, before the attempt is closed
+        self.progress.forget(ref.key)
+        self._specs.pop(ref.key, None)
         requeue, consume = False, True
+        reason: str | None
         if row["cancel_requested_at"] is not None:
-            to, reason = S.CANCELLED, outcome.reason or "cancelled"
-            reason = f"cancelled ({reason})" if not reason.startswith("cancel") else reason
+            why = outcome.reason or "cancelled"
+            to, reason = S.CANCELLED, why if why.startswith("cancel") else f"cancelled ({why})"
         elif outcome.lost:
             to, reason = S.LOST, outcome.reason or "lost"
+        elif (judged := self._judge(row, ref, outcome, now)) is not None:
+            to, reason = judged
+            if to == S.FAILED and (row["retries_left"] or 0) > 0:
+                requeue = True
+                reason = f"{reason}; retrying ({row['retries_left'] - 1} retries left)"
         elif outcome.exit_code == 0:
             to, reason = S.SUCCEEDED, None
         else:
@@ -177,6 +223,21 @@ class Daemon:
             log.warning("cleanup of job %s attempt %s failed: %s", job_id, n, err)
         log.info("job %s attempt %s ended: %s (%s)", job_id, n,
                  "requeued" if requeue else to.value, reason or f"exit {outcome.exit_code}")
+
+    def _judge(self, row: Row, ref: AttemptRef, outcome: Outcome,
+               now: float) -> tuple[JobStatus, str | None] | None:
+        """TAO stages: success from exit code, Execution status, status.json and artifacts;
+        the artifacts are recorded either way. None for plain jobs."""
+        spec = JobSpec.model_validate_json(row["job_spec"])
+        if not spec.kind.startswith("tao:"):
+            return None
+        from gpusched.stages import judge
+
+        ok, reason, artifacts = judge(spec, outcome.exit_code, ref.log_path)
+        self.store.record_artifacts(ref.job_id, ref.n, artifacts, now)
+        if outcome.oom:
+            reason = "killed: out of memory"
+        return (S.SUCCEEDED, None) if ok else (S.FAILED, reason)
 
     # -- cancels --------------------------------------------------------------------------
 
@@ -377,6 +438,23 @@ class Daemon:
             row = by_id[placement.job_id]
             self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now)
 
+    def _resolve_stage(self, job_id: int, spec: JobSpec, now: float) -> JobSpec | None:
+        """Hand upstream results (best checkpoint, pruned model) to a stage that needs them."""
+        from gpusched.errors import SpecError
+        from gpusched.stages import resolve
+
+        def lookup(upstream: int, kind: str) -> dict[str, Any] | None:
+            return next((a for a in self.store.artifacts(upstream) if a["kind"] == kind), None)
+
+        try:
+            resolved = resolve(spec, self.settings, lookup)
+        except SpecError as err:
+            self.store.transition(job_id, S.FAILED, now, reason=err.message,
+                                  allowed={S.QUEUED}, fields={"ended_at": now})
+            return None
+        self.store.update_spec(job_id, resolved.model_dump_json())
+        return resolved
+
     def paths(self, job_id: int, n: int) -> tuple[str, str]:
         log_path = self.settings.logs_dir / str(job_id) / f"{n}.log"
         run_dir = self.settings.runs_dir / str(job_id) / str(n)
@@ -397,6 +475,11 @@ class Daemon:
         job_id = row["id"]
         self._queued_cache.pop(job_id, None)
         spec = JobSpec.model_validate_json(self.store.get_job(job_id)["spec"])
+        if spec.kind.startswith("tao:") and (spec.stage or {}).get("refs"):
+            resolved = self._resolve_stage(job_id, spec, now)
+            if resolved is None:
+                return
+            spec = resolved
         runner = self._runner(spec.runner)
         if runner is None:
             self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},

@@ -106,3 +106,17 @@ def job_detail(j: dict[str, Any]) -> str:
             lines.append(f"    {e['at']}  {e['from_status'] or '-':>9} -> {e['to_status']:<9}"
                          f"  {e['actor']}" + (f": {e['reason']}" if e.get("reason") else ""))
     return "\n".join(lines)
+
+
+def artifacts_table(arts: list[dict[str, Any]]) -> str:
+    rows = []
+    for a in arts:
+        m = a.get("metrics") or {}
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in m.items() if k != "ap")
+        rows.append([a["kind"], "" if a.get("epoch") is None else a["epoch"], a.get("path") or "",
+                     shown])
+    return table(["KIND", "EPOCH", "PATH", "METRICS"], rows)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -61,6 +61,11 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _secs(x: float | None) -> str:
+    """Seconds per epoch: one decimal for real runs, two significant digits below 10 s."""
+    return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2g}"
+
+
 # -- throughput: text, JSON, CSV ----------------------------------------------------------------
 
 TABLE_HEADERS = ("WORKLOAD", "GPU SET", "GPUS", "S/EPOCH MEDIAN", "P90", "EPOCHS/H", "SAMPLES",
@@ -68,7 +73,7 @@ TABLE_HEADERS = ("WORKLOAD", "GPU SET", "GPUS", "S/EPOCH MEDIAN", "P90", "EPOCHS
 
 
 def _table_row(s: SetStats) -> list[str]:
-    return [s.workload or "-", s.gpu_set, str(s.gpu_count), _fmt(s.median_s), _fmt(s.p90_s),
+    return [s.workload or "-", s.gpu_set, str(s.gpu_count), _secs(s.median_s), _secs(s.p90_s),
             _fmt(s.epochs_per_hour), str(s.samples), s.confidence, _fmt(s.scaling_efficiency, 2)]
 
 

@@ -74,6 +74,11 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)"), "show"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/log"), "log"),
         ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release)"), "action"),
+        ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/artifacts"), "artifacts"),
+        ("GET", re.compile(r"/v1/epochs"), "epochs"),
+        ("GET", re.compile(r"/v1/spans"), "spans"),
+        ("GET", re.compile(r"/v1/top"), "top"),
+        ("POST", re.compile(r"/v1/stages"), "stage"),
     ]
 
     # -- plumbing -------------------------------------------------------------------------
@@ -177,6 +182,20 @@ class Handler(BaseHTTPRequestHandler):
         svc.daemon.wake()
         return 201, {"id": job_id, "status": "held" if spec.hold else "queued"}
 
+    def do_stage(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """Queue a TAO stage (``gpusched tao ...``): validated and built here, with the
+        daemon's TAO settings, before anything is stored."""
+        from gpusched.stages import StageRequest, build_job
+
+        svc = self.server.service
+        req = StageRequest.model_validate(self._body())
+        spec = build_job(req, svc.settings)
+        svc.validate_spec(spec, uid)
+        job_id = svc.store.submit(spec, owner_uid=uid, owner=user_name(uid), now=svc.clock.now())
+        svc.daemon.wake()
+        return 201, {"id": job_id, "status": "held" if spec.hold else "queued",
+                     "command": spec.command}
+
     def do_list_jobs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         svc = self.server.service
         statuses = None
@@ -241,6 +260,36 @@ class Handler(BaseHTTPRequestHandler):
             result = "queued"
         svc.daemon.wake()
         return 200, {"id": int(id), "result": result}
+
+    def do_artifacts(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
+        svc = self.server.service
+        svc.store.get_job(int(id))
+        return 200, [{**a, "created_at": iso(a["created_at"])}
+                     for a in svc.store.artifacts(int(id))]
+
+    def do_epochs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        svc = self.server.service
+        since = float(query["since"]) if query.get("since") else None
+        return 200, svc.store.epochs(since=since, workload=query.get("workload"),
+                                     job_id=int(query["job"]) if query.get("job") else None)
+
+    def do_spans(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        svc = self.server.service
+        return 200, svc.spans(float(query.get("since") or 0))
+
+    def do_top(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """One frame for `gpusched top`: GPUs, active jobs with progress, the queue's head."""
+        svc = self.server.service
+        with svc.daemon.lock:
+            gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
+            waiting = dict(svc.daemon.waiting)
+        rows = svc.store.list_jobs(statuses=["starting", "running", "unknown", "queued", "held"])
+        jobs = []
+        for v in svc.views(rows[:200]):
+            d = v.model_dump()
+            d["waiting_reason"] = waiting.get(v.id)
+            jobs.append(d)
+        return 200, {"gpus": gpus, "jobs": jobs}
 
     # -- permissions ----------------------------------------------------------------------
 

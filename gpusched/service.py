@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pwd
@@ -132,7 +133,27 @@ class Service:
         out = []
         for row in rows:
             att = self.store.attempt(row["id"], row["attempt"]) if row["attempt"] else None
-            out.append(job_view(row, index_of, att))
+            progress = (self.daemon.progress_of(row["id"], row["attempt"])
+                        if row["status"] in ("running", "unknown") else None)
+            view = job_view(row, index_of, att, progress)
+            out.append(view)
+        return out
+
+    def spans(self, since: float) -> list[dict[str, Any]]:
+        """Attempts in the window, shaped for the timeline report."""
+        gpus = {g.uuid: g for g in self.daemon.gpus}
+        rows = {r["uuid"]: r for r in self.store.gpu_rows()}
+        out = []
+        for r in self.store.spans(since):
+            uuids = json.loads(r["gpus"])
+            out.append({
+                "job_id": r["job_id"], "attempt": r["attempt"], "name": r["name"],
+                "kind": r["kind"], "status": r["status"], "gpu_uuids": uuids,
+                "gpu_indices": [gpus[u].index if u in gpus else rows.get(u, {}).get("idx", -1)
+                                for u in uuids],
+                "gpu_names": [gpus[u].name if u in gpus else rows.get(u, {}).get("name", "?")
+                              for u in uuids],
+                "started_at": r["started_at"], "ended_at": r["ended_at"]})
         return out
 
     def health(self) -> dict[str, Any]:

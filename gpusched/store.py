@@ -273,6 +273,12 @@ class Store:
             self._event(conn, job_id, now, None, status, "submitted", owner)
         return job_id
 
+    def update_spec(self, job_id: int, spec_json: str) -> None:
+        """A stage's resolved command (upstream results filled in) replaces the placeholder."""
+        with self.write() as conn:
+            conn.execute("UPDATE jobs SET spec = ? WHERE id = ? AND status = 'queued'",
+                         (spec_json, job_id))
+
     def get_job(self, job_id: int) -> Row:
         rows = self.query("SELECT * FROM jobs WHERE id = ?", [job_id])
         if not rows:
@@ -566,6 +572,64 @@ class Store:
                                " drained_by=NULL WHERE uuid=?", (gpu_uuid,))
             if cur.rowcount != 1:
                 raise NotFound(f"no GPU {gpu_uuid}")
+
+    # -- epochs and artifacts -------------------------------------------------------------
+
+    def record_epochs(self, job_id: int, n: int, rows: Iterable[dict[str, Any]], *,
+                      gpu_uuids: Sequence[str], gpu_models: Sequence[str],
+                      workload: str | None) -> None:
+        """Upsert epoch rows: re-reading an attempt's output after a restart changes nothing."""
+        with self.write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO epochs (job_id, attempt, epoch, max_epoch, started_at,"
+                " ended_at, seconds, gpu_uuids, gpu_models, gpu_count, workload, loss, lr, map,"
+                " validated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(job_id, n, r["epoch"], r.get("max_epoch"), r.get("started_at"), r["ended_at"],
+                  r.get("seconds"), json.dumps(list(gpu_uuids)), json.dumps(list(gpu_models)),
+                  len(gpu_uuids), workload, r.get("loss"), r.get("lr"), r.get("map"),
+                  int(bool(r.get("validated")))) for r in rows])
+
+    def epochs(self, *, since: float | None = None, job_id: int | None = None,
+               workload: str | None = None) -> list[Row]:
+        where: list[str] = ["1=1"]
+        params: list[Any] = []
+        if since is not None:
+            where.append("ended_at >= ?")
+            params.append(since)
+        if job_id is not None:
+            where.append("job_id = ?")
+            params.append(job_id)
+        if workload is not None:
+            where.append("workload = ?")
+            params.append(workload)
+        return self.query(f"SELECT * FROM epochs WHERE {' AND '.join(where)}"
+                          " ORDER BY job_id, attempt, epoch", params)
+
+    def spans(self, since: float) -> list[Row]:
+        """Every attempt that ran in the window, with its job's name and kind (timeline)."""
+        return self.query(
+            "SELECT a.job_id, a.n AS attempt, j.name, j.kind, j.status, a.gpus, a.started_at,"
+            " a.ended_at, a.state FROM attempts a JOIN jobs j ON j.id = a.job_id"
+            " WHERE (a.ended_at IS NULL OR a.ended_at >= ?) AND a.state != 'starting'"
+            " ORDER BY a.started_at", [since])
+
+    def record_artifacts(self, job_id: int, n: int, artifacts: Iterable[dict[str, Any]],
+                         now: float) -> None:
+        """Replace the attempt's artifacts (idempotent if an end is recorded twice)."""
+        with self.write() as conn:
+            conn.execute("DELETE FROM artifacts WHERE job_id = ? AND attempt = ?", (job_id, n))
+            conn.executemany(
+                "INSERT INTO artifacts (job_id, attempt, kind, path, epoch, metrics, created_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(job_id, n, a["kind"], a.get("path"), a.get("epoch"),
+                  json.dumps(a.get("metrics") or {}), now) for a in artifacts])
+
+    def artifacts(self, job_id: int) -> list[Row]:
+        rows = self.query("SELECT * FROM artifacts WHERE job_id = ? AND attempt = (SELECT"
+                          " attempt FROM jobs WHERE id = ?) ORDER BY id", [job_id, job_id])
+        for r in rows:
+            r["metrics"] = json.loads(r["metrics"])
+        return rows
 
     # -- backups --------------------------------------------------------------------------
 

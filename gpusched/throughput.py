@@ -128,6 +128,12 @@ def _fmt_rate(x: float) -> str:
     return f"{x:.0f}"
 
 
+def fmt_seconds(x: float) -> str:
+    """48 -> '48', 0.24 -> '0.24': whole seconds for real runs, significant digits for short
+    (scaled or toy) epochs."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def _and(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -150,10 +156,10 @@ def recommend(stats: list[SetStats]) -> list[str]:
                 ratio = other.median_s / best.median_s
                 if ratio >= _SAME_SPEED:
                     recs.append(f"{best.gpu_set} is {ratio:.2f}× faster than {other.gpu_set}{suffix} "
-                                f"({best.median_s:.0f} vs {other.median_s:.0f} s/epoch).")
+                                f"({fmt_seconds(best.median_s)} vs {fmt_seconds(other.median_s)} s/epoch).")
                 else:
                     recs.append(f"{best.gpu_set} and {other.gpu_set} are about as fast{suffix} "
-                                f"({best.median_s:.0f} vs {other.median_s:.0f} s/epoch).")
+                                f"({fmt_seconds(best.median_s)} vs {fmt_seconds(other.median_s)} s/epoch).")
         prefix = f"For {wl}: one" if wl else "One"
         for multi in sorted((s for s in sets if s.gpu_count > 1), key=lambda s: (s.gpu_count, s.gpu_set)):
             parts = [single_by_model.get(m) for m in multi.gpu_models]
@@ -173,7 +179,7 @@ def recommend(stats: list[SetStats]) -> list[str]:
                         f"epochs/h together: split when more than one job waits.")
                 if multi.median_s < fastest.median_s:
                     line += (f" A lone job still finishes {fastest.median_s / multi.median_s:.2f}× sooner "
-                             f"on {multi.gpu_set} ({multi.median_s:.0f} vs {fastest.median_s:.0f} s/epoch "
+                             f"on {multi.gpu_set} ({fmt_seconds(multi.median_s)} vs {fmt_seconds(fastest.median_s)} s/epoch "
                              f"on {fastest.gpu_set}).")
                 else:
                     line += f" A lone job is no faster on {multi.gpu_set} than on {fastest.gpu_set}."

@@ -1,0 +1,148 @@
+"""Follow running attempts' output and turn finished epochs into epoch rows.
+
+Sources, in order of trust: TAO's ``status.json`` (epoch lines carry ``time_per_epoch``,
+loss, lr and mAP), gpusched's own one-line format on stdout (``GPUSCHED_EPOCH {...}``, so any
+script gets the same timing), and Keras' stdout (``Epoch N/M`` and the final progress bar).
+Files are read incrementally from remembered offsets; a partial last line waits for its
+newline. Rows are keyed (job, attempt, epoch) and written with upsert, so re-reading a file
+after a daemon restart changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpusched.parsers import (
+    StatusFollower,
+    epochs_from_status,
+    parse_epoch_line,
+    parse_keras_stdout,
+    parse_status_line,
+    spec_summary,
+)
+from gpusched.runners.base import AttemptRef
+
+MAX_READ = 4 * 1024 * 1024  # bytes per file per pass
+
+
+@dataclass
+class _Tail:
+    path: Path
+    offset: int = 0
+    follower: StatusFollower = field(default_factory=StatusFollower)
+
+    def read(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self.offset:  # truncated or replaced: start over
+                    self.offset, self.follower = 0, StatusFollower()
+                fh.seek(self.offset)
+                data = fh.read(MAX_READ)
+        except OSError:
+            return []
+        self.offset += len(data)
+        return self.follower.feed_lines(data.decode(errors="replace"))
+
+
+@dataclass
+class _Attempt:
+    log: _Tail
+    status: _Tail | None
+    keras_text: list[str] = field(default_factory=list)
+    status_records: list[dict[str, Any]] = field(default_factory=list)
+    last_seen: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> row
+    max_epoch: int | None = None
+
+
+def stage_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """The TAO stage of a job spec (``spec.stage.stage``), or {} for plain jobs."""
+    return dict(((spec.get("stage") or {}).get("stage")) or {})
+
+
+def workload_of(spec: dict[str, Any]) -> str:
+    """The workload key epochs are grouped by: network/backbone/batch size/spec hash for TAO
+    training, the job's name (or program) otherwise."""
+    stage = stage_fields(spec)
+    spec_path = stage.get("spec")
+    if spec_path and stage.get("task") in ("train", "retrain"):
+        try:
+            text = Path(spec_path).read_text(errors="replace")
+        except OSError:
+            text = ""
+        s = spec_summary(text)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        return (f"{s.get('network') or 'ssd'}/{s.get('backbone') or '?'}/"
+                f"bs{s.get('batch_size_per_gpu') or '?'}/spec:{digest}")
+    name = spec.get("name") or Path(spec["command"][0]).name
+    return str(name)
+
+
+class ProgressTracker:
+    """One per daemon; ``poll`` is called for every live attempt on each progress pass."""
+
+    def __init__(self) -> None:
+        self._attempts: dict[tuple[int, int], _Attempt] = {}
+
+    def forget(self, key: tuple[int, int]) -> None:
+        self._attempts.pop(key, None)
+
+    def poll(self, ref: AttemptRef, spec: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        """New or changed epoch rows (without GPU columns) since the last poll."""
+        st = self._attempts.get(ref.key)
+        if st is None:
+            stage = stage_fields(spec)
+            status_path = (Path(stage["results_dir"]) / "status.json"
+                           if stage.get("results_dir") and stage.get("task") in
+                           ("train", "retrain") else None)
+            st = self._attempts[ref.key] = _Attempt(
+                log=_Tail(ref.log_path), status=_Tail(status_path) if status_path else None)
+        rows: dict[int, dict[str, Any]] = {}
+        for line in st.log.read():
+            ep = parse_epoch_line(line)
+            if ep is not None:
+                secs = ep.get("seconds")
+                rows[int(ep["epoch"])] = {
+                    "epoch": int(ep["epoch"]), "max_epoch": ep.get("max_epoch"),
+                    "seconds": secs, "loss": ep.get("loss"), "lr": ep.get("lr"),
+                    "map": ep.get("mAP", ep.get("map")), "validated": int(
+                        ep.get("mAP", ep.get("map")) is not None), "ended_at": now,
+                    "started_at": now - secs if secs else None}
+            elif st.status is None and ("Epoch " in line or "/step" in line):
+                st.keras_text.append(line)
+        if st.status is None and st.keras_text:
+            for epoch, max_epoch, secs in parse_keras_stdout("\n".join(st.keras_text)):
+                if secs is not None and epoch not in rows and epoch not in st.last_seen:
+                    rows[epoch] = {"epoch": epoch, "max_epoch": max_epoch, "seconds": secs,
+                                   "validated": 0, "ended_at": now, "started_at": now - secs}
+            st.keras_text = st.keras_text[-50:]
+        if st.status is not None:
+            records = [r for r in map(parse_status_line, st.status.read()) if r is not None]
+            for e in epochs_from_status(records):
+                end = e.at or now
+                rows[e.epoch] = {"epoch": e.epoch, "max_epoch": e.max_epoch,
+                                 "seconds": e.seconds, "loss": e.loss, "lr": e.lr,
+                                 "map": e.map, "validated": int(e.validated), "ended_at": end,
+                                 "started_at": end - e.seconds if e.seconds else None}
+        fresh = []
+        for epoch, row in sorted(rows.items()):
+            if row.get("max_epoch"):
+                st.max_epoch = int(row["max_epoch"])
+            if st.last_seen.get(epoch) != row:
+                st.last_seen[epoch] = row
+                fresh.append(row)
+        return fresh
+
+    def summary(self, key: tuple[int, int]) -> dict[str, Any] | None:
+        """Epoch N/M and recent s/epoch of a followed attempt (for ls/show/top)."""
+        st = self._attempts.get(key)
+        if st is None or not st.last_seen:
+            return None
+        last = max(st.last_seen)
+        training = [r["seconds"] for e, r in sorted(st.last_seen.items())
+                    if r.get("seconds") and e > 1][-5:]
+        return {"epoch": last, "max_epoch": st.max_epoch, "recent_seconds": training}

@@ -1,0 +1,245 @@
+"""TAO stages as jobs: build the job from a stage request, resolve references to upstream
+results when the stage becomes runnable, and judge the result when it ends.
+
+Success is never the exit code alone: the exit code, TAO's ``Execution status: PASS|FAIL``
+line, the last ``status`` in status.json and the expected artifacts must all agree (the ``tao``
+launcher exits 0 on failure, and an interrupted run can exit 0 with FAILURE in status.json).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpusched import parsers
+from gpusched.config import Settings
+from gpusched.errors import SpecError
+from gpusched.models import GpuRequest, JobSpec, Mount
+from gpusched.policy import is_under
+from gpusched.tao import TAO_ENV, TaoStage, stage_argv, status_json_path
+
+REF_PREFIX = "@"
+REF_KINDS = ("best_checkpoint", "latest_checkpoint", "pruned_model", "exported_model")
+CSV_GLOB = "*training_log*.csv"
+
+
+class StageRequest(BaseModel):
+    """What `gpusched tao` and pipelines send: a stage plus where and how to run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: dict[str, Any]  # TaoStage fields; "model" may be a reference "@best_checkpoint:12"
+    name: str | None = Field(default=None, max_length=200)
+    on: list[str] | None = None  # pin GPUs (indices or UUIDs)
+    gpu_type: str | None = None
+    mem_mib: int | None = Field(default=None, ge=0)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    after: list[int] = Field(default_factory=list)
+    runner: str | None = None  # None: tao.runner
+    image: str | None = None
+    mounts: list[Mount] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    shm_size: str | None = None
+    user: str | None = None
+    hold: bool = False
+    retries: int = Field(default=0, ge=0, le=100)
+    pipeline_id: int | None = None
+    branch: str | None = None  # pipeline bookkeeping: stage name and branch label
+
+
+def parse_ref(value: str | None) -> tuple[str, int] | None:
+    if not value or not value.startswith(REF_PREFIX):
+        return None
+    kind, _, job = value[1:].partition(":")
+    if kind not in REF_KINDS or not job.isdigit():
+        raise SpecError(f"bad reference {value!r}: use @KIND:JOB with KIND one of "
+                        f"{', '.join(REF_KINDS)}")
+    return kind, int(job)
+
+
+def _stage_with(stage: dict[str, Any], resolved: dict[str, str]) -> TaoStage:
+    return TaoStage.model_validate({**stage, **resolved})
+
+
+def build_job(req: StageRequest, settings: Settings,
+              resolved: dict[str, str] | None = None) -> JobSpec:
+    """The JobSpec of a stage. Unresolved references stay as placeholders in the command and
+    are resolved at launch (``resolve``). Validates before anything is queued."""
+    refs = {k: v for k, v in req.stage.items() if isinstance(v, str) and parse_ref(v)}
+    placeholders = {k: f"/gpusched-ref/{v[1:].replace(':', '/')}" for k, v in refs.items()}
+    stage = _stage_with(req.stage, {**placeholders, **(resolved or {})})
+    runner = req.runner or settings.tao.runner
+    for path in stage.host_paths():
+        if path.startswith("/gpusched-ref/"):
+            continue
+        if not any(is_under(os.path.realpath(path), os.path.realpath(r))
+                   for r in settings.docker.mount_roots):
+            raise SpecError(f"{path} is outside the allowed roots "
+                            f"({', '.join(settings.docker.mount_roots)}; docker.mount_roots)")
+    if stage.spec and not os.path.isfile(stage.spec):
+        raise SpecError(f"spec file {stage.spec} does not exist")
+    if stage.model and not stage.model.startswith("/gpusched-ref/") and not os.path.exists(
+            stage.model) and not resolved:
+        raise SpecError(f"model {stage.model} does not exist")
+    gpus = GpuRequest(count=stage.gpus, ids=tuple(req.on) if req.on else None,
+                      gpu_type=req.gpu_type, mem_mib=req.mem_mib)
+    if req.on and len(req.on) != stage.gpus:
+        raise SpecError(f"--on names {len(req.on)} GPU(s) but the stage runs on --gpus "
+                        f"{stage.gpus}")
+    common: dict[str, Any] = dict(
+        name=req.name or f"{stage.task}", gpus=gpus, priority=req.priority, after=req.after,
+        env={**TAO_ENV, **req.env}, retries=req.retries, hold=req.hold,
+        kind=f"tao:{stage.task}", pipeline_id=req.pipeline_id,
+        stage={"request": req.model_dump(mode="json"), "stage": stage.model_dump(mode="json"),
+               "refs": refs, "branch": req.branch})
+    if runner == "docker":
+        mounts = req.mounts
+        try:
+            command = stage_argv(stage, mounts)
+        except SpecError as err:
+            raise SpecError(f"{err.message} (ssd {stage.task})") from err
+        return JobSpec(command=command, runner="docker", image=req.image or settings.tao.image,
+                       mounts=mounts, shm_size=req.shm_size, user=req.user, **common)
+    if runner != "local":
+        raise SpecError(f"unknown runner {runner!r}: use docker or local")
+    workdir = stage.results_dir or posixpath.dirname(stage.output or "/tmp/x")
+    command = [*settings.tao.local_command, *stage_argv(stage, None)]
+    return JobSpec(command=command, runner="local", workdir=_existing_parent(workdir),
+                   **common)
+
+
+def _existing_parent(path: str) -> str:
+    p = Path(path)
+    while not p.is_dir() and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+def resolve(spec: JobSpec, settings: Settings,
+            lookup: Callable[[int, str], dict[str, Any] | None]) -> JobSpec:
+    """Replace references with the upstream jobs' artifacts; raises SpecError naming the
+    missing one. ``lookup(job_id, kind)`` returns an artifact row or None."""
+    info = spec.stage or {}
+    refs: dict[str, str] = info.get("refs") or {}
+    if not refs:
+        return spec
+    resolved = {}
+    for field, ref in refs.items():
+        parsed = parse_ref(ref)
+        assert parsed is not None
+        kind, job = parsed
+        art = lookup(job, kind)
+        if art is None or not art.get("path"):
+            raise SpecError(f"upstream job {job} recorded no {kind.replace('_', ' ')}")
+        resolved[field] = art["path"]
+    req = StageRequest.model_validate(info["request"])
+    req.stage = {k: v for k, v in req.stage.items() if k not in refs}
+    built = build_job(req, settings, resolved)
+    stage_info = {**(built.stage or {}), "refs": refs, "resolved": resolved}
+    return built.model_copy(update={"stage": stage_info, "after": spec.after})
+
+
+def _read(path: str | Path | None, limit: int = 32 * 1024 * 1024) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def judge(spec: JobSpec, exit_code: int | None, log_path: Path) -> tuple[bool, str | None,
+                                                                        list[dict[str, Any]]]:
+    """(succeeded, reason if not, artifacts) for a finished TAO stage."""
+    stage = TaoStage.model_validate((spec.stage or {})["stage"])
+    log_text = _read(log_path)
+    exec_status = parsers.parse_execution_status(log_text)
+    records = [r for r in map(parsers.parse_status_line,
+                              _read(status_json_path(stage)).splitlines()) if r]
+    final, message, kpi = parsers.final_status(records)
+    artifacts = collect(stage, log_text, kpi)
+    reason = None
+    if exit_code != 0:
+        reason = f"exit code {exit_code}" + (f" (TAO: {message})" if message else "")
+    elif exec_status == "FAIL":
+        reason = "TAO reported Execution status: FAIL"
+    elif final == "FAILURE":
+        reason = f"status.json says FAILURE: {message or 'no message'} (exit code was 0)"
+    elif exec_status is None and final != "SUCCESS":
+        reason = "TAO printed no Execution status and status.json has no SUCCESS"
+    else:
+        missing = expected_missing(stage, artifacts)
+        if missing:
+            reason = f"exit 0, but {missing}"
+    return reason is None, reason, artifacts
+
+
+def expected_missing(stage: TaoStage, artifacts: list[dict[str, Any]]) -> str | None:
+    kinds = {a["kind"] for a in artifacts}
+    need = {"train": "checkpoint", "retrain": "checkpoint", "prune": "pruned_model",
+            "evaluate": "evaluation", "export": "exported_model"}.get(stage.task)
+    if need and need not in kinds:
+        return f"the expected {need.replace('_', ' ')} is missing"
+    return None
+
+
+def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the stage produced, as artifact rows (host paths)."""
+    out: list[dict[str, Any]] = []
+    if stage.task in ("train", "retrain") and stage.results_dir:
+        res = Path(stage.results_dir)
+        ckpts = parsers.checkpoint_epochs(str(p) for p in (res / "weights").glob("*")) if (
+            res / "weights").is_dir() else {}
+        csv_path = next(iter(sorted(res.glob(CSV_GLOB))), None)
+        rows = parsers.parse_training_csv(_read(csv_path)) if csv_path else []
+        maps = {r.epoch: r.map for r in rows}
+        for epoch, path in sorted(ckpts.items()):
+            out.append({"kind": "checkpoint", "path": path, "epoch": epoch,
+                        "metrics": {"mAP": maps.get(epoch)}})
+        if ckpts:
+            latest = max(ckpts)
+            out.append({"kind": "latest_checkpoint", "path": ckpts[latest], "epoch": latest,
+                        "metrics": {"mAP": maps.get(latest)}})
+            summary = parsers.spec_summary(_read(stage.spec))
+            pick = parsers.best_checkpoint(rows, ckpts, summary.get("checkpoint_interval"))
+            if pick.epoch is not None:
+                out.append({"kind": "best_checkpoint", "path": ckpts[pick.epoch],
+                            "epoch": pick.epoch, "metrics": {
+                                "mAP": pick.map, "warning": pick.warning,
+                                "size_mib": _size_mib(ckpts[pick.epoch])}})
+    elif stage.task == "evaluate":
+        table = parsers.parse_evaluate_table(log_text)
+        m = kpi.get("mAP") if isinstance(kpi.get("mAP"), int | float) else None
+        if table is not None or m is not None:
+            out.append({"kind": "evaluation", "path": stage.model, "metrics": {
+                "mAP": m if m is not None else table.map if table else None,
+                "ap": table.ap if table else {}}})
+    elif stage.task == "prune" and stage.output and os.path.exists(stage.output):
+        out.append({"kind": "pruned_model", "path": stage.output, "metrics": {
+            "threshold": stage.threshold, "size_mib": kpi.get("size", _size_mib(stage.output)),
+            "file_mib": _size_mib(stage.output),
+            "pruning_ratio": kpi.get("pruning_ratio", parsers.parse_prune_ratio(log_text)),
+            "param_count_m": kpi.get("param_count")}})
+    elif stage.task == "export" and stage.model:
+        onnx = stage.output or posixpath.splitext(stage.model)[0] + ".onnx"
+        if os.path.exists(onnx):
+            out.append({"kind": "exported_model", "path": onnx,
+                        "metrics": {"size_mib": _size_mib(onnx)}})
+    elif stage.task == "inference" and stage.results_dir:
+        labels = Path(stage.results_dir) / "labels"
+        n = len(list(labels.glob("*.txt"))) if labels.is_dir() else 0
+        out.append({"kind": "inference", "path": stage.results_dir, "metrics": {"images": n}})
+    return out
+
+
+def _size_mib(path: str) -> float | None:
+    try:
+        return round(os.path.getsize(path) / (1024 * 1024), 3)
+    except OSError:
+        return None
