@@ -551,6 +551,76 @@ def report_timeline(
     typer.echo(f"wrote {path}")
 
 
+pipeline_app = typer.Typer(help="Whole TAO pipelines: train, evaluate, prune, retrain, gate.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    file: Annotated[Path, typer.Argument(help="The pipeline TOML (see examples/).")],
+    mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] for container "
+                                             "stages; default: ~/.tao_mounts.json.")] = [],  # noqa: B006
+    env: Annotated[list[str], typer.Option("--env", "-e", help="K=V for every stage.")] = [],  # noqa: B006
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a whole pipeline and return at once (prints its id); see `pipeline status`."""
+    import tomllib
+
+    try:
+        try:
+            definition = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise SpecError(f"cannot read pipeline {file}: {err}") from err
+        body: dict[str, Any] = {"definition": definition,
+                                "base_dir": str(file.resolve().parent), "env": _env_pairs(env)}
+        if mount:
+            body["mounts"] = [_mount(m) for m in mount]
+        elif (Path.home() / ".tao_mounts.json").exists():
+            spec: dict[str, Any] = {"mounts": [], "env": {}, "shm_size": None, "user": None}
+            _apply_tao_mounts(spec)
+            body["mounts"], body["env"] = spec["mounts"], {**spec["env"], **body["env"]}
+        result = _client().post("/v1/pipelines", body)
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(result)
+    else:
+        typer.echo(f"pipeline {result['id']} ({result['name']}) queued with "
+                   f"{len(result['jobs'])} stage(s): `gpusched pipeline status {result['id']}`")
+
+
+@pipeline_app.command("status")
+def pipeline_status(ref: Annotated[str, typer.Argument(help="Pipeline id or name.")],
+                    as_json: JsonOpt = False) -> None:
+    """A pipeline's stages, its gate and, once decided, the summary table and result."""
+    try:
+        data = _client().get(f"/v1/pipelines/{ref}")
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(data)
+        return
+    typer.echo(render.pipeline_detail(data))
+    raise typer.Exit(0 if data["status"] in ("running", "succeeded") else 1)
+
+
+@pipeline_app.command("ls")
+def pipeline_ls(as_json: JsonOpt = False) -> None:
+    """All pipelines with their status."""
+    try:
+        data = _client().get("/v1/pipelines")
+    except GpuschedError as err:
+        _fail(err)
+    if as_json:
+        render.emit_json(data)
+    else:
+        typer.echo(render.table(["ID", "NAME", "STATUS", "ROUNDS", "CREATED", "REASON"],
+                                [[p["id"], p["name"], p["status"], p["rounds"],
+                                  render.ago(p["created_at"]), p["reason"] or ""]
+                                 for p in data]) if data else "no pipelines")
+
+
 @app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary state "
                                             "directory.")] = False) -> None:

@@ -17,6 +17,7 @@ from gpusched.config import Settings
 from gpusched.errors import GpuschedError, LaunchRefused, RunnerError, RunnerUnavailable
 from gpusched.gpus import Inventory, job_of_pid
 from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
+from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
@@ -34,8 +35,8 @@ FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
 
 
 class Daemon:
-    STEPS = ("reap", "progress", "cancels", "inventory", "reconcile", "dependencies",
-             "plan_and_launch")
+    STEPS = ("reap", "progress", "cancels", "inventory", "reconcile", "pipelines",
+             "dependencies", "plan_and_launch")
 
     def __init__(self, settings: Settings, store: Store, inventory: Inventory,
                  runners: dict[str, Runner]) -> None:
@@ -55,6 +56,7 @@ class Daemon:
         self.placed_last_tick = 0
         self.tick_error: str | None = None
         self.progress = ProgressTracker()
+        self.pipelines = PipelineRunner(settings, store)
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._live: list[Row] = []  # live attempts, read once per tick
@@ -362,6 +364,12 @@ class Daemon:
             self.store.mark_launched(job_id, n, now=now, pid=pid, pid_start=start)
         else:
             self.store.mark_launched(job_id, n, now=now, container_id=str(handle))
+
+    # -- pipelines ------------------------------------------------------------------------
+
+    def step_pipelines(self, now: float) -> None:
+        """Gate rounds that ended: prune again at lower thresholds, or record the result."""
+        self.pipelines.step(now)
 
     # -- dependencies ---------------------------------------------------------------------
 

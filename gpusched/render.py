@@ -120,3 +120,44 @@ def artifacts_table(arts: list[dict[str, Any]]) -> str:
 
 def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def pipeline_summary(summary: dict[str, Any]) -> str:
+    """The gate's table: threshold, size, mAP, drop, s/epoch per branch, and the result."""
+    base = summary["baseline_map"]
+    rows = []
+    for b in summary["branches"]:
+        rows.append([f"{b['threshold']:g}" if b["threshold"] is not None else "-",
+                     b["round"], "" if b["size_mib"] is None else f"{b['size_mib']:.1f}",
+                     "" if b["map"] is None else f"{b['map']:.4f}",
+                     "" if b["drop"] is None else f"{b['drop'] * 100:.2f}",
+                     "" if b["s_per_epoch"] is None else f"{b['s_per_epoch']:.3g}",
+                     "pass" if b["passed"] else ("fail" if b["status"] == "succeeded"
+                                                 else b["status"][:60])])
+    out = [f"unpruned mAP {base:.4f}",
+           table(["THRESHOLD", "ROUND", "SIZE MiB", "mAP", "DROP (pts)", "S/EPOCH", "GATE"],
+                 rows)]
+    best = summary.get("result")
+    if best:
+        out.append(f"result: the pruned model at threshold {best['threshold']:g}, "
+                   f"{best['size_mib']:.1f} MiB, mAP {best['map']:.4f} "
+                   f"({best['drop'] * 100:.2f} points below unpruned)")
+    return "\n".join(out)
+
+
+def pipeline_detail(p: dict[str, Any]) -> str:
+    lines = [f"pipeline {p['id']} ({p['name']}): {p['status']}"
+             + (f", round {p['rounds']}" if p["rounds"] > 1 else "")
+             + (f" - {p['reason']}" if p.get("reason") else "")]
+    rows = []
+    for j in p.get("jobs", []):
+        prog = j.get("progress") or {}
+        where = (f"epoch {prog['epoch']}/{prog['max_epoch']}" if prog.get("max_epoch") else "")
+        rows.append([j["id"], (j["name"] or "").split("/", 1)[-1], j["status"],
+                     ",".join(map(str, j["gpu_indices"])) or "-", where,
+                     (j.get("reason") or "")[:60]])
+    lines.append(table(["JOB", "STAGE", "STATUS", "GPUS", "PROGRESS", "REASON"], rows))
+    if p.get("summary"):
+        lines.append("")
+        lines.append(pipeline_summary(p["summary"]))
+    return "\n".join(lines)

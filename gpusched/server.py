@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gpusched.clock import iso
 from gpusched.errors import GpuschedError, NotFound, PermissionDenied, SpecError
-from gpusched.models import GpuRequest, JobSpec, JobView
+from gpusched.models import GpuRequest, JobSpec, JobView, Mount
 from gpusched.store import Row
 
 if TYPE_CHECKING:
@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOG_CHUNK = 256 * 1024
+
+
+class PipelineBody(BaseModel):
+    definition: dict[str, Any]  # the TOML document
+    base_dir: str  # the file's directory: relative paths resolve here
+    mounts: list[Mount] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class DrainBody(BaseModel):
@@ -79,6 +86,9 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", re.compile(r"/v1/spans"), "spans"),
         ("GET", re.compile(r"/v1/top"), "top"),
         ("POST", re.compile(r"/v1/stages"), "stage"),
+        ("POST", re.compile(r"/v1/pipelines"), "pipeline_run"),
+        ("GET", re.compile(r"/v1/pipelines"), "pipeline_list"),
+        ("GET", re.compile(r"/v1/pipelines/(?P<ref>[^/]+)"), "pipeline_show"),
     ]
 
     # -- plumbing -------------------------------------------------------------------------
@@ -195,6 +205,40 @@ class Handler(BaseHTTPRequestHandler):
         svc.daemon.wake()
         return 201, {"id": job_id, "status": "held" if spec.hold else "queued",
                      "command": spec.command}
+
+    def do_pipeline_run(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """Queue a whole pipeline; returns at once with the pipeline id and its jobs."""
+        from gpusched.pipelines import load
+
+        svc = self.server.service
+        body = PipelineBody.model_validate(self._body())
+        pdef = load(body.definition, body.base_dir)
+        with svc.daemon.lock:
+            pid = svc.daemon.pipelines.submit(pdef, owner_uid=uid, owner=user_name(uid),
+                                              now=svc.clock.now(), mounts=body.mounts,
+                                              env=body.env)
+        svc.daemon.wake()
+        return 201, self._pipeline(pid)
+
+    def do_pipeline_list(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        svc = self.server.service
+        return 200, [self._pipeline(r["id"], jobs=False) for r in svc.store.pipelines()]
+
+    def do_pipeline_show(self, uid: int, query: dict[str, str], ref: str) -> tuple[int, Any]:
+        svc = self.server.service
+        return 200, self._pipeline(svc.store.get_pipeline(ref)["id"])
+
+    def _pipeline(self, pid: int, jobs: bool = True) -> dict[str, Any]:
+        svc = self.server.service
+        row = svc.store.get_pipeline(pid)
+        out: dict[str, Any] = {
+            "id": row["id"], "name": row["name"], "status": row["status"], "owner": row["owner"],
+            "rounds": row["rounds"], "reason": row["reason"],
+            "summary": json.loads(row["summary"]) if row["summary"] else None,
+            "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+        if jobs:
+            out["jobs"] = [v.model_dump() for v in svc.views(svc.store.pipeline_jobs(pid))]
+        return out
 
     def do_list_jobs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         svc = self.server.service

@@ -49,7 +49,7 @@ class StageRequest(BaseModel):
     hold: bool = False
     retries: int = Field(default=0, ge=0, le=100)
     pipeline_id: int | None = None
-    branch: str | None = None  # pipeline bookkeeping: stage name and branch label
+    branch: dict[str, Any] | None = None  # pipeline bookkeeping: stage, branch, value, round
 
 
 def parse_ref(value: str | None) -> tuple[str, int] | None:

@@ -153,8 +153,17 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    """Pipelines remember their gate rounds, result and summary table."""
+    table = db["pipelines"]
+    table.add_column("rounds", int, not_null_default=1)  # type: ignore[union-attr]
+    table.add_column("reason", str)  # type: ignore[union-attr]
+    table.add_column("summary", str)  # type: ignore[union-attr]
+    db.executescript("CREATE INDEX IF NOT EXISTS jobs_pipeline ON jobs(pipeline_id);")
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -630,6 +639,40 @@ class Store:
         for r in rows:
             r["metrics"] = json.loads(r["metrics"])
         return rows
+
+    # -- pipelines ------------------------------------------------------------------------
+
+    def create_pipeline(self, name: str, *, owner_uid: int, owner: str, spec_json: str,
+                        now: float) -> int:
+        with self.write() as conn:
+            cur = conn.execute(
+                "INSERT INTO pipelines (name, owner_uid, owner, spec, status, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?)",
+                (name, owner_uid, owner, spec_json, "running", now, now))
+            return int(cur.lastrowid or 0)
+
+    def update_pipeline(self, pid: int, *, now: float, **fields: Any) -> None:
+        with self.write() as conn:
+            assign = ", ".join(f"{k} = ?" for k in fields)
+            conn.execute(f"UPDATE pipelines SET {assign}, updated_at = ? WHERE id = ?",
+                         [*fields.values(), now, pid])
+
+    def get_pipeline(self, ref: str | int) -> Row:
+        text = str(ref)
+        rows = (self.query("SELECT * FROM pipelines WHERE id = ?", [int(text)]) if text.isdigit()
+                else self.query("SELECT * FROM pipelines WHERE name = ? ORDER BY id DESC LIMIT 1",
+                                [text]))
+        if not rows:
+            raise NotFound(f"no pipeline {ref!r}")
+        return rows[0]
+
+    def pipelines(self, status: str | None = None) -> list[Row]:
+        if status:
+            return self.query("SELECT * FROM pipelines WHERE status = ? ORDER BY id", [status])
+        return self.query("SELECT * FROM pipelines ORDER BY id")
+
+    def pipeline_jobs(self, pid: int) -> list[Row]:
+        return self.query("SELECT * FROM jobs WHERE pipeline_id = ? ORDER BY id", [pid])
 
     # -- backups --------------------------------------------------------------------------
 

@@ -179,8 +179,8 @@ def recommend(stats: list[SetStats]) -> list[str]:
                         f"epochs/h together: split when more than one job waits.")
                 if multi.median_s < fastest.median_s:
                     line += (f" A lone job still finishes {fastest.median_s / multi.median_s:.2f}× sooner "
-                             f"on {multi.gpu_set} ({fmt_seconds(multi.median_s)} vs {fmt_seconds(fastest.median_s)} s/epoch "
-                             f"on {fastest.gpu_set}).")
+                             f"on {multi.gpu_set} ({fmt_seconds(multi.median_s)} vs "
+                             f"{fmt_seconds(fastest.median_s)} s/epoch on {fastest.gpu_set}).")
                 else:
                     line += f" A lone job is no faster on {multi.gpu_set} than on {fastest.gpu_set}."
             else:

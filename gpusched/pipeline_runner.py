@@ -1,0 +1,190 @@
+"""The daemon's side of pipelines: queue a whole graph at once, and run the gate when a round
+has ended (prune again at lower thresholds, or record the result and the summary table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from typing import Any
+
+from gpusched.config import Settings
+from gpusched.errors import SpecError
+from gpusched.models import Mount
+from gpusched.pipelines import (
+    BranchResult,
+    PipelineDef,
+    Planned,
+    best_of,
+    expand,
+    fan_stage,
+    gate_decision,
+    judge_branch,
+)
+from gpusched.stages import StageRequest, build_job
+from gpusched.store import Row, Store
+
+log = logging.getLogger(__name__)
+TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+
+
+class PipelineRunner:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    # -- submission -----------------------------------------------------------------------
+
+    def submit(self, pdef: PipelineDef, *, owner_uid: int, owner: str, now: float,
+               mounts: list[Mount], env: dict[str, str]) -> int:
+        """Queue every stage of round 1 (validated first: nothing is stored on bad input)."""
+        extra = {"mounts": [m.model_dump() for m in mounts], "env": {**env, **pdef.env}}
+        plan = expand(pdef)
+        fake_ids = {p.key: i + 1 for i, p in enumerate(plan)}
+        for p in plan:  # validation pass with stand-in ids
+            build_job(self._request(pdef, p, fake_ids, None, 1, extra), self.settings)
+        pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner, now=now,
+                                         spec_json=json.dumps({"def": pdef.model_dump(),
+                                                               "extra": extra}))
+        self._submit_plan(pdef, plan, pid, {}, 1, extra, owner_uid, owner, now)
+        return pid
+
+    def _request(self, pdef: PipelineDef, p: Planned, ids: dict[str, int], pid: int | None,
+                 round_no: int, extra: dict[str, Any]) -> StageRequest:
+        fields = dict(p.fields)
+        for fld, (kind, key) in p.refs.items():
+            fields[fld] = f"@{kind}:{ids[key]}"
+        return StageRequest(
+            stage=fields, name=f"{pdef.name}/{p.key}", after=sorted({ids[k] for k in p.needs}),
+            runner=pdef.runner, image=pdef.image, pipeline_id=pid, on=p.gpus.get("on"),
+            gpu_type=p.gpus.get("gpu_type"), priority=p.gpus.get("priority") or 0,
+            branch={"stage": p.stage, "branch": p.branch, "value": p.value, "round": round_no},
+            **extra)
+
+    def _submit_plan(self, pdef: PipelineDef, plan: list[Planned], pid: int,
+                     ids: dict[str, int], round_no: int, extra: dict[str, Any], owner_uid: int,
+                     owner: str, now: float) -> None:
+        for p in plan:
+            spec = build_job(self._request(pdef, p, ids, pid, round_no, extra), self.settings)
+            ids[p.key] = self.store.submit(spec, owner_uid=owner_uid, owner=owner, now=now)
+
+    # -- the gate -------------------------------------------------------------------------
+
+    def step(self, now: float) -> bool:
+        """Advance every running pipeline whose jobs have all ended; True if jobs were added."""
+        added = False
+        for row in self.store.pipelines("running"):
+            jobs = self.store.pipeline_jobs(row["id"])
+            if any(j["status"] not in TERMINAL for j in jobs):
+                continue
+            try:
+                added |= self._advance(row, jobs, now)
+            except SpecError as err:
+                self.store.update_pipeline(row["id"], now=now, status="failed",
+                                           reason=err.message)
+        return added
+
+    def _advance(self, row: Row, jobs: list[Row], now: float) -> bool:
+        data = json.loads(row["spec"])
+        pdef = PipelineDef.model_validate(data["def"])
+        by_stage: dict[str, list[Row]] = {}
+        for j in jobs:
+            info = (json.loads(j["spec"]).get("stage") or {}).get("request", {}).get("branch")
+            by_stage.setdefault((info or {}).get("stage", "?"), []).append(j)
+        failed = [j for j in jobs if j["status"] != "succeeded"]
+        if pdef.gate is None:
+            status = "failed" if failed else "succeeded"
+            reason = (f"stage {failed[0]['name']} {failed[0]['status']}: {failed[0]['reason']}"
+                      if failed else None)
+            self.store.update_pipeline(row["id"], now=now, status=status, reason=reason)
+            return False
+        gate = pdef.gate
+        base_jobs = by_stage.get(gate.baseline, [])
+        base_map = self._eval_map(base_jobs[-1]) if base_jobs else None
+        if base_map is None:
+            why = (f"the baseline stage {gate.baseline} did not produce an mAP"
+                   + (f" ({base_jobs[-1]['status']}: {base_jobs[-1]['reason']})"
+                      if base_jobs else ""))
+            self.store.update_pipeline(row["id"], now=now, status="failed", reason=why)
+            return False
+        branches = self._branches(pdef, jobs, base_map)
+        rounds = int(row["rounds"])
+        tried = [b.threshold for b in branches if b.threshold is not None]
+        decision, nxt = gate_decision(base_map, [b for b in branches if b.round == rounds],
+                                      gate, rounds, tried)
+        if decision == "passed" or any(b.passed for b in branches):
+            best = best_of(branches)
+            summary = self._summary(base_map, branches, best)
+            self.store.update_pipeline(row["id"], now=now, status="succeeded",
+                                       summary=json.dumps(summary), reason=None)
+            return False
+        if decision == "retry" and nxt:
+            log.info("pipeline %s: no branch within %.3f mAP; pruning again at %s",
+                     pdef.name, gate.max_drop, nxt)
+            ids = self._trunk_ids(pdef, jobs)
+            plan = expand(pdef, thresholds=nxt)
+            self._submit_plan(pdef, plan, row["id"], ids, rounds + 1, data["extra"],
+                              row["owner_uid"], row["owner"], now)
+            self.store.update_pipeline(row["id"], now=now, rounds=rounds + 1,
+                                       summary=json.dumps(self._summary(base_map, branches, None)))
+            return True
+        self.store.update_pipeline(
+            row["id"], now=now, status="failed",
+            summary=json.dumps(self._summary(base_map, branches, None)),
+            reason=f"no pruned model within {gate.max_drop:g} mAP of the unpruned model after "
+                   f"{rounds} round(s)")
+        return False
+
+    def _trunk_ids(self, pdef: PipelineDef, jobs: list[Row]) -> dict[str, int]:
+        fan = fan_stage(pdef)
+        ids: dict[str, int] = {}
+        for j in jobs:
+            info = json.loads(j["spec"])["stage"]["request"]["branch"]
+            if info["branch"] is None and info["stage"] != fan:
+                ids[info["stage"]] = j["id"]
+        return ids
+
+    def _eval_map(self, job: Row) -> float | None:
+        if job["status"] != "succeeded":
+            return None
+        art = next((a for a in self.store.artifacts(job["id"]) if a["kind"] == "evaluation"), None)
+        m = art["metrics"].get("mAP") if art else None
+        return float(m) if isinstance(m, int | float) else None
+
+    def _branches(self, pdef: PipelineDef, jobs: list[Row], base_map: float) -> list[BranchResult]:
+        gate = pdef.gate
+        assert gate is not None
+        groups: dict[tuple[int, str], dict[str, Row]] = {}
+        for j in jobs:
+            info = json.loads(j["spec"])["stage"]["request"]["branch"]
+            if info["branch"]:
+                groups.setdefault((info["round"], info["branch"]), {})[info["stage"]] = j
+        out = []
+        for (round_no, _label), stages in sorted(groups.items()):
+            value = json.loads(next(iter(stages.values()))["spec"])["stage"]["request"][
+                "branch"]["value"]
+            cand = stages.get(gate.candidate)
+            cand_map = self._eval_map(cand) if cand else None
+            passed, drop = judge_branch(base_map, cand_map, gate)
+            size = None
+            for j in stages.values():
+                for a in self.store.artifacts(j["id"]):
+                    if a["kind"] == "pruned_model":
+                        size = a["metrics"].get("size_mib")
+            secs = [e["seconds"] for j in stages.values() if j["kind"] in ("tao:train",
+                                                                          "tao:retrain")
+                    for e in self.store.epochs(job_id=j["id"])
+                    if e["seconds"] and e["epoch"] > 1 and not e["validated"]]
+            bad = next((j for j in stages.values() if j["status"] != "succeeded"), None)
+            status = "succeeded" if bad is None else f"{bad['name']} {bad['status']}: {bad['reason']}"
+            out.append(BranchResult(threshold=value, size_mib=size, map=cand_map, drop=drop,
+                                    passed=passed, s_per_epoch=statistics.median(secs)
+                                    if secs else None, round=round_no, status=status))
+        return out
+
+    @staticmethod
+    def _summary(base_map: float, branches: list[BranchResult],
+                 best: BranchResult | None) -> dict[str, Any]:
+        return {"baseline_map": base_map,
+                "branches": [b.__dict__ for b in branches],
+                "result": best.__dict__ if best else None}

@@ -1,0 +1,285 @@
+"""Pipelines: a graph of TAO stages from a TOML file, fanned out over a parameter list, with
+the source workflow's acceptance gate. Pure: parsing, expansion and the gate's decision.
+
+A stage names what it needs by meaning (``model = "best_checkpoint:train"``); the daemon hands
+the real path over when the stage becomes runnable. A stage whose parameter is a list (e.g.
+``threshold = [0.1, 0.2, 0.3]``) fans out into one branch per value, and every stage that
+depends on it follows along per branch. The gate compares each branch's candidate mAP with the
+baseline's; when no branch passes, pruning runs again at lower thresholds, a bounded number of
+times. The result is the smallest model that passes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpusched.errors import SpecError
+from gpusched.stages import REF_KINDS
+from gpusched.tao import TASKS
+
+PATH_KEYS = {"spec": "spec", "results": "results_dir", "output": "output", "model": "model",
+             "images": "images"}
+PASSTHROUGH = ("key", "gpus", "use_amp", "normalizer", "equalization", "granularity",
+               "threshold", "min_filters", "excluded_layers", "gen_ds_config", "box_threshold",
+               "initial_epoch")
+
+
+class StageDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["train", "evaluate", "prune", "retrain", "export", "inference"]
+    needs: list[str] = Field(default_factory=list)
+    spec: str | None = None
+    results: str | None = None
+    output: str | None = None
+    model: str | None = None  # a path, or "KIND:STAGE" (best_checkpoint:train)
+    images: str | None = None
+    key: str | None = None
+    gpus: int = Field(default=1, ge=1)
+    use_amp: bool = False
+    normalizer: str | None = None
+    equalization: str | None = None
+    granularity: int | None = None
+    threshold: float | list[float] | None = None
+    min_filters: int | None = None
+    excluded_layers: list[str] | None = None
+    gen_ds_config: bool = False
+    box_threshold: float | None = None
+    initial_epoch: int | None = None
+    on: list[str] | None = None
+    gpu_type: str | None = None
+    priority: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}")
+        return v
+
+
+class GateDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str  # the stage whose evaluation mAP is judged (per branch)
+    baseline: str  # the stage whose evaluation mAP is the reference
+    max_drop: float = Field(default=0.02, ge=0, lt=1)  # absolute mAP (0.02 = 2 points)
+    retries: int = Field(default=2, ge=0, le=10)  # rounds of pruning again, lower thresholds
+    backoff: float = Field(default=0.5, gt=0, lt=1)  # next threshold = lowest tried × backoff
+    retry_thresholds: list[float] | None = None  # or exactly these, one per round
+
+
+class PipelineDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    workdir: str  # relative paths resolve here
+    key: str | None = None
+    runner: str | None = None
+    image: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    stages: dict[str, StageDef]
+    gate: GateDef | None = None
+
+    @model_validator(mode="after")
+    def _graph(self) -> PipelineDef:
+        for name, st in self.stages.items():
+            for need in st.needs:
+                if need not in self.stages:
+                    raise ValueError(f"stage {name!r} needs unknown stage {need!r}")
+            ref = _ref(st.model)
+            if ref and ref[1] not in self.stages:
+                raise ValueError(f"stage {name!r}: model refers to unknown stage {ref[1]!r}")
+            if ref and ref[1] not in _ancestors(self.stages, name):
+                raise ValueError(f"stage {name!r} uses a result of {ref[1]!r} but does not "
+                                 f"need it (add it to needs)")
+        topo_order(self.stages)  # raises on cycles
+        fanned = [n for n, s in self.stages.items() if isinstance(s.threshold, list)]
+        if len(fanned) > 1:
+            raise ValueError(f"only one stage may fan out over a list; found {fanned}")
+        if self.gate:
+            for which in (self.gate.candidate, self.gate.baseline):
+                if which not in self.stages or self.stages[which].task != "evaluate":
+                    raise ValueError(f"gate: {which!r} must be an evaluate stage")
+        return self
+
+
+def _ref(value: str | None) -> tuple[str, str] | None:
+    if value and ":" in value and not value.startswith("/"):
+        kind, _, stage = value.partition(":")
+        if kind not in REF_KINDS:
+            raise SpecError(f"bad reference {value!r}: KIND must be one of {', '.join(REF_KINDS)}")
+        return kind, stage
+    return None
+
+
+def _ancestors(stages: dict[str, StageDef], name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(stages[name].needs)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += stages[n].needs if n in stages else []
+    return seen
+
+
+def topo_order(stages: dict[str, StageDef]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            raise ValueError(f"the stages form a cycle: {' -> '.join([*path, n])}")
+        state[n] = 1
+        for m in stages[n].needs:
+            visit(m, [*path, n])
+        state[n] = 2
+        order.append(n)
+
+    for n in sorted(stages):
+        visit(n, [])
+    return order
+
+
+def load(data: dict[str, Any], base_dir: str) -> PipelineDef:
+    """A parsed TOML document -> a validated pipeline; ``workdir`` defaults to the file's
+    directory and relative paths resolve against it."""
+    data = dict(data)
+    data.setdefault("workdir", base_dir)
+    if not posixpath.isabs(data["workdir"]):
+        data["workdir"] = posixpath.normpath(posixpath.join(base_dir, data["workdir"]))
+    try:
+        return PipelineDef.model_validate(data)
+    except ValueError as err:
+        raise SpecError(f"bad pipeline: {err}") from err
+
+
+@dataclass
+class Planned:
+    """One stage instance to submit: its TAO fields, what it waits for, what it refers to."""
+
+    key: str  # "train", "prune[threshold=0.1]"
+    stage: str
+    branch: str | None
+    value: float | None
+    fields: dict[str, Any]
+    needs: list[str] = field(default_factory=list)  # keys of other Planned
+    refs: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (kind, key)
+    gpus: dict[str, Any] = field(default_factory=dict)
+
+
+def fan_stage(p: PipelineDef) -> str | None:
+    return next((n for n, s in p.stages.items() if isinstance(s.threshold, list)), None)
+
+
+def downstream(p: PipelineDef, root: str) -> set[str]:
+    return {n for n in p.stages if n == root or root in _ancestors(p.stages, n)}
+
+
+def expand(p: PipelineDef, thresholds: list[float] | None = None,
+           existing: dict[str, int] | None = None) -> list[Planned]:
+    """Stage instances in dependency order. With ``thresholds``, only the fanned stage and
+    its dependants are planned (a new gate round); ``existing`` maps trunk stages to job ids."""
+    fan = fan_stage(p)
+    fanned = downstream(p, fan) if fan else set()
+    values: list[float | None]
+    if fan is None:
+        values = [None]
+    else:
+        raw = p.stages[fan].threshold
+        values = list(thresholds if thresholds is not None else raw)  # type: ignore[arg-type]
+    out: list[Planned] = []
+    for name in topo_order(p.stages):
+        if thresholds is not None and name not in fanned:
+            continue
+        for value in (values if name in fanned else [None]):
+            branch = f"threshold={value:g}" if value is not None else None
+            key = f"{name}[{branch}]" if branch else name
+            st = p.stages[name]
+            fields = _fields(p, st, value)
+            planned = Planned(key=key, stage=name, branch=branch, value=value, fields=fields,
+                              gpus={"on": st.on, "gpu_type": st.gpu_type,
+                                    "priority": st.priority})
+            for need in st.needs:
+                planned.needs.append(_key_for(need, fanned, branch))
+            ref = _ref(st.model)
+            if ref:
+                planned.refs["model"] = (ref[0], _key_for(ref[1], fanned, branch))
+            out.append(planned)
+    return out
+
+
+def _key_for(stage: str, fanned: set[str], branch: str | None) -> str:
+    return f"{stage}[{branch}]" if branch and stage in fanned else stage
+
+
+def _fields(p: PipelineDef, st: StageDef, value: float | None) -> dict[str, Any]:
+    def path(v: str) -> str:
+        v = v.replace("{threshold}", f"{value:g}" if value is not None else "")
+        return v if posixpath.isabs(v) else posixpath.normpath(posixpath.join(p.workdir, v))
+
+    fields: dict[str, Any] = {"task": st.task}
+    for src, dst in PATH_KEYS.items():
+        v = getattr(st, src)
+        if v is not None and not (src == "model" and _ref(v)):
+            fields[dst] = path(v)
+    for k in PASSTHROUGH:
+        v = getattr(st, k)
+        if v is not None and v is not False:
+            fields[k] = v
+    if value is not None:
+        fields["threshold"] = value
+    if p.key and "key" not in fields:
+        fields["key"] = p.key
+    return fields
+
+
+# -- the gate -------------------------------------------------------------------------------
+
+
+@dataclass
+class BranchResult:
+    threshold: float | None
+    size_mib: float | None
+    map: float | None
+    drop: float | None
+    passed: bool
+    s_per_epoch: float | None
+    round: int
+    status: str  # succeeded, or why not
+
+
+def gate_decision(baseline_map: float, branches: list[BranchResult], gate: GateDef,
+                  rounds_done: int, tried: list[float]) -> tuple[str, list[float] | None]:
+    """('passed', None) | ('retry', next thresholds) | ('failed', None)."""
+    if any(b.passed for b in branches):
+        return "passed", None
+    if rounds_done > gate.retries:
+        return "failed", None
+    if gate.retry_thresholds is not None:
+        if rounds_done - 1 < len(gate.retry_thresholds):
+            return "retry", [gate.retry_thresholds[rounds_done - 1]]
+        return "failed", None
+    lowest = min(tried) if tried else 0.1
+    return "retry", [round(lowest * gate.backoff, 4)]
+
+
+def judge_branch(baseline_map: float, cand_map: float | None, gate: GateDef) -> tuple[
+        bool, float | None]:
+    if cand_map is None:
+        return False, None
+    drop = baseline_map - cand_map
+    return drop <= gate.max_drop + 1e-12, drop
+
+
+def best_of(branches: list[BranchResult]) -> BranchResult | None:
+    """The smallest model that passes."""
+    passing = [b for b in branches if b.passed and b.size_mib is not None]
+    return min(passing, key=lambda b: (b.size_mib, -(b.map or 0))) if passing else None
