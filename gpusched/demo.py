@@ -1,89 +1,135 @@
-"""``gpusched demo``: a real daemon on simulated GPUs in a temporary state directory, running
-work end to end with live progress. Nothing outside the temporary directory is touched."""
+"""``gpusched demo``: the full TAO pipeline of the source workflow on simulated GPUs.
+
+A real daemon on a temporary state directory with a simulated RTX A4000 and RTX 2070 runs the
+example pipeline (train SSD-ResNet18 for 80 epochs with a checkpoint every 10, pick the best
+epoch, evaluate, prune at three thresholds in parallel, retrain, evaluate, gate) on the fake TAO
+at scaled time, with live progress, and ends with the pipeline's summary and the per-GPU epoch
+times. Nothing outside the temporary directory is touched.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from gpusched import reports, throughput
 from gpusched.client import Client
-from gpusched.render import duration, table
+from gpusched.render import pipeline_detail
 from gpusched.testing.harness import SIM_GPUS, DaemonProcess, short_tmpdir
 
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCALE = 0.004  # 48 s/epoch on the A4000 becomes 0.19 s
 
 
-def _submit(c: Client, command: list[str], **kw: Any) -> int:
-    spec = {"command": command, "workdir": "/tmp", **kw}
-    return int(c.post("/v1/jobs", spec)["id"])
+def _examples() -> Path:
+    """The example pipeline and specs: from the checkout, or the copy shipped in the package."""
+    for base in (EXAMPLES, Path(__file__).resolve().parent / "examples"):
+        if (base / "ssd_resnet18_kitti.toml").is_file():
+            return base
+    raise FileNotFoundError("examples/ssd_resnet18_kitti.toml not found")
 
 
-def follow(c: Client, ids: list[int], out: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Print each status change until every job has ended."""
+def _progress_line(p: dict[str, Any]) -> str:
+    parts = []
+    for j in p["jobs"]:
+        stage = (j["name"] or "").split("/", 1)[-1]
+        prog = j.get("progress") or {}
+        if j["status"] == "running":
+            gpus = ",".join(map(str, j["gpu_indices"]))
+            where = (f" {prog['epoch']}/{prog['max_epoch']}" if prog.get("max_epoch") else "")
+            parts.append(f"{stage}@GPU{gpus}{where}")
+    done = sum(j["status"] == "succeeded" for j in p["jobs"])
+    return f"  [{done}/{len(p['jobs'])} done] " + ("  ".join(parts) or "(between stages)")
+
+
+def follow_pipeline(c: Client, pid: int, out: Callable[[str], None],
+                    timeout_s: float = 600) -> dict[str, Any]:
     seen: dict[int, str] = {}
-    q = ",".join(map(str, ids))
-    while True:
-        jobs = c.get(f"/v1/jobs?all=1&ids={q}")
-        for j in jobs:
-            if seen.get(j["id"]) != j["status"]:
+    last = 0.0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        p = c.get(f"/v1/pipelines/{pid}")
+        for j in p["jobs"]:
+            if seen.get(j["id"]) != j["status"] and j["status"] not in ("queued",):
                 seen[j["id"]] = j["status"]
+                stage = (j["name"] or "").split("/", 1)[-1]
                 gpus = ",".join(map(str, j["gpu_indices"])) or "-"
-                out(f"  job {j['id']:>3} {j['name'] or '':<14} {j['status']:<10} GPUs {gpus}")
-        if all(j["status"] in TERMINAL for j in jobs):
-            return list(jobs)
-        time.sleep(0.1)
-
-
-def run_jobs_demo(c: Client, out: Callable[[str], None]) -> list[dict[str, Any]]:
-    stamp = "sleep {s}; echo done on $GPUSCHED_GPU_NAMES"
-    ids = [
-        _submit(c, ["sh", "-c", stamp.format(s=2)], name="prep-a4000", gpus={"ids": ["0"],
-                                                                              "count": 1}),
-        _submit(c, ["sh", "-c", stamp.format(s=1)], name="prep-2070", gpus={"ids": ["1"],
-                                                                             "count": 1}),
-    ]
-    ids.append(_submit(c, ["sh", "-c", stamp.format(s=2)], name="train-2gpu",
-                       gpus={"count": 2}))
-    ids += [_submit(c, ["sh", "-c", stamp.format(s=1)], name=f"eval-{i}") for i in range(3)]
-    ids.append(_submit(c, ["sh", "-c", "echo report"], name="report", gpus={"count": 0},
-                       after=ids[2:]))
-    out(f"queued {len(ids)} jobs: two pinned 1-GPU jobs, a 2-GPU job that must not starve, "
-        "three 1-GPU jobs, and a CPU job after all of them")
-    return follow(c, ids, out)
+                extra = f" ({j['reason']})" if j["status"] not in ("running", "succeeded") and \
+                    j.get("reason") else ""
+                out(f"  job {j['id']:>3} {stage:<36} {j['status']:<10} GPUs {gpus}{extra}")
+        if p["status"] != "running":
+            return dict(p)
+        if time.monotonic() - last >= 3:
+            out(_progress_line(p))
+            last = time.monotonic()
+        time.sleep(0.25)
+    raise TimeoutError(f"the pipeline did not finish within {timeout_s:.0f} s")
 
 
 def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     state = short_tmpdir("gpusched-demo-")
-    out(f"gpusched demo: daemon on simulated GPUs {SIM_GPUS!r}, state in {state}")
-    d = DaemonProcess(state, simulate=SIM_GPUS)
+    work = state / "work"
+    shutil.copytree(_examples(), work, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    env = {
+        "GPUSCHED_TAO__RUNNER": "local",
+        "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
+                                                   "gpusched.testing.fake_tao"]),
+        "GPUSCHED_DOCKER__MOUNT_ROOTS": json.dumps([str(state)]),
+    }
+    out(f"gpusched demo: a daemon on simulated GPUs {SIM_GPUS!r}, state and experiments in "
+        f"{state}")
+    out(f"running the fake TAO at {SCALE:g}× real time (RTX A4000 48 s/epoch, RTX 2070 67 s, "
+        "both 40 s)")
+    d = DaemonProcess(state, simulate=SIM_GPUS, env=env)
+    t0 = time.monotonic()
     try:
         d.start()
         c = d.client()
         for g in c.get("/v1/gpus"):
             out(f"  GPU {g['index']}: {g['name']} ({g['memory_total_mib']} MiB) {g['uuid']}")
-        jobs = run_jobs_demo(c, out)
-        rows = []
-        for j in sorted(jobs, key=lambda j: j["id"]):
-            from gpusched.clock import parse_iso
+        toml_path = work / "ssd_resnet18_kitti.toml"
+        import tomllib
 
-            secs = (parse_iso(j["ended_at"]) - parse_iso(j["started_at"])
-                    if j["started_at"] and j["ended_at"] else None)
-            rows.append([j["id"], j["name"], j["status"],
-                         ",".join(map(str, j["gpu_indices"])) or "-", duration(secs)])
-        out("\n" + table(["ID", "NAME", "STATUS", "GPUS", "RAN"], rows))
-        ok = all(j["status"] == "succeeded" for j in jobs)
-        out("\nall jobs succeeded" if ok else "\nsome jobs did not succeed")
-        return 0 if ok else 1
+        body = {"definition": tomllib.loads(toml_path.read_text()), "base_dir": str(work),
+                "env": {"GPUSCHED_FAKE_TAO_SCALE": str(SCALE)}}
+        p = c.post("/v1/pipelines", body)
+        out(f"\n$ gpusched pipeline run {toml_path}\npipeline {p['id']} queued with "
+            f"{len(p['jobs'])} stages: train (2 GPUs) -> evaluate -> prune at 0.1/0.2/0.3 -> "
+            "retrain -> evaluate -> gate\n")
+        p = follow_pipeline(c, p["id"], out)
+        out(f"\n$ gpusched pipeline status {p['id']}")
+        out(pipeline_detail(p))
+        epochs = c.get("/v1/epochs")
+        stats = throughput.summarize(epochs)
+        out("\n$ gpusched report throughput   (per-GPU epoch times of this run, scaled time)")
+        out(reports.throughput_table(stats, throughput.recommend(stats)))
+        if keep:
+            spans = c.get("/v1/spans?since=0")
+            gpus = c.get("/v1/gpus")
+            html = state / "report.html"
+            now = time.time()
+            html.write_text(reports.html_report(stats, throughput.recommend(stats),
+                                                throughput.busy_fraction(spans, gpus, 0, now),
+                                                spans, gpus, min(s["started_at"] for s in spans),
+                                                now))
+            out(f"\nHTML report: {html}")
+        out(f"\ndemo finished in {time.monotonic() - t0:.0f} s: pipeline {p['status']}")
+        return 0 if p["status"] == "succeeded" and p.get("summary") else 1
     finally:
         d.stop()
         if keep:
-            out(f"state kept in {state} (GPUSCHED_STATE_DIR={state} gpusched daemon to inspect)")
+            out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
+                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {SIM_GPUS!r}")
         else:
             shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+

@@ -141,7 +141,8 @@ def pipeline_summary(summary: dict[str, Any]) -> str:
     if best:
         out.append(f"result: the pruned model at threshold {best['threshold']:g}, "
                    f"{best['size_mib']:.1f} MiB, mAP {best['map']:.4f} "
-                   f"({best['drop'] * 100:.2f} points below unpruned)")
+                   f"({abs(best['drop']) * 100:.2f} points "
+                   f"{'below' if best['drop'] >= 0 else 'above'} the unpruned model)")
     return "\n".join(out)
 
 

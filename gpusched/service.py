@@ -62,7 +62,7 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 def make_runners(settings: Settings) -> dict[str, Runner]:
-    runners: dict[str, Runner] = {"local": LocalRunner()}
+    runners: dict[str, Runner] = {"local": LocalRunner(settings.runs_dir)}
     if settings.docker.enabled:
         from gpusched.runners.docker import ContainerRunner
 

@@ -115,7 +115,10 @@ class _ShimProcess(subprocess.Popen[bytes]):
 class LocalRunner:
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, runs_dir: Path | None = None) -> None:
+        # Only shims under our own runs directory are ours: another daemon (another state
+        # directory, a test) may run shims on the same host, and reconcile must never touch them.
+        self.runs_dir = runs_dir.resolve() if runs_dir else None
         self._procs: dict[tuple[int, int], _ShimProcess] = {}
         self._pidfds: dict[tuple[int, int], int] = {}
 
@@ -261,6 +264,8 @@ class LocalRunner:
             if len(argv) < 5 or argv[3] != SHIM_NAME.encode() or argv[2] != SHIM.encode():
                 continue
             run_dir = Path(argv[4].decode(errors="replace")).parent
+            if self.runs_dir is None or run_dir.parent.parent != self.runs_dir:
+                continue
             try:
                 job_id, n = int(run_dir.parent.name), int(run_dir.name)
             except ValueError:

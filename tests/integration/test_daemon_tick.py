@@ -176,7 +176,8 @@ def test_drained_gpu_is_never_used(service: Service) -> None:
 def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
                                                              clock: FakeClock) -> None:
     inv = SimulatedInventory(SIM_GPUS)
-    svc = Service(settings, inventory=inv, runners={"local": LocalRunner()}, clock=clock)
+    svc = Service(settings, inventory=inv, runners={"local": LocalRunner(settings.runs_dir)},
+                  clock=clock)
     uuid = inv.uuids[1]
     inv.set_health(uuid, "lost", "GPU is lost (fell off the bus)")
     svc.daemon.tick(clock.now())
@@ -184,7 +185,7 @@ def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
     svc.daemon.close()
     svc.store.close()
     svc2 = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner()}, clock=clock)
+                   runners={"local": LocalRunner(settings.runs_dir)}, clock=clock)
     svc2.daemon.tick(clock.now())
     states = {g.uuid: (g.state, g.drain_reason) for g in svc2.daemon.gpu_states()}
     assert states[uuid] == ("drained", "GPU is lost (fell off the bus)")
@@ -214,7 +215,7 @@ def restart(svc: Service) -> Service:
     svc.daemon.close()
     svc.store.close()
     return Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner()}, clock=svc.clock)
+                   runners={"local": LocalRunner(svc.settings.runs_dir)}, clock=svc.clock)
 
 
 def test_restart_adopts_a_running_job_and_records_its_exit(service: Service) -> None:
@@ -296,6 +297,30 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
     finally:
         svc2.daemon.close()
         svc2.store.close()
+
+
+def test_another_daemons_shims_are_not_orphans(service: Service, tmp_path: Path) -> None:
+    """Two daemons (state directories) on one host: reconcile never touches the other's jobs."""
+    other = LocalRunner(tmp_path / "other-runs")
+    spec = JobSpec(command=["sleep", "30"], workdir="/tmp")
+    gpu = SimulatedInventory(SIM_GPUS).snapshot(lambda pid: None)[0]
+    launched = other.launch(LaunchRequest(
+        job_id=1, attempt=1, spec=spec, gpus=(gpu,), simulated=True, env={},
+        log_path=tmp_path / "o.log", run_dir=tmp_path / "other-runs" / "1" / "1",
+        owner_uid=os.getuid(), owner="tester"))
+    try:
+        ours = service.daemon.runners["local"]
+        assert ours.orphans(set()) == []
+        found = other.orphans(set())
+        assert [o.job_id for o in found] == [1]
+    finally:
+        assert launched.pid is not None
+        os.killpg(launched.pid, 9)
+        time.sleep(0.1)
+        other.poll(AttemptRef(job_id=1, n=1, runner="local", gpus=(), log_path=tmp_path / "o.log",
+                              run_dir=tmp_path / "other-runs" / "1" / "1", started_at=0,
+                              pid=launched.pid), 0)
+        other.close()
 
 
 def test_orphan_shim_is_killed(service: Service) -> None:
