@@ -90,6 +90,7 @@ class Service:
                              runners if runners is not None else make_runners(settings))
         self.stopping = threading.Event()
         self.server: ApiServer | None = None
+        self.metrics_server: Any = None
         self._admins = admin_uids(settings.api.admin_group)
 
     # -- used by the API ------------------------------------------------------------------
@@ -170,6 +171,22 @@ class Service:
     def start_server(self) -> None:
         self.server = ApiServer(self.settings.socket, self)
         threading.Thread(target=self.server.serve_forever, name="api", daemon=True).start()
+        if self.settings.metrics.port is not None:
+            from gpusched.metrics import serve_metrics
+
+            self.metrics_server = serve_metrics(self.settings.metrics.port, self.metrics)
+            log.info("Prometheus metrics on http://127.0.0.1:%d/metrics",
+                     self.metrics_server.server_address[1])
+
+    def metrics(self) -> bytes:
+        """One scrape: GPU state, jobs by state, queue length, the last day's epoch times."""
+        from gpusched.metrics import render_metrics
+
+        with self.daemon.lock:
+            gpus = [g.model_dump() for g in self.daemon.gpu_states()]
+        counts = self.store.count_by_status()
+        epochs = self.store.epochs(since=self.clock.now() - 86400)
+        return render_metrics(gpus, counts, counts.get("queued", 0), epochs)
 
     def _housekeeping(self) -> Any:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -221,6 +238,9 @@ class Service:
         finally:
             sd_notify("STOPPING=1")
             sched.shutdown(wait=False)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+                self.metrics_server.server_close()
             if self.server:
                 self.server.shutdown()
                 self.server.server_close()

@@ -261,3 +261,21 @@ def test_sigint_and_sigterm_exit_cleanly(state_dir: Path) -> None:
     d = DaemonProcess(state_dir).start()
     assert d.stop(signal.SIGINT) == 0
     assert not d.socket.exists()
+
+
+def test_prometheus_endpoint_on_loopback(state_dir: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = DaemonProcess(state_dir, env={"GPUSCHED_METRICS__PORT": str(port)}).start()
+    try:
+        submit(d, "--hold", "--", "true")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'gpusched_jobs{status="held"} 1.0' in text
+        assert "gpusched_gpu_state" in text and "gpusched_queue_length" in text
+    finally:
+        d.stop()
