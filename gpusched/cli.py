@@ -146,6 +146,8 @@ def submit(
     env: Annotated[list[str], typer.Option("--env", "-e", help="K=V (repeatable); K alone "
                                            "passes K from your shell.")] = [],  # noqa: B006
     retries: Annotated[int, typer.Option(help="Run again this many times on failure.")] = 0,
+    retry_on: Annotated[str | None, typer.Option(help="Retry only on these exit codes (75,76); "
+                                                 "default: any failure.")] = None,
     hold: Annotated[bool, typer.Option("--hold", help="Queue held; `release` starts it.")] = False,
     est_time: Annotated[str | None, typer.Option("--time", help="Expected run time (90s, 20m, "
                                                  "2h): lets the job backfill.")] = None,
@@ -164,6 +166,7 @@ def submit(
         spec: dict[str, Any] = {
             "command": command, "gpus": parse_gpus(gpus, gpu_type, mem), "priority": priority,
             "name": name, "env": _env_pairs(env), "retries": retries, "hold": hold,
+            "retry_on": [int(x) for x in retry_on.split(",") if x.strip()] if retry_on else None,
             "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
         }
         if est_time:
@@ -180,7 +183,7 @@ def submit(
             spec["env"] = {"PATH": os.environ.get("PATH", ""), **spec["env"]}
         result = _client().post("/v1/jobs", spec)
     except ValueError as err:
-        _fail(SpecError(f"bad --after {after!r}: give job ids like 12,13 ({err})"))
+        _fail(SpecError(f"bad --after or --retry-on: give numbers like 12,13 ({err})"))
     except GpuschedError as err:
         _fail(err)
     render.emit_json(result) if as_json else typer.echo(result["id"])
@@ -619,6 +622,43 @@ def pipeline_ls(as_json: JsonOpt = False) -> None:
                                 [[p["id"], p["name"], p["status"], p["rounds"],
                                   render.ago(p["created_at"]), p["reason"] or ""]
                                  for p in data]) if data else "no pipelines")
+
+
+admin_app = typer.Typer(help="Database backups and restores (root).", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("backup")
+def admin_backup(state_dir: Annotated[Path | None, typer.Option(help="State directory.")] = None
+                 ) -> None:
+    """Write an online backup of the database now (the daemon also does so every
+    backup.interval_s); prints its path."""
+    from gpusched import admin
+    from gpusched.config import load_settings
+
+    try:
+        settings = load_settings(state_dir=state_dir)
+        typer.echo(admin.backup(settings))
+    except GpuschedError as err:
+        _fail(err)
+
+
+@admin_app.command("restore")
+def admin_restore(
+    backup: Annotated[Path, typer.Argument(help="A backup file (state_dir/backups/...).")],
+    state_dir: Annotated[Path | None, typer.Option(help="State directory.")] = None,
+) -> None:
+    """Replace the database with a backup. The daemon must be stopped; the current database
+    is kept beside it as gpusched.db.replaced-<time>."""
+    from gpusched import admin
+    from gpusched.config import load_settings
+
+    try:
+        settings = load_settings(state_dir=state_dir)
+        kept = admin.restore(settings, backup)
+        typer.echo(f"restored {backup} into {settings.db_path}; the old database is {kept}")
+    except GpuschedError as err:
+        _fail(err)
 
 
 @app.command()

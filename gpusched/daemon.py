@@ -196,7 +196,10 @@ class Daemon:
         self._specs.pop(ref.key, None)
         requeue, consume = False, True
         reason: str | None
-        if row["cancel_requested_at"] is not None:
+        if row.get("requeue_reason") and row["cancel_requested_at"] is None:
+            # infrastructure failure (GPU lost): queue again, the job's retries stay untouched
+            to, reason, requeue, consume = S.QUEUED, row["requeue_reason"], True, False
+        elif row["cancel_requested_at"] is not None:
             why = outcome.reason or "cancelled"
             to, reason = S.CANCELLED, why if why.startswith("cancel") else f"cancelled ({why})"
         elif outcome.lost:
@@ -211,7 +214,9 @@ class Daemon:
         else:
             to = S.FAILED
             reason = "killed: out of memory" if outcome.oom else outcome.reason
-            if (row["retries_left"] or 0) > 0:
+            retry_on = json.loads(row["job_spec"]).get("retry_on")
+            if (row["retries_left"] or 0) > 0 and (not retry_on or
+                                                   outcome.exit_code in retry_on):
                 requeue = True
                 reason = f"{reason}; retrying ({row['retries_left'] - 1} retries left)"
         release_now = self.inventory.simulated or not ref.gpus
@@ -286,7 +291,28 @@ class Daemon:
                 if self.store.drain(g.uuid, reason=g.health_reason or f"GPU {g.health}",
                                     by="daemon", now=now):
                     log.error("GPU %s (%s) drained: %s", g.index, g.uuid, g.health_reason)
+                    self._evacuate(g, now)
         self._release_clean_gpus(now)
+
+    def _evacuate(self, gpu: Gpu, now: float) -> None:
+        """Jobs on a GPU that failed: stop them and queue them again without using a retry
+        (an infrastructure failure is not the job's fault)."""
+        jobs = sorted({a["job_id"] for a in self.store.allocations()
+                       if a["gpu_uuid"] == gpu.uuid and a["releasing_since"] is None})
+        if not jobs:
+            return
+        why = f"GPU {gpu.index} failed ({gpu.health_reason or gpu.health}); queued again"
+        self.store.mark_infra_requeue(jobs, why, now)
+        for row in self.store.live_attempts():
+            if row["job_id"] in jobs and row["state"] == "live":
+                runner = self._runner(row["runner"])
+                if runner is not None:
+                    try:
+                        runner.signal_cancel(AttemptRef.from_row(row), kill=True)
+                    except GpuschedError as err:
+                        log.warning("could not stop job %s on failed GPU: %s", row["job_id"],
+                                    err)
+        # the GPU's allocation goes with its attempt; nothing will be placed on it (drained)
 
     def _release_clean_gpus(self, now: float) -> None:
         """Allocations of ended attempts go once NVML shows none of the job's processes."""

@@ -83,6 +83,7 @@ class JobSpec(BaseModel):
     user: str | None = None
     use_tao_mounts: bool = False
     retries: int = Field(default=0, ge=0, le=100)
+    retry_on: list[int] | None = Field(default=None, max_length=100)  # only these exit codes
     hold: bool = False
     est_runtime_s: float | None = Field(default=None, gt=0)
     kind: str = "job"  # "job", or a TAO stage ("tao:train", ...)

@@ -19,7 +19,14 @@ from typing import Any
 from gpusched.clock import Clock, SystemClock
 from gpusched.config import Settings
 from gpusched.daemon import Daemon
-from gpusched.errors import AlreadyRunning, CorruptDatabase, NotFound, SpecError
+from gpusched.errors import (
+    AlreadyRunning,
+    CorruptDatabase,
+    NotFound,
+    SpecError,
+    StorageFull,
+    StoreError,
+)
 from gpusched.gpus import Inventory, open_inventory
 from gpusched.models import JobSpec, JobView
 from gpusched.runners.base import Runner
@@ -80,11 +87,17 @@ class Service:
         self.clock = clock or SystemClock()
         for d in (settings.state_dir, settings.logs_dir, settings.runs_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.db_path)
-        qc = self.store.quick_check()
+        try:
+            self.store = Store(settings.db_path)
+            qc = self.store.quick_check()
+        except StoreError as err:
+            if isinstance(err, StorageFull):
+                raise
+            qc = err.message
         if qc != "ok":
-            raise CorruptDatabase(f"the state database {settings.db_path} failed quick_check "
-                                  f"({qc}); restore a backup from {settings.backups_dir}")
+            from gpusched.admin import corrupt_message
+
+            raise CorruptDatabase(corrupt_message(settings, qc))
         self.inventory = inventory or open_inventory(settings.gpus.simulate)
         self.daemon = Daemon(settings, self.store, self.inventory,
                              runners if runners is not None else make_runners(settings))

@@ -162,8 +162,13 @@ def _v2(db: sqlite_utils.Database) -> None:
     db.executescript("CREATE INDEX IF NOT EXISTS jobs_pipeline ON jobs(pipeline_id);")
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    """An infrastructure failure (GPU lost) requeues the job without using a retry."""
+    db["jobs"].add_column("requeue_reason", str)  # type: ignore[union-attr]
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -458,7 +463,7 @@ class Store:
 
     def live_attempts(self, runner: str | None = None) -> list[Row]:
         sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.retries_left,"
-               " j.spec AS job_spec FROM attempts a JOIN jobs j ON j.id = a.job_id"
+               " j.requeue_reason, j.spec AS job_spec FROM attempts a JOIN jobs j ON j.id = a.job_id"
                " WHERE a.state IN ('starting', 'live')")
         params: list[Any] = []
         if runner:
@@ -482,7 +487,8 @@ class Store:
                 (ended_at, exit_code, reason, int(oom), job_id, n))
             if cur.rowcount != 1:
                 return False
-            fields: dict[str, Any] = {"exit_code": exit_code, "cancel_requested_at": None}
+            fields: dict[str, Any] = {"exit_code": exit_code, "cancel_requested_at": None,
+                                      "requeue_reason": None}
             if requeue:
                 if consume_retry:
                     conn.execute("UPDATE jobs SET retries_left = retries_left - 1 WHERE id = ?",
@@ -501,6 +507,15 @@ class Store:
             return True
 
     # -- allocations ----------------------------------------------------------------------
+
+    def mark_infra_requeue(self, job_ids: Iterable[int], reason: str, now: float) -> None:
+        """Ask for these active jobs to be stopped and queued again without using a retry."""
+        with self.write() as conn:
+            for job_id in job_ids:
+                conn.execute("UPDATE jobs SET requeue_reason = ?, updated_at = ? WHERE id = ?"
+                             " AND status IN ('starting', 'running', 'unknown')",
+                             (reason, now, job_id))
+                self._event(conn, job_id, now, None, "requeue", reason, "daemon")
 
     def allocations(self) -> list[Row]:
         return self.query("SELECT * FROM allocations ORDER BY gpu_uuid")

@@ -279,3 +279,30 @@ def test_prometheus_endpoint_on_loopback(state_dir: Path) -> None:
         assert "gpusched_gpu_state" in text and "gpusched_queue_length" in text
     finally:
         d.stop()
+
+
+def test_corrupt_database_refuses_to_start_and_restore_works(state_dir: Path) -> None:
+    d = DaemonProcess(state_dir).start()
+    job = submit(d, "--hold", "--", "true")
+    backup = d.cli("admin", "backup")  # while the daemon runs: an online backup
+    assert backup.returncode == 0, backup.stderr
+    d.stop()
+    db = state_dir / "gpusched.db"
+    with open(db, "r+b") as fh:  # wreck the pages after the header
+        fh.seek(4096)
+        fh.write(b"\xde\xad\xbe\xef" * 4096)
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-m", "gpusched.cli", "daemon", "--simulate-gpus", "A:1G"],
+                       env=d.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    newest = backup.stdout.strip()
+    assert "corrupt" in r.stderr and newest in r.stderr and "gpusched admin restore" in r.stderr
+    assert "Traceback" not in r.stderr
+    restored = d.cli("admin", "restore", newest)
+    assert restored.returncode == 0, restored.stderr
+    d.start()
+    try:
+        assert show(d, job)["status"] == "held"
+    finally:
+        d.stop()

@@ -340,3 +340,31 @@ def test_orphan_shim_is_killed(service: Service) -> None:
         service.daemon.runners["local"].poll(att, service.clock.now())
     stat = Path(f"/proc/{att.pid}/stat")
     assert not stat.exists() or ") Z" in stat.read_text()
+
+
+def test_gpu_lost_mid_job_requeues_without_using_a_retry(service: Service) -> None:
+    inv = service.inventory
+    assert isinstance(inv, SimulatedInventory)
+    job = submit(service, "sh", "-c", "echo attempt $GPUSCHED_ATTEMPT on $CUDA_VISIBLE_DEVICES; "
+                 "sleep 30", gpus=GpuRequest(count=1, gpu_type="A4000"))
+    run_until(service, lambda: status(service, job) == "running")
+    inv.set_health(inv.uuids[0], "lost", "GPU is lost (fell off the bus)")
+    service.clock.advance(service.settings.gpus.poll_interval_s)
+    run_until(service, lambda: status(service, job) == "queued")
+    row = service.store.get_job(job)
+    assert row["retries_left"] == 0 and "GPU 0 failed" in row["reason"]
+    assert service.store.attempts(job)[0]["exit_code"] == 137
+    states = {g.uuid: g.state for g in service.daemon.gpu_states()}
+    assert states[inv.uuids[0]] == "lost"
+    # the only A4000 is gone: the job waits (it never lands on the lost GPU)
+    service.daemon.tick(service.clock.now())
+    assert status(service, job) == "queued"
+    service.store.request_cancel(job, actor="tester", now=service.clock.now())
+
+
+def test_retry_only_on_the_named_exit_codes(service: Service) -> None:
+    transient = submit(service, "sh", "-c", "exit 75", retries=2, retry_on=[75])
+    fatal = submit(service, "sh", "-c", "exit 3", retries=2, retry_on=[75])
+    run_until(service, ended(service, transient, fatal))
+    assert service.store.get_job(transient)["attempt"] == 3
+    assert service.store.get_job(fatal)["attempt"] == 1
