@@ -18,8 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpusched.errors import SpecError
-from gpusched.stages import REF_KINDS
-from gpusched.tao import TASKS
+from gpusched.tao import REF_KINDS, TASKS
 
 PATH_KEYS = {"spec": "spec", "results": "results_dir", "output": "output", "model": "model",
              "images": "images"}

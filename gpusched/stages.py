@@ -21,10 +21,9 @@ from gpusched.config import Settings
 from gpusched.errors import SpecError
 from gpusched.models import GpuRequest, JobSpec, Mount
 from gpusched.policy import is_under
-from gpusched.tao import TAO_ENV, TaoStage, stage_argv, status_json_path
+from gpusched.tao import REF_KINDS, TAO_ENV, TaoStage, stage_argv, status_json_path
 
 REF_PREFIX = "@"
-REF_KINDS = ("best_checkpoint", "latest_checkpoint", "pruned_model", "exported_model")
 CSV_GLOB = "*training_log*.csv"
 
 

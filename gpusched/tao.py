@@ -21,6 +21,8 @@ TASKS = ("train", "evaluate", "prune", "retrain", "export", "inference")
 NETWORKS = ("ssd",)
 DEFAULT_IMAGE = "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5"
 TAO_ENV = {"TELEMETRY_OPT_OUT": "yes"}
+#: what a later stage can ask of an earlier one (``model = "best_checkpoint:train"``)
+REF_KINDS = ("best_checkpoint", "latest_checkpoint", "pruned_model", "exported_model")
 
 Task = Literal["train", "evaluate", "prune", "retrain", "export", "inference"]
 
