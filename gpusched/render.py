@@ -67,11 +67,25 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         gpus = ",".join(str(i) for i in j.get("gpu_indices") or []) or (
             "-" if j["status"] not in ("queued", "held") else _want(j["request"]))
-        cmd = " ".join(j["command"])
+        cmd = " ".join(j["command"]).replace("\n", " ")
         rows.append([j["id"], (j.get("name") or "")[:24], j["status"], gpus, j["owner"],
-                     ago(j["submitted_at"]), _outcome(j), cmd[:50] + ("…" if len(cmd) > 50 else "")])
-    return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "RESULT", "COMMAND"],
-                 rows)
+                     ago(j["submitted_at"]), progress_text(j.get("progress")) or _outcome(j),
+                     cmd[:50] + ("…" if len(cmd) > 50 else "")])
+    return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "PROGRESS/RESULT",
+                  "COMMAND"], rows)
+
+
+def progress_text(p: dict[str, Any] | None) -> str:
+    """'epoch 35/80, 48 s/epoch, ETA 36m00s' for a running stage that reports epochs."""
+    if not p:
+        return ""
+    text = f"epoch {p['epoch']}" + (f"/{p['max_epoch']}" if p.get("max_epoch") else "")
+    if p.get("s_per_epoch"):
+        secs = p["s_per_epoch"]
+        text += f", {secs:.0f} s/epoch" if secs >= 10 else f", {secs:.2g} s/epoch"
+    if p.get("eta_s") is not None:
+        text += f", ETA {duration(p['eta_s'])}"
+    return text
 
 
 def _want(req: dict[str, Any]) -> str:
@@ -95,7 +109,8 @@ def job_detail(j: dict[str, Any]) -> str:
                                                              j["gpus"], strict=False))),
              ("priority", j["priority"]), ("after", ", ".join(map(str, j["after"]))),
              ("attempt", j["attempt"]), ("exit code", j["exit_code"]), ("reason", j["reason"]),
-             ("waiting", j.get("waiting_reason")), ("submitted", j["submitted_at"]),
+             ("waiting", j.get("waiting_reason")), ("progress", progress_text(j.get("progress"))),
+             ("submitted", j["submitted_at"]),
              ("started", j["started_at"]), ("ended", j["ended_at"]), ("log", j.get("log_path"))]
     for k, v in field:
         if v not in (None, "", []):
