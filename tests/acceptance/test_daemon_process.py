@@ -306,3 +306,32 @@ def test_corrupt_database_refuses_to_start_and_restore_works(state_dir: Path) ->
         assert show(d, job)["status"] == "held"
     finally:
         d.stop()
+
+
+def test_systemd_notify_protocol(state_dir: Path) -> None:
+    """With NOTIFY_SOCKET set (Type=notify) the daemon says READY=1 once it serves, feeds the
+    watchdog after healthy ticks, and says STOPPING=1 on SIGTERM."""
+    import socket
+
+    addr = str(state_dir / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+        sock.settimeout(10)
+        d = DaemonProcess(state_dir, env={"NOTIFY_SOCKET": addr}).start()
+        try:
+            messages = []
+            deadline = time.time() + 10
+            while time.time() < deadline and not any("WATCHDOG=1" in m for m in messages):
+                messages.append(sock.recv(4096).decode())
+            assert any("READY=1" in m for m in messages)
+            assert any("WATCHDOG=1" in m for m in messages)
+        finally:
+            d.stop()
+        rest = []
+        sock.settimeout(0.5)
+        try:
+            while True:
+                rest.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert any("STOPPING=1" in m for m in rest)
