@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from gpusched.config import Settings
 from gpusched.errors import SpecError
-from gpusched.models import Mount
+from gpusched.models import JobSpec, Mount
 from gpusched.pipelines import (
     BranchResult,
     PipelineDef,
@@ -36,13 +37,18 @@ class PipelineRunner:
     # -- submission -----------------------------------------------------------------------
 
     def submit(self, pdef: PipelineDef, *, owner_uid: int, owner: str, now: float,
-               mounts: list[Mount], env: dict[str, str]) -> int:
-        """Queue every stage of round 1 (validated first: nothing is stored on bad input)."""
+               mounts: list[Mount], env: dict[str, str],
+               validate: Callable[[JobSpec], None] | None = None) -> int:
+        """Queue every stage of round 1. Every stage is validated first, with the same checks
+        as `gpusched tao` (``validate``: runner, image allowlist, GPU count...), so nothing is
+        stored on bad input."""
         extra = {"mounts": [m.model_dump() for m in mounts], "env": {**env, **pdef.env}}
         plan = expand(pdef)
         fake_ids = {p.key: i + 1 for i, p in enumerate(plan)}
         for p in plan:  # validation pass with stand-in ids
-            build_job(self._request(pdef, p, fake_ids, None, 1, extra), self.settings)
+            spec = build_job(self._request(pdef, p, fake_ids, None, 1, extra), self.settings)
+            if validate is not None:
+                validate(spec)
         pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner, now=now,
                                          spec_json=json.dumps({"def": pdef.model_dump(),
                                                                "extra": extra}))
@@ -131,8 +137,8 @@ class PipelineRunner:
         self.store.update_pipeline(
             row["id"], now=now, status="failed",
             summary=json.dumps(self._summary(base_map, branches, None)),
-            reason=f"no pruned model within {gate.max_drop:g} mAP of the unpruned model after "
-                   f"{rounds} round(s)")
+            reason=f"no pruned model within gate.max_drop = {gate.max_drop:g} mAP of the "
+                   f"unpruned model after {rounds} round(s)")
         return False
 
     def _trunk_ids(self, pdef: PipelineDef, jobs: list[Row]) -> dict[str, int]:

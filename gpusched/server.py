@@ -216,7 +216,8 @@ class Handler(BaseHTTPRequestHandler):
         with svc.daemon.lock:
             pid = svc.daemon.pipelines.submit(pdef, owner_uid=uid, owner=user_name(uid),
                                               now=svc.clock.now(), mounts=body.mounts,
-                                              env=body.env)
+                                              env=body.env,
+                                              validate=lambda s: svc.validate_spec(s, uid))
         svc.daemon.wake()
         return 201, self._pipeline(pid)
 

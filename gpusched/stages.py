@@ -21,7 +21,7 @@ from gpusched.config import Settings
 from gpusched.errors import SpecError
 from gpusched.models import GpuRequest, JobSpec, Mount
 from gpusched.policy import is_under
-from gpusched.tao import REF_KINDS, TAO_ENV, TaoStage, stage_argv, status_json_path
+from gpusched.tao import REF_KINDS, REF_ROOT, TAO_ENV, TaoStage, stage_argv, status_json_path
 
 REF_PREFIX = "@"
 CSV_GLOB = "*training_log*.csv"
@@ -70,11 +70,11 @@ def build_job(req: StageRequest, settings: Settings,
     """The JobSpec of a stage. Unresolved references stay as placeholders in the command and
     are resolved at launch (``resolve``). Validates before anything is queued."""
     refs = {k: v for k, v in req.stage.items() if isinstance(v, str) and parse_ref(v)}
-    placeholders = {k: f"/gpusched-ref/{v[1:].replace(':', '/')}" for k, v in refs.items()}
+    placeholders = {k: f"{REF_ROOT}{v[1:].replace(':', '/')}" for k, v in refs.items()}
     stage = _stage_with(req.stage, {**placeholders, **(resolved or {})})
     runner = req.runner or settings.tao.runner
     for path in stage.host_paths():
-        if path.startswith("/gpusched-ref/"):
+        if path.startswith(REF_ROOT):
             continue
         if not any(is_under(os.path.realpath(path), os.path.realpath(r))
                    for r in settings.docker.mount_roots):
@@ -82,7 +82,7 @@ def build_job(req: StageRequest, settings: Settings,
                             f"({', '.join(settings.docker.mount_roots)}; docker.mount_roots)")
     if stage.spec and not os.path.isfile(stage.spec):
         raise SpecError(f"spec file {stage.spec} does not exist")
-    if stage.model and not stage.model.startswith("/gpusched-ref/") and not os.path.exists(
+    if stage.model and not stage.model.startswith(REF_ROOT) and not os.path.exists(
             stage.model) and not resolved:
         raise SpecError(f"model {stage.model} does not exist")
     gpus = GpuRequest(count=stage.gpus, ids=tuple(req.on) if req.on else None,

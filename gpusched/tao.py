@@ -21,6 +21,8 @@ TASKS = ("train", "evaluate", "prune", "retrain", "export", "inference")
 NETWORKS = ("ssd",)
 DEFAULT_IMAGE = "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5"
 TAO_ENV = {"TELEMETRY_OPT_OUT": "yes"}
+#: placeholder root for a path that a later stage receives from an earlier one at launch
+REF_ROOT = "/gpusched-ref/"
 #: what a later stage can ask of an earlier one (``model = "best_checkpoint:train"``)
 REF_KINDS = ("best_checkpoint", "latest_checkpoint", "pruned_model", "exported_model")
 
@@ -176,7 +178,9 @@ def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
     ``mounts`` None means host paths are used as they are (the local runner)."""
     def c(path: str | None) -> str:
         assert path is not None
-        return path if mounts is None else to_container(path, mounts)
+        if mounts is None or path.startswith(REF_ROOT):  # a reference is resolved at launch
+            return path
+        return to_container(path, mounts)
 
     argv = [*(entrypoint or []), stage.network, stage.tao_task]
     if stage.spec:

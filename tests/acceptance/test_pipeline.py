@@ -1,0 +1,336 @@
+"""Whole TAO pipelines through the real daemon and CLI, on the fake TAO entrypoint.
+
+The example pipeline (examples/ssd_resnet18_kitti.toml) with smaller specs: every stage gets
+the right upstream result (`-m`), the gate's decision follows from the recorded mAPs, a failing
+stage fails only what depends on it, and a gate nobody passes prunes again, then gives up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpusched.testing.harness import DaemonProcess, short_tmpdir
+
+pytestmark = pytest.mark.acceptance
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SCALE = "GPUSCHED_FAKE_TAO_SCALE=0.003"
+NAME = "ssd_resnet18_kitti"
+
+
+def tao_env() -> dict[str, str]:
+    return {"GPUSCHED_TAO__RUNNER": "local",
+            "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
+                                                       "gpusched.testing.fake_tao"]),
+            "GPUSCHED_DOCKER__MOUNT_ROOTS": '["/tmp"]'}
+
+
+def _edit(text: str, **values: Any) -> str:
+    for key, value in values.items():
+        text, n = re.subn(rf"(?m)^(\s*{key}\s*[:=]\s*)(\[[^\]\n]*\]|[^\s#]+)",
+                          rf"\g<1>{value}", text)
+        assert n == 1, key
+    return text
+
+
+def example_pipeline(root: Path, *, train_epochs: int = 20, retrain_epochs: int = 10,
+                     **toml_values: Any) -> Path:
+    """The example pipeline and its specs under ``root``, with fewer epochs (and any TOML
+    values replaced: ``threshold="[0.7, 0.8]"``, ``max_drop=0.0001``)."""
+    (root / "specs").mkdir()
+    for name, epochs in (("ssd_train_resnet18_kitti.txt", train_epochs),
+                         ("ssd_retrain_resnet18_kitti.txt", retrain_epochs)):
+        text = (EXAMPLES / "specs" / name).read_text()
+        (root / "specs" / name).write_text(_edit(text, num_epochs=epochs, checkpoint_interval=5,
+                                                 validation_period_during_training=5))
+    toml = (EXAMPLES / "ssd_resnet18_kitti.toml").read_text()
+    path = root / "pipeline.toml"
+    path.write_text(_edit(toml, **toml_values))
+    return path
+
+
+def show(d: DaemonProcess, job_id: int) -> dict[str, Any]:
+    r = d.cli("show", str(job_id), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def artifacts(d: DaemonProcess, job_id: int) -> list[dict[str, Any]]:
+    r = d.cli("artifacts", str(job_id), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def artifact(d: DaemonProcess, job_id: int, kind: str) -> dict[str, Any]:
+    found = [a for a in artifacts(d, job_id) if a["kind"] == kind]
+    assert len(found) == 1, (job_id, kind, found)
+    return found[0]
+
+
+def status(d: DaemonProcess, pid: int) -> dict[str, Any]:
+    r = d.cli("pipeline", "status", str(pid), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def run_pipeline(d: DaemonProcess, path: Path, *env: str, timeout: float = 90) -> dict[str, Any]:
+    """Queue the pipeline, poll until it is decided; its final status."""
+    args = [a for e in (SCALE, *env) for a in ("-e", e)]
+    r = d.cli("pipeline", "run", str(path), *args)
+    assert r.returncode == 0, r.stderr
+    m = re.match(r"pipeline (\d+) \(" + NAME + r"\) queued with (\d+) stage", r.stdout)
+    assert m, r.stdout
+    pid = int(m[1])
+    deadline = time.monotonic() + timeout
+    while True:
+        p = status(d, pid)
+        if p["status"] != "running":
+            return p
+        assert time.monotonic() < deadline, f"pipeline still running: {p}\n{d.log()}"
+        time.sleep(0.25)
+
+
+def flag(command: list[str], name: str) -> str:
+    """A TAO flag's value in a stage's command (after the entrypoint's ``ssd TASK``)."""
+    tao = command[command.index("ssd"):]
+    assert tao.count(name) == 1, (name, tao)
+    return tao[tao.index(name) + 1]
+
+
+def stage_of(job: dict[str, Any]) -> str:
+    return job["name"].split("/", 1)[1]
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    d = short_tmpdir("gsp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tao_daemon(root: Path) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(root / "state", env=tao_env()).start()
+    yield d
+    d.stop()
+
+
+def test_example_pipeline_end_to_end(tao_daemon: DaemonProcess, root: Path) -> None:
+    d = tao_daemon
+    # 0.6 prunes too much to stay within max_drop: the gate must tell the branches apart
+    p = run_pipeline(d, example_pipeline(root, threshold="[0.1, 0.3, 0.6]"))
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    assert p["status"] == "succeeded", (p["reason"], {k: (j["status"], j["reason"])
+                                                      for k, j in jobs.items()})
+    assert p["rounds"] == 1
+    values = ("0.1", "0.3", "0.6")
+    assert sorted(jobs) == sorted(["train", "evaluate",
+                                   *(f"{s}[threshold={v}]" for s in ("prune", "retrain",
+                                                                     "evaluate_retrained")
+                                     for v in values)])
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    cmd = {k: show(d, j["id"])["command"] for k, j in jobs.items()}
+    assert len(show(d, jobs["train"]["id"])["gpu_indices"]) == 2  # gpus = 2 in the TOML
+
+    # evaluate and every prune get train's best checkpoint, not its latest
+    best = artifact(d, jobs["train"]["id"], "best_checkpoint")
+    assert best["path"].endswith(f"ssd_resnet18_epoch_{best['epoch']:03d}.hdf5")
+    assert flag(cmd["evaluate"], "-m") == best["path"]
+    for v in values:
+        prune = cmd[f"prune[threshold={v}]"]
+        assert flag(prune, "-m") == best["path"]
+        assert flag(prune, "-pth") == v
+        # each retrain starts from its own branch's pruned model ...
+        pruned = artifact(d, jobs[f"prune[threshold={v}]"]["id"], "pruned_model")
+        assert pruned["path"] == flag(prune, "-o")
+        assert flag(cmd[f"retrain[threshold={v}]"], "-m") == pruned["path"]
+        # ... and each candidate evaluation reads its own retrain's best checkpoint
+        rbest = artifact(d, jobs[f"retrain[threshold={v}]"]["id"], "best_checkpoint")
+        assert flag(cmd[f"evaluate_retrained[threshold={v}]"], "-m") == rbest["path"]
+    assert len({flag(cmd[f"retrain[threshold={v}]"], "-m") for v in values}) == 3
+
+    # the gate, recomputed from the recorded numbers
+    max_drop = 0.02
+    base = artifact(d, jobs["evaluate"]["id"], "evaluation")["metrics"]["mAP"]
+    summary = p["summary"]
+    assert summary["baseline_map"] == pytest.approx(base)
+    by_threshold = {f"{b['threshold']:g}": b for b in summary["branches"]}
+    assert sorted(by_threshold) == list(values)
+    passing = []
+    for v in values:
+        cand = artifact(d, jobs[f"evaluate_retrained[threshold={v}]"]["id"],
+                        "evaluation")["metrics"]["mAP"]
+        size = artifact(d, jobs[f"prune[threshold={v}]"]["id"], "pruned_model")["metrics"][
+            "size_mib"]
+        b = by_threshold[v]
+        assert b["map"] == pytest.approx(cand)
+        assert b["drop"] == pytest.approx(base - cand)
+        assert b["size_mib"] == pytest.approx(size)
+        assert b["passed"] is (base - cand <= max_drop)
+        if b["passed"]:
+            passing.append((size, v))
+    assert 0 < len(passing) < len(values), summary  # some pass, some do not
+    smallest = min(passing)
+    assert summary["result"] is not None
+    assert f"{summary['result']['threshold']:g}" == smallest[1]
+    assert summary["result"]["size_mib"] == pytest.approx(smallest[0])
+
+    # the summary table
+    r = d.cli("pipeline", "status", str(p["id"]))
+    assert r.returncode == 0, r.stderr
+    header = next(ln for ln in r.stdout.splitlines() if "THRESHOLD" in ln)
+    for col in ("THRESHOLD", "SIZE", "mAP", "DROP"):
+        assert col in header, header
+    assert f"result: the pruned model at threshold {smallest[1]}" in r.stdout
+
+
+def test_a_failing_stage_fails_its_dependants(tao_daemon: DaemonProcess, root: Path) -> None:
+    """evaluate fails (injected): every stage after it fails without running; train is fine."""
+    d = tao_daemon
+    p = run_pipeline(d, example_pipeline(root), "GPUSCHED_FAKE_TAO_FAIL=evaluate:error")
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    assert p["status"] == "failed"
+    assert p["reason"] and "evaluate" in p["reason"], p["reason"]
+    assert jobs["train"]["status"] == "succeeded"
+
+    ev = show(d, jobs["evaluate"]["id"])
+    assert ev["status"] == "failed" and ev["exit_code"] == 255
+    assert "exit code 255" in ev["reason"] and "injected failure" in ev["reason"]
+    assert len(ev["attempts"]) == 1
+
+    dependants = [k for k in jobs if k not in ("train", "evaluate")]
+    assert len(dependants) == 9
+    for k in dependants:
+        j = show(d, jobs[k]["id"])
+        assert j["status"] == "failed", (k, j["status"])
+        assert j["attempts"] == [], k  # never ran
+        assert j["started_at"] is None, k
+        assert any(f"dependency job {a} failed" in j["reason"] for a in j["after"]), (
+            k, j["reason"], j["after"])
+    for v in ("0.1", "0.2", "0.3"):
+        prune = show(d, jobs[f"prune[threshold={v}]"]["id"])
+        assert f"dependency job {ev['id']} failed" in prune["reason"]
+
+
+@pytest.fixture(scope="module")
+def gate_failed() -> Iterator[tuple[DaemonProcess, dict[str, Any]]]:
+    """Thresholds so high that no retrained model gets near the unpruned one."""
+    root = short_tmpdir("gsg")
+    d = DaemonProcess(root / "state", env=tao_env()).start()
+    try:
+        path = example_pipeline(root, threshold="[0.7, 0.8]", max_drop=0.0001, retries=1,
+                                backoff=0.9)
+        yield d, run_pipeline(d, path)
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_gate_nobody_passes_prunes_again_then_fails(
+        gate_failed: tuple[DaemonProcess, dict[str, Any]]) -> None:
+    """One more round at the lowest threshold × backoff, then the pipeline fails."""
+    d, p = gate_failed
+    assert p["status"] == "failed", p
+    assert p["rounds"] == 2
+    assert "0.0001" in p["reason"] and "2 round" in p["reason"], p["reason"]
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    second = "threshold=0.63"  # round(min(0.7, 0.8) * 0.9, 4)
+    assert sorted(jobs) == sorted(["train", "evaluate",
+                                   *(f"{s}[threshold={v}]" for s in ("prune", "retrain",
+                                                                     "evaluate_retrained")
+                                     for v in ("0.7", "0.8", "0.63"))])
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    prune2 = show(d, jobs[f"prune[{second}]"]["id"])
+    assert prune2["spec"]["stage"]["request"]["branch"]["round"] == 2
+    assert flag(prune2["command"], "-pth") == "0.63"
+    # the new round reuses the trunk: train's best checkpoint, no second train
+    best = artifact(d, jobs["train"]["id"], "best_checkpoint")
+    assert flag(prune2["command"], "-m") == best["path"]
+    retrain2 = show(d, jobs[f"retrain[{second}]"]["id"])
+    assert flag(retrain2["command"], "-m") == artifact(d, prune2["id"], "pruned_model")["path"]
+
+    base = artifact(d, jobs["evaluate"]["id"], "evaluation")["metrics"]["mAP"]
+    branches = p["summary"]["branches"]
+    assert sorted((b["round"], f"{b['threshold']:g}") for b in branches) == [
+        (1, "0.7"), (1, "0.8"), (2, "0.63")]
+    for b in branches:
+        cand = artifact(d, jobs[f"evaluate_retrained[threshold={b['threshold']:g}]"]["id"],
+                        "evaluation")["metrics"]["mAP"]
+        assert b["map"] == pytest.approx(cand)
+        assert base - cand > 0.0001 and b["passed"] is False
+    assert p["summary"]["result"] is None
+    r = d.cli("pipeline", "status", str(p["id"]))
+    assert r.returncode == 1 and "round 2" in r.stdout
+
+
+def test_the_gate_failure_names_max_drop(gate_failed: tuple[DaemonProcess, dict[str, Any]]
+                                         ) -> None:
+    _d, p = gate_failed
+    assert "max_drop" in p["reason"], p["reason"]
+
+
+# -- a pipeline is validated like `gpusched tao` ----------------------------------------------
+
+
+def one_stage_pipeline(root: Path, extra: str, stage: str = "") -> Path:
+    (root / "specs").mkdir(exist_ok=True)
+    spec = root / "specs" / "train.txt"
+    spec.write_text((EXAMPLES / "specs" / "ssd_train_resnet18_kitti.txt").read_text())
+    path = root / "one.toml"
+    path.write_text(f'name = "{NAME}"\n{extra}\n[stages.train]\ntask = "train"\n'
+                    f'spec = "specs/train.txt"\nresults = "out"\n{stage}\n')
+    return path
+
+
+@pytest.mark.parametrize("case", ["three GPUs", "docker runner"])
+def test_a_pipeline_is_refused_like_gpusched_tao(tao_daemon: DaemonProcess, root: Path,
+                                                 case: str) -> None:
+    d = tao_daemon
+    if case == "three GPUs":
+        path = one_stage_pipeline(root, "", "gpus = 3")
+        tao_args = ["ssd", "train", "--gpus", "3"]
+        message = "asks for 3 GPUs; this host has 2"
+    else:
+        path = one_stage_pipeline(root, 'runner = "docker"\n'
+                                  'image = "docker.io/someone/else:latest"')
+        tao_args = ["--runner", "docker", "--image", "docker.io/someone/else:latest",
+                    "-v", f"{root}:/workspace", "ssd", "train"]
+        message = "the docker runner is not enabled on this daemon"
+    # what `gpusched tao` says about the same stage
+    r = d.cli("tao", *tao_args, "-e", str(root / "specs" / "train.txt"), "-r", str(root / "out"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    # the pipeline must be refused the same way, with nothing stored
+    r = d.cli("pipeline", "run", str(path), "-v", f"{root}:/workspace")
+    queued = json.loads(d.cli("ls", "--all", "--json").stdout)
+    pipelines = json.loads(d.cli("pipeline", "ls", "--json").stdout)
+    assert (r.returncode, queued, pipelines) == (2, [], []), r.stdout
+    assert message in r.stderr
+
+
+def test_a_docker_stage_with_a_reference_can_be_queued(root: Path) -> None:
+    from gpusched.config import DockerSettings, Settings
+    from gpusched.models import Mount
+    from gpusched.stages import StageRequest, build_job, resolve
+
+    spec = root / "spec.txt"
+    spec.write_text((EXAMPLES / "specs" / "ssd_train_resnet18_kitti.txt").read_text())
+    ckpt = root / "weights" / "ssd_resnet18_epoch_010.hdf5"
+    ckpt.parent.mkdir()
+    ckpt.write_text("{}\n")
+    settings = Settings(docker=DockerSettings(mount_roots=["/tmp"]))
+    req = StageRequest(stage={"task": "evaluate", "spec": str(spec),
+                              "model": "@best_checkpoint:1"},
+                       runner="docker", mounts=[Mount(source=str(root), target="/workspace")])
+    job = build_job(req, settings)  # raises SpecError "... is not under any mount"
+    resolved = resolve(job, settings, lambda job_id, kind: {"path": str(ckpt)})
+    assert flag(resolved.command, "-m") == "/workspace/weights/ssd_resnet18_epoch_010.hdf5"
+    assert flag(resolved.command, "-e") == "/workspace/spec.txt"
