@@ -2,9 +2,11 @@
 
 Each image (3x64x64) holds one bright square; the net predicts its class (the square's colour
 channel) and its box (x0, y0, x1, y1, scaled to 0..1). After every epoch it prints gpusched's
-one-line epoch record, and at start which GPUs it sees, so tests can check GPU isolation:
+one-line epoch record, and at start which GPUs it sees, so tests can check GPU isolation (with
+the wall clock of that line and of the process's start, so benchmarks can time a job's start):
 
-    GPUSCHED_SEES {"device_count": 1, "uuids": ["GPU-..."]}
+    GPUSCHED_SEES {"device_count": 1, "uuids": ["GPU-..."], "time": 1764400000.123,
+                   "process_started": 1764399998.52}
     GPUSCHED_EPOCH {"epoch": 1, "max_epoch": 5, "seconds": 0.8, "loss": 1.23, "lr": 0.001}
 """
 
@@ -14,6 +16,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import time
 
 import torch
@@ -53,6 +56,17 @@ class Net(nn.Module):
         return self.cls(f), self.box(f)
 
 
+def process_started() -> float | None:
+    """This process's start as unix seconds (Linux /proc, 1/CLK_TCK resolution), or None."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # since boot (CLOCK_BOOTTIME)
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return round(time.time() - age, 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--epochs", type=int, default=5)
@@ -64,7 +78,9 @@ def main() -> None:
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     uuids = [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
-    print("GPUSCHED_SEES " + json.dumps({"device_count": count, "uuids": uuids}), flush=True)
+    sees = {"device_count": count, "uuids": uuids, "time": round(time.time(), 3),
+            "process_started": process_started()}
+    print("GPUSCHED_SEES " + json.dumps(sees), flush=True)
 
     device = torch.device("cuda" if count else "cpu")
     torch.manual_seed(args.seed)

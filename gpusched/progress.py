@@ -11,6 +11,7 @@ after a daemon restart changes nothing.
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,20 @@ def workload_of(spec: dict[str, Any]) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         return (f"{s.get('network') or 'ssd'}/{s.get('backbone') or '?'}/"
                 f"bs{s.get('batch_size_per_gpu') or '?'}/spec:{digest}")
-    name = spec.get("name") or Path(spec["command"][0]).name
-    return str(name)
+    return str(spec.get("name") or _program(spec["command"]))
+
+
+_LAUNCHERS = re.compile(r"(python[\d.]*|sh|bash|env|torchrun|accelerate|nohup|uv|time)")
+
+
+def _program(cmd: list[str]) -> str:
+    """train.py for `python3 -u train.py`, not the interpreter's name."""
+    for arg in cmd:
+        name = Path(arg).name
+        if arg.startswith("-") or _LAUNCHERS.fullmatch(name):
+            continue
+        return name
+    return Path(cmd[0]).name
 
 
 class ProgressTracker:

@@ -69,3 +69,11 @@ def torch_python(inventory: NvmlInventory) -> str:
     if exe is None:
         pytest.skip("no Python here can import torch with CUDA")
     return exe
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Lets fixtures see whether the test failed (rep_call), to print the daemon's log then.
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
