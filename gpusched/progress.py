@@ -11,8 +11,8 @@ after a daemon restart changes nothing.
 from __future__ import annotations
 
 import hashlib
-import re
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
