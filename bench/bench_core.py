@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpusched.models import JobSpec
 from gpusched.store import Store
-from gpusched.testing.harness import DaemonProcess, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, cpu_seconds, rss_mib, short_tmpdir
 
 
 def pct(values: list[float], q: float) -> float:
@@ -28,16 +28,6 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def latency(d: DaemonProcess, samples: int) -> None:

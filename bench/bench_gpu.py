@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from gpusched.clock import parse_iso  # noqa: E402
 from gpusched.gpus import NvmlInventory, job_of_pid  # noqa: E402
-from gpusched.testing.harness import DaemonProcess, short_tmpdir  # noqa: E402
+from gpusched.testing.harness import DaemonProcess, cpu_seconds, rss_mib, short_tmpdir  # noqa: E402
 
 TRAIN = str(REPO / "examples" / "train_synthetic.py")
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -42,16 +42,6 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 TERMINAL = {"succeeded", "failed", "cancelled", "lost"}
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def nvml(snapshots: int) -> dict[str, Any]:

@@ -33,12 +33,14 @@ def ago(ts: str | None, now: datetime | None = None) -> str:
 def duration(secs: float | None) -> str:
     if secs is None:
         return ""
-    secs = int(secs)
+    secs = round(secs)
     if secs < 60:
         return f"{secs}s"
     if secs < 3600:
         return f"{secs // 60}m{secs % 60:02d}s"
-    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+    if secs < 86400:
+        return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+    return f"{secs // 86400}d{secs % 86400 // 3600:02d}h"
 
 
 def mib(v: int | None) -> str:

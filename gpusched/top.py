@@ -17,6 +17,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from gpusched.render import duration
+
 #: statuses shown under "Running jobs" and under "Queue"
 RUNNING = ("starting", "running", "unknown")
 QUEUED = ("queued", "held")
@@ -27,16 +29,7 @@ _STATE_STYLE = {"idle": "green", "busy": "cyan", "foreign": "yellow", "drained":
 
 
 def _duration(secs: float | None) -> str:
-    if secs is None:
-        return "-"
-    secs = round(secs)
-    if secs < 60:
-        return f"{secs}s"
-    if secs < 3600:
-        return f"{secs // 60}m{secs % 60:02d}s"
-    if secs < 86400:
-        return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
-    return f"{secs // 86400}d{secs % 86400 // 3600:02d}h"
+    return "-" if secs is None else duration(secs)
 
 
 def _bar(done: float, total: float, label: str, width: int = 18) -> Table:
