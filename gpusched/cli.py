@@ -512,7 +512,10 @@ def report_throughput(
     now = time.time()
     stats = throughput.summarize(epochs, workload=workload)
     recs = throughput.recommend(stats)
-    busy = throughput.busy_fraction(spans, gpus, start, now)
+    # the window starts at the first job in it: a 30-day window on a week-old host would
+    # otherwise dilute every GPU's busy fraction with time before gpusched ran
+    chart_start = _first_activity(spans, start, now)
+    busy = throughput.busy_fraction(spans, gpus, chart_start, now)
     if fmt == "table":
         typer.echo(reports.throughput_table(stats, recs) if stats else
                    "no training epochs recorded in this window")
@@ -522,8 +525,18 @@ def report_throughput(
         sys.stdout.write(reports.throughput_csv(stats))
     else:
         path = output or Path("gpusched-report.html")
-        path.write_text(reports.html_report(stats, recs, busy, spans, gpus, start, now))
+        path.write_text(reports.html_report(stats, recs, busy, spans, gpus, chart_start, now))
         typer.echo(f"wrote {path}")
+
+
+def _first_activity(spans: list[dict[str, Any]], since: float, now: float) -> float:
+    """Start the chart at the first job in the window (with a 5% margin), not at an empty
+    stretch before it; the requested window still bounds it."""
+    starts = [s["started_at"] for s in spans if s.get("started_at")]
+    if not starts:
+        return since
+    first = max(since, min(starts))
+    return max(since, first - 0.05 * (now - first))
 
 
 @report_app.command("timeline")
@@ -545,6 +558,7 @@ def report_timeline(
     except GpuschedError as err:
         _fail(err)
     now = time.time()
+    start = _first_activity(spans, start, now)
     path = output or Path(f"gpusched-timeline.{fmt}")
     if fmt == "html":
         busy = throughput.busy_fraction(spans, gpus, start, now)

@@ -197,7 +197,7 @@ def throughput_plot(stats: Sequence[SetStats], path_or_buffer: Target, fmt: str 
     right_edge = max(s.p90_s for s in stats)
     for y, s in zip(ys, stats, strict=True):
         ax.text(max(s.p90_s, s.median_s) + right_edge * 0.01, y,
-                f"{s.median_s:.0f} s · {s.epochs_per_hour:.0f} epochs/h · n={s.samples}",
+                f"{_secs(s.median_s)} s · {s.epochs_per_hour:.0f} epochs/h · n={s.samples}",
                 va="center", fontsize=9, color="#222222")
     ax.set_yticks(ys, [_plain(label) for label in labels])
     ax.invert_yaxis()

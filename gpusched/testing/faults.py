@@ -31,8 +31,10 @@ def check_invariants(db: Path | str | sqlite3.Connection, *, integrity: bool = T
 
     With ``drained`` (no work left) there must also be no active job, no starting or live
     attempt and no allocation at all."""
-    own = not isinstance(db, sqlite3.Connection)
-    conn = sqlite3.connect(str(db), timeout=30) if own else db  # type: ignore[arg-type]
+    if isinstance(db, sqlite3.Connection):
+        conn, own = db, False
+    else:
+        conn, own = sqlite3.connect(str(db), timeout=30), True
     out: list[str] = []
     try:
         if integrity:
