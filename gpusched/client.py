@@ -50,6 +50,9 @@ class Client:
                     length = int(value)
             body = fh.read(length) if length is not None else fh.read()
             fh.close()
+            if length is not None and len(body) != length:  # the daemon died mid-reply
+                raise ConnectionError(f"the daemon closed the connection mid-reply "
+                                      f"({len(body)} of {length} bytes)")
             return status, body
 
     def request(self, method: str, path: str, body: Any = None) -> Any:

@@ -15,7 +15,8 @@ class GpuschedError(Exception):
     http_status = 500
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__class__.__doc__ or "").strip())
+        # the docstring is the default message, on one line whatever its wrapping
+        super().__init__(message or " ".join((self.__class__.__doc__ or "").split()))
 
     @property
     def message(self) -> str:
