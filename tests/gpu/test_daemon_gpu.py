@@ -315,8 +315,13 @@ def test_foreign_process_memory_and_waiting_job(
     gpu0 = d.gpus()[0]
     foreign = holder(gpu0["uuid"], 20)
 
-    g, p = until(lambda: _proc_on(d.gpus(), pid=foreign.pid), 30,
-                 f"foreign pid {foreign.pid} in `gpusched gpus --json`")
+    def holding() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        # NVML lists the process as soon as its CUDA context exists, before the 20 GiB
+        # allocation lands: wait for the memory, not just the pid
+        found = _proc_on(d.gpus(), pid=foreign.pid)
+        return found if found and (found[1]["used_memory_mib"] or 0) >= 20 * 1024 else None
+
+    g, p = until(holding, 60, f"foreign pid {foreign.pid} holding 20 GiB in `gpusched gpus`")
     print(f"foreign pid {foreign.pid}: {p}; GPU state {g['state']}, free {g['memory_free_mib']} "
           f"of {g['memory_total_mib']} MiB")
     assert p["foreign"] is True and p["job_id"] is None
