@@ -4,7 +4,6 @@ Heavy imports (pydantic, the daemon, rich) happen inside the commands that need 
 ``gpusched submit`` stays fast.
 """
 
-from __future__ import annotations
 
 import os
 import sys
