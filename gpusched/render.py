@@ -117,6 +117,9 @@ def job_detail(j: dict[str, Any]) -> str:
     for k, v in field:
         if v not in (None, "", []):
             lines.append(f"  {k + ':':<13}{v}")
+    if j.get("artifacts"):
+        lines.append("  artifacts:")
+        lines += ["    " + ln for ln in artifacts_table(j["artifacts"]).splitlines()]
     if j.get("events"):
         lines.append("  events:")
         for e in j["events"]:

@@ -263,6 +263,8 @@ class Handler(BaseHTTPRequestHandler):
                             for a in svc.store.attempts(int(id))]
         view["waiting_reason"] = svc.daemon.waiting.get(int(id))
         view["spec"] = json.loads(row["spec"])
+        view["artifacts"] = [{**a, "created_at": iso(a["created_at"])}
+                             for a in svc.store.artifacts(int(id))]
         return 200, view
 
     def do_log(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
