@@ -275,8 +275,9 @@ def _apply_tao_mounts(spec: dict[str, Any]) -> None:
     spec["mounts"] = [m.model_dump() for m in mounts] + spec["mounts"]
     spec["env"] = {**envs, **spec["env"]}
     if options.get("privileged") or options.get("network") == "host":
-        raise SpecError(f"{path} asks for privileged or host-network containers; gpusched "
-                        "does not run those")
+        raise SpecError(f"{path} asks for privileged or host-network containers: no gpusched "
+                        "job runs privileged, and the host network is an admin setting "
+                        "(docker.network); remove them from DockerOptions")
     spec["shm_size"] = spec["shm_size"] or options.get("shm_size")
     spec["user"] = spec["user"] or options.get("user")
     spec["use_tao_mounts"] = True

@@ -42,9 +42,7 @@ class DockerSettings(BaseModel):
     instance: str = "default"  # gpusched.instance label: daemons sharing a dockerd differ here
     images: list[str] = Field(default_factory=lambda: ["nvcr.io/nvidia/tao/*"])
     mount_roots: list[str] = Field(default_factory=lambda: ["/home", "/data", "/srv", "/tmp"])
-    allow_privileged: bool = False
-    allow_host_network: bool = False
-    allow_host_pid: bool = False
+    allow_host_network: bool = False  # needed for network = "host"; never per job
     network: str = "bridge"
     shm_size: str = "16G"
     user: str | None = None  # "uid:gid"; None: the submitting user's uid:gid

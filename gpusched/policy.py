@@ -119,24 +119,6 @@ def validate_docker_spec(spec: JobSpec, settings: DockerSettings) -> None:
             raise SpecError(f"{key} is set by gpusched from the allocated GPUs; do not set it")
 
 
-def validate_docker_options(options: Mapping[str, Any], settings: DockerSettings) -> None:
-    """Refuse DockerOptions (from ~/.tao_mounts.json) this host does not allow."""
-    if options.get("privileged") and not settings.allow_privileged:
-        raise SpecError("privileged containers are not allowed on this host")
-    network = options.get("network")
-    if network is not None:
-        if network == "host" and not settings.allow_host_network:
-            raise SpecError("the host network is not allowed on this host")
-        if network not in ("host", "none", settings.network):
-            raise SpecError(
-                f"network {network!r} is not allowed: use {settings.network!r} or 'none'"
-            )
-    if "user" in options:
-        check_user(options["user"])
-    if "shm_size" in options:
-        parse_size_bytes(str(options["shm_size"]))
-
-
 def validate_local_workdir(path: str) -> str:
     """The working directory of a local job: absolute, an existing directory, outside
     /proc, /sys and /dev. Returns its resolved path (what the job will run in)."""
@@ -167,8 +149,8 @@ def parse_tao_mounts(text: str) -> tuple[list[Mount], dict[str, str], dict[str, 
     """Parse a user's ``~/.tao_mounts.json``: (mounts, environment, docker options).
 
     Only the options gpusched understands are returned ("user", "shm_size", "ulimits",
-    "privileged", "network"); pass them to validate_docker_options, which refuses privileged
-    and host-network requests this host does not allow.
+    "privileged", "network"); the CLI refuses a file that asks for privileged or host-network
+    containers, which no job can have.
     """
     try:
         data = json.loads(text)

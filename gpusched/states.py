@@ -25,8 +25,6 @@ S = JobStatus
 TERMINAL: frozenset[JobStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.LOST})
 #: statuses in which a job holds GPUs and may have a live attempt
 ACTIVE: frozenset[JobStatus] = frozenset({S.STARTING, S.RUNNING, S.UNKNOWN})
-#: statuses a job waits in before it gets GPUs
-PENDING: frozenset[JobStatus] = frozenset({S.QUEUED, S.HELD})
 
 #: to-status -> the statuses it may be entered from
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
@@ -41,6 +39,3 @@ ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
     S.LOST: frozenset({S.STARTING, S.RUNNING, S.UNKNOWN}),
 }
 
-
-def can_transition(frm: JobStatus, to: JobStatus) -> bool:
-    return frm in ALLOWED_FROM[to]

@@ -21,7 +21,7 @@ import sqlite_utils
 
 from gpusched.errors import Conflict, CorruptDatabase, NotFound, SpecError, StorageFull, StoreError
 from gpusched.models import JobSpec
-from gpusched.states import ACTIVE, ALLOWED_FROM, TERMINAL, JobStatus
+from gpusched.states import ACTIVE, ALLOWED_FROM, JobStatus
 
 Row = dict[str, Any]
 
@@ -324,23 +324,6 @@ class Store:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
         return self.query(sql, params)
 
-    def deps(self, job_ids: Iterable[int] | None = None) -> dict[int, list[int]]:
-        """job id -> the ids it waits for (``--after``)."""
-        if job_ids is None:
-            rows = self.query("SELECT job_id, after_id FROM job_deps")
-        else:
-            idl = list(job_ids)
-            if not idl:
-                return {}
-            rows = self.query(
-                f"SELECT job_id, after_id FROM job_deps WHERE job_id IN ({','.join('?' * len(idl))})",
-                idl,
-            )
-        out: dict[int, list[int]] = {}
-        for r in rows:
-            out.setdefault(r["job_id"], []).append(r["after_id"])
-        return out
-
     def broken_dependencies(self) -> dict[int, tuple[int, str]]:
         """Pending jobs with an ``--after`` job that failed, was cancelled or lost:
         job id -> (that dependency, its status)."""
@@ -352,14 +335,6 @@ class Store:
         for r in rows:
             out.setdefault(r["job_id"], (r["after_id"], r["status"]))
         return out
-
-    def statuses(self, job_ids: Iterable[int]) -> dict[int, str]:
-        idl = list(set(job_ids))
-        if not idl:
-            return {}
-        rows = self.query(f"SELECT id, status FROM jobs WHERE id IN ({','.join('?' * len(idl))})",
-                          idl)
-        return {r["id"]: r["status"] for r in rows}
 
     def events(self, job_id: int) -> list[Row]:
         return self.query("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", [job_id])
@@ -725,6 +700,3 @@ class Store:
                           " LIMIT 1", st)
         return bool(rows) or bool(self.query("SELECT 1 FROM allocations LIMIT 1"))
 
-
-def is_terminal(status: str) -> bool:
-    return JobStatus(status) in TERMINAL

@@ -242,12 +242,6 @@ class LocalRunner:
     def cleanup(self, ref: AttemptRef) -> None:
         self._forget(ref.key)
 
-    def kill_all(self, ref: AttemptRef) -> None:
-        """Kill the shim's whole group, shim included (orphans)."""
-        if alive(ref.pid, ref.pid_start) and ref.pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(ref.pid, signal.SIGKILL)
-
     # -- reconcile ------------------------------------------------------------------------
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
