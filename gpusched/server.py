@@ -261,7 +261,14 @@ class Handler(BaseHTTPRequestHandler):
         view["events"] = [{**e, "at": iso(e["at"])} for e in svc.store.events(int(id))]
         view["attempts"] = [{k: (iso(v) if k.endswith("_at") else v) for k, v in a.items()}
                             for a in svc.store.attempts(int(id))]
-        view["waiting_reason"] = svc.daemon.waiting.get(int(id))
+        starts = {}
+        if row["status"] == "queued":
+            with svc.daemon.lock:
+                starts = svc.queue_starts(svc.store.list_jobs(
+                    statuses=["starting", "running", "unknown"]))
+        view["expected_start_s"] = starts.get(int(id))
+        view["waiting_reason"] = _with_start(svc.daemon.waiting.get(int(id)),
+                                             starts.get(int(id)))
         view["spec"] = json.loads(row["spec"])
         view["artifacts"] = [{**a, "created_at": iso(a["created_at"])}
                              for a in svc.store.artifacts(int(id))]
@@ -331,10 +338,13 @@ class Handler(BaseHTTPRequestHandler):
             gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
             waiting = dict(svc.daemon.waiting)
         rows = svc.store.list_jobs(statuses=["starting", "running", "unknown", "queued", "held"])
+        with svc.daemon.lock:
+            starts = svc.queue_starts(rows)
         jobs = []
         for v in svc.views(rows[:200]):
             d = v.model_dump()
-            d["waiting_reason"] = waiting.get(v.id)
+            d["waiting_reason"] = _with_start(waiting.get(v.id), starts.get(v.id))
+            d["expected_start_s"] = starts.get(v.id)
             jobs.append(d)
         return 200, {"gpus": gpus, "jobs": jobs}
 
@@ -349,6 +359,14 @@ class Handler(BaseHTTPRequestHandler):
         if row["owner_uid"] != uid and not self.server.service.is_admin(uid):
             raise PermissionDenied(f"job {row['id']} belongs to {row['owner']}: only its owner, "
                                    f"root or the admin group may {what} it")
+
+
+def _with_start(reason: str | None, start_s: float | None) -> str | None:
+    if reason is None or start_s is None:
+        return reason
+    mins = start_s / 60
+    when = f"{start_s:.0f} s" if start_s < 120 else f"{mins:.0f} min"
+    return f"{reason}; expected to start in about {when}"
 
 
 def _validation_message(err: ValidationError) -> str:

@@ -28,7 +28,7 @@ from gpusched.errors import (
     StoreError,
 )
 from gpusched.gpus import Inventory, open_inventory
-from gpusched.models import JobSpec, JobView
+from gpusched.models import GpuRequest, JobSpec, JobView
 from gpusched.runners.base import Runner
 from gpusched.runners.local import LocalRunner
 from gpusched.server import ApiServer, admin_uids, job_view
@@ -152,6 +152,50 @@ class Service:
             view = job_view(row, index_of, att, progress)
             out.append(view)
         return out
+
+    def queue_starts(self, rows: list[Row]) -> dict[int, float | None]:
+        """Expected start (seconds from now) of queued jobs, in queue order, from the running
+        jobs' ETAs and each queued job's expected run time: --time, or for TAO training its
+        epochs × the median s/epoch this workload had on as many GPUs."""
+        from gpusched.throughput import queue_etas, summarize
+
+        running, queued = [], []
+        pinned: set[int] = set()
+        stats = None
+        for r in rows:
+            if r["status"] in ("starting", "running", "unknown"):
+                p = self.daemon.progress_of(r["id"], r["attempt"]) or {}
+                att = self.store.attempt(r["id"], r["attempt"]) if r["attempt"] else None
+                held = len(json.loads(att["gpus"])) if att else 1
+                running.append((r["id"], p.get("eta_s"), held))
+        for r in self.daemon.runnable():
+            spec = json.loads(self.store.get_job(r["id"])["spec"])
+            req = GpuRequest.model_validate_json(r["request"])
+            need = req.count
+            if req.ids is not None or req.gpu_type or req.mem_mib:
+                # the model treats GPUs as interchangeable; a pinned or typed job holds its
+                # place in the queue but gets no estimate rather than a wrong one
+                pinned.add(r["id"])
+            total = spec.get("est_runtime_s")
+            if total is None and spec.get("kind") in ("tao:train", "tao:retrain"):
+                from gpusched.parsers import spec_summary
+                from gpusched.progress import workload_of
+
+                if stats is None:
+                    stats = summarize(self.store.epochs(since=self.clock.now() - 30 * 86400))
+                wl = workload_of(spec)
+                sets = [s for s in stats if s.workload == wl and s.gpu_count == need]
+                stage = (spec.get("stage") or {}).get("stage") or {}
+                try:
+                    epochs = spec_summary(Path(stage.get("spec", "")).read_text())["num_epochs"]
+                except (OSError, KeyError):
+                    epochs = None
+                if sets and epochs:
+                    total = min(s.median_s for s in sets) * int(epochs)
+            queued.append((r["id"], total, need))
+        starts = queue_etas(running, queued, len(self.daemon.gpus))
+        return {int(k): (None if k in pinned else v)  # type: ignore[call-overload]
+                for k, v in starts.items()}
 
     def spans(self, since: float) -> list[dict[str, Any]]:
         """Attempts in the window, shaped for the timeline report."""

@@ -368,3 +368,22 @@ def test_retry_only_on_the_named_exit_codes(service: Service) -> None:
     run_until(service, ended(service, transient, fatal))
     assert service.store.get_job(transient)["attempt"] == 3
     assert service.store.get_job(fatal)["attempt"] == 1
+
+
+def test_queue_etas_follow_running_progress(service: Service) -> None:
+    """A running job at epoch 3/10 with 10 s epochs frees its GPUs in about 70 s; the queued
+    2-GPU job (--time 50 s) is expected then, the job after it when that one ends."""
+    lines = "; ".join(f"echo 'GPUSCHED_EPOCH {{\"epoch\": {e}, \"max_epoch\": 10, \"seconds\": 10}}'"
+                      for e in (1, 2, 3))
+    first = submit(service, "sh", "-c", f"{lines}; sleep 30", gpus=GpuRequest(count=2))
+    run_until(service, lambda: (service.daemon.progress_of(first, 1) or {}).get("epoch") == 3)
+    pair = submit(service, "true", gpus=GpuRequest(count=2), est_runtime_s=50)
+    single = submit(service, "true", gpus=GpuRequest(count=1))
+    pinned = submit(service, "true", gpus=GpuRequest(ids=("1",)))
+    service.daemon.tick(service.clock.now())
+    starts = service.queue_starts(service.store.list_jobs())
+    assert starts[pair] == pytest.approx(70)
+    assert starts[single] == pytest.approx(120)
+    assert starts[pinned] is None  # GPUs are not interchangeable for it: no estimate
+    service.store.request_cancel(first, actor="tester", now=service.clock.now())
+    run_until(service, ended(service, first))
