@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -207,26 +207,41 @@ class Store:
     # -- plumbing -------------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction under BEGIN IMMEDIATE; sqlite errors become StoreErrors."""
+    def write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction under BEGIN IMMEDIATE; sqlite errors become StoreErrors.
+
+        ``durable=False`` commits without its own fsync (``synchronous=NORMAL`` in WAL: the
+        next durable commit makes it durable). Only for facts the daemon re-learns after a
+        crash or power loss: epoch rows, which are re-read from the job's output files."""
         with self.lock:
             try:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as err:
+                self._durable()
                 raise _wrap(err) from err
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
+                if not durable:
+                    self._durable()
             except BaseException as exc:
                 try:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+                if not durable:
+                    self._durable()
                 if isinstance(exc, sqlite3.IntegrityError):
                     raise
                 if isinstance(exc, sqlite3.Error):
                     raise _wrap(exc) from exc
                 raise
+
+    def _durable(self) -> None:
+        with suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         with self.lock:
@@ -412,6 +427,8 @@ class Store:
     def mark_launched(self, job_id: int, n: int, *, now: float, pid: int | None = None,
                       pid_start: int | None = None, container_id: str | None = None,
                       container_name: str | None = None) -> bool:
+        # durable: after a power loss the shim is gone too, and without this record the
+        # attempt would look never started and be run again as if it had not run
         with self.write() as conn:
             conn.execute(
                 "UPDATE attempts SET state='live', pid=?, pid_start=?, container_id=?,"
@@ -578,7 +595,7 @@ class Store:
                       gpu_uuids: Sequence[str], gpu_models: Sequence[str],
                       workload: str | None) -> None:
         """Upsert epoch rows: re-reading an attempt's output after a restart changes nothing."""
-        with self.write() as conn:
+        with self.write(durable=False) as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO epochs (job_id, attempt, epoch, max_epoch, started_at,"
                 " ended_at, seconds, gpu_uuids, gpu_models, gpu_count, workload, loss, lr, map,"
