@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,26 @@ class DaemonProcess:
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "gpusched.cli", *args], env=self.env,
                               capture_output=True, text=True, check=check, timeout=timeout)
+
+    def show(self, job: int) -> dict[str, Any]:
+        """`gpusched show JOB --json` through the real CLI."""
+        r = self.cli("show", str(job), "--json")
+        if r.returncode != 0:
+            raise RuntimeError(f"gpusched show {job} failed: {r.stderr}")
+        return json.loads(r.stdout)
+
+    def wait_status(self, job: int, statuses: Iterable[str], timeout: float = 30) -> dict[str, Any]:
+        """Poll until the job is in one of ``statuses``; its last view, or AssertionError."""
+        want = set(statuses)
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.show(job)
+            if row["status"] in want:
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job} stayed {row['status']}, not {sorted(want)}, "
+                                     f"after {timeout:.0f}s; daemon log:\n{self.log()}")
+            time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         if self.proc is None:

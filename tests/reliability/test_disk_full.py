@@ -47,13 +47,7 @@ def show(d: DaemonProcess, job: int) -> dict[str, Any]:
 
 
 def wait_status(d: DaemonProcess, job: int, want: set[str], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = show(d, job)
-        if row["status"] in want:
-            return row
-        time.sleep(0.2)
-    raise AssertionError(f"job {job} not {want} after {timeout}s: {row}\n{d.log()}")
+    return d.wait_status(job, want, timeout)
 
 
 @needs_root

@@ -62,17 +62,12 @@ def submit(d: DaemonProcess, *args: str) -> int:
 
 
 def show(d: DaemonProcess, job: int) -> dict[str, Any]:
-    return json.loads(d.cli("show", str(job), "--json", check=True).stdout)
+    return d.show(job)
 
 
-def wait_status(d: DaemonProcess, job: int, statuses: tuple[str, ...], timeout: float = 30) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = show(d, job)
-        if j["status"] in statuses:
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} stayed {show(d, job)['status']}; log:\n{d.log()}")
+def wait_status(d: DaemonProcess, job: int, statuses: tuple[str, ...],
+                timeout: float = 30) -> dict[str, Any]:
+    return d.wait_status(job, statuses, timeout)
 
 
 def test_container_job_end_to_end(dd: DaemonProcess) -> None:
