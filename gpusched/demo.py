@@ -9,7 +9,6 @@ times. Nothing outside the temporary directory is touched.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 from gpusched import reports, throughput
 from gpusched.client import Client
 from gpusched.render import pipeline_detail
-from gpusched.testing.harness import SIM_GPUS, DaemonProcess, short_tmpdir
+from gpusched.testing.harness import SIM_GPUS, DaemonProcess, fake_tao_env, short_tmpdir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCALE = 0.004  # 48 s/epoch on the A4000 becomes 0.19 s
@@ -75,12 +74,7 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     state = short_tmpdir("gpusched-demo-")
     work = state / "work"
     shutil.copytree(_examples(), work, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    env = {
-        "GPUSCHED_TAO__RUNNER": "local",
-        "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
-                                                   "gpusched.testing.fake_tao"]),
-        "GPUSCHED_DOCKER__MOUNT_ROOTS": json.dumps([str(state)]),
-    }
+    env = fake_tao_env([str(state)])
     out(f"gpusched demo: a daemon on simulated GPUs {SIM_GPUS!r}, state and experiments in "
         f"{state}")
     out(f"running the fake TAO at {SCALE:g}× real time (RTX A4000 48 s/epoch, RTX 2070 67 s, "

@@ -19,6 +19,14 @@ from gpusched.errors import DaemonUnavailable
 SIM_GPUS = "RTX A4000:16G,RTX 2070:8G"
 
 
+def fake_tao_env(mount_roots: list[str] | None = None) -> dict[str, str]:
+    """Daemon settings that run TAO stages as local processes of the fake TAO entrypoint."""
+    return {"GPUSCHED_TAO__RUNNER": "local",
+            "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
+                                                       "gpusched.testing.fake_tao"]),
+            "GPUSCHED_DOCKER__MOUNT_ROOTS": json.dumps(mount_roots or ["/tmp"])}
+
+
 def short_tmpdir(prefix: str = "gs") -> Path:
     """A short directory under /tmp: unix socket paths must stay under 108 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +17,13 @@ from typing import Any
 
 import pytest
 
-from gpusched.testing.harness import DaemonProcess, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
 
 pytestmark = pytest.mark.acceptance
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCALE = "GPUSCHED_FAKE_TAO_SCALE=0.003"
 NAME = "ssd_resnet18_kitti"
-
-
-def tao_env() -> dict[str, str]:
-    return {"GPUSCHED_TAO__RUNNER": "local",
-            "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
-                                                       "gpusched.testing.fake_tao"]),
-            "GPUSCHED_DOCKER__MOUNT_ROOTS": '["/tmp"]'}
 
 
 def _edit(text: str, **values: Any) -> str:
@@ -108,20 +100,6 @@ def flag(command: list[str], name: str) -> str:
 
 def stage_of(job: dict[str, Any]) -> str:
     return job["name"].split("/", 1)[1]
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = short_tmpdir("gsp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def tao_daemon(root: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(root / "state", env=tao_env()).start()
-    yield d
-    d.stop()
 
 
 def test_example_pipeline_end_to_end(tao_daemon: DaemonProcess, root: Path) -> None:
@@ -225,7 +203,7 @@ def test_a_failing_stage_fails_its_dependants(tao_daemon: DaemonProcess, root: P
 def gate_failed() -> Iterator[tuple[DaemonProcess, dict[str, Any]]]:
     """Thresholds so high that no retrained model gets near the unpruned one."""
     root = short_tmpdir("gsg")
-    d = DaemonProcess(root / "state", env=tao_env()).start()
+    d = DaemonProcess(root / "state", env=fake_tao_env()).start()
     try:
         path = example_pipeline(root, threshold="[0.7, 0.8]", max_drop=0.0001, retries=1,
                                 backoff=0.9)

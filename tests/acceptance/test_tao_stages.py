@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,12 @@ from typing import Any
 import pytest
 
 from gpusched.parsers import parse_training_csv
-from gpusched.testing.harness import DaemonProcess, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
 
 pytestmark = pytest.mark.acceptance
 
 EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_resnet18_kitti.txt"
 SCALE = "GPUSCHED_FAKE_TAO_SCALE=0.003"
-
-
-def tao_env() -> dict[str, str]:
-    """The daemon runs TAO stages as local processes of the fake entrypoint."""
-    return {"GPUSCHED_TAO__RUNNER": "local",
-            "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
-                                                       "gpusched.testing.fake_tao"]),
-            "GPUSCHED_DOCKER__MOUNT_ROOTS": '["/tmp"]'}
 
 
 def small_spec(dst: Path, *, num_epochs: int, checkpoint_interval: int,
@@ -64,27 +55,13 @@ def wait_ended(d: DaemonProcess, ids: list[int], timeout: float = 60) -> None:
     assert r.returncode in (0, 1), f"wait: {r.returncode} {r.stdout} {r.stderr}\n{d.log()}"
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = short_tmpdir("gst")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def tao_daemon(root: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(root / "state", env=tao_env()).start()
-    yield d
-    d.stop()
-
-
 # -- bad input: a clear error, nothing queued ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def bad_input_daemon() -> Iterator[tuple[DaemonProcess, Path]]:
     root = short_tmpdir("gsb")
-    d = DaemonProcess(root / "state", env=tao_env()).start()
+    d = DaemonProcess(root / "state", env=fake_tao_env()).start()
     small_spec(root / "train.txt", num_epochs=4, checkpoint_interval=2, validation_period=2)
     (root / "model.hdf5").write_text('{"fake_tao_model": true}\n')
     yield d, root

@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import struct
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gpusched.testing.harness import DaemonProcess, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
 
 pytestmark = pytest.mark.acceptance
 
@@ -31,13 +30,6 @@ EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_r
 GPUS = "RTX A4000:16G,RTX 2070:8G"
 A4000, RTX2070 = "RTX A4000", "RTX 2070"
 REFERENCE = {A4000: 48.0, RTX2070: 67.0, "pair": 40.0}
-
-
-def tao_env() -> dict[str, str]:
-    return {"GPUSCHED_TAO__RUNNER": "local",
-            "GPUSCHED_TAO__LOCAL_COMMAND": json.dumps([sys.executable, "-m",
-                                                       "gpusched.testing.fake_tao"]),
-            "GPUSCHED_DOCKER__MOUNT_ROOTS": '["/tmp"]'}
 
 
 def small_spec(dst: Path) -> Path:
@@ -79,7 +71,7 @@ class _Html(HTMLParser):
 def measured() -> Iterator[tuple[DaemonProcess, Path, list[int]]]:
     """One train stage on GPU 0, one on GPU 1 (at the same time), then one on both."""
     root = short_tmpdir("gsr")
-    d = DaemonProcess(root / "state", simulate=GPUS, env=tao_env()).start()
+    d = DaemonProcess(root / "state", simulate=GPUS, env=fake_tao_env()).start()
     try:
         spec = small_spec(root / "train.txt")
         ids = []
