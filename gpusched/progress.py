@@ -115,8 +115,14 @@ class ProgressTracker:
             st = self._attempts[ref.key] = _Attempt(
                 log=_Tail(ref.log_path), status=_Tail(status_path) if status_path else None)
         rows: dict[int, dict[str, Any]] = {}
+        stdout_status: list[dict[str, Any]] = []  # TAO-style status lines printed by any job
         for line in st.log.read():
             ep = parse_epoch_line(line)
+            if ep is None and line.startswith("{") and '"epoch"' in line:
+                rec = parse_status_line(line)
+                if rec is not None:
+                    stdout_status.append(rec)
+                    continue
             if ep is not None:
                 secs = ep.get("seconds")
                 rows[int(ep["epoch"])] = {
@@ -133,8 +139,10 @@ class ProgressTracker:
                     rows[epoch] = {"epoch": epoch, "max_epoch": max_epoch, "seconds": secs,
                                    "validated": 0, "ended_at": now, "started_at": now - secs}
             st.keras_text = st.keras_text[-50:]
+        records = stdout_status
         if st.status is not None:
-            records = [r for r in map(parse_status_line, st.status.read()) if r is not None]
+            records += [r for r in map(parse_status_line, st.status.read()) if r is not None]
+        if records:
             for e in epochs_from_status(records):
                 end = e.at or now
                 rows[e.epoch] = {"epoch": e.epoch, "max_epoch": e.max_epoch,

@@ -387,3 +387,17 @@ def test_queue_etas_follow_running_progress(service: Service) -> None:
     assert starts[pinned] is None  # GPUs are not interchangeable for it: no estimate
     service.store.request_cancel(first, actor="tester", now=service.clock.now())
     run_until(service, ended(service, first))
+
+
+def test_any_job_reports_epochs_with_tao_style_status_lines(service: Service) -> None:
+    """A plain job printing status.json-style lines on stdout gets epoch rows, like TAO."""
+    line = ('{"epoch": %d, "max_epoch": 3, "time_per_epoch": "0:00:41.500000", '
+            '"status": "RUNNING", "graphical": {"loss": "0.5", "learning_rate": "0.01", '
+            '"mean average precision": "nan"}}')
+    script = "; ".join(f"echo '{line % e}'" for e in (1, 2, 3))
+    job = submit(service, "sh", "-c", script, name="tao-style")
+    run_until(service, ended(service, job))
+    rows = service.store.epochs(job_id=job)
+    assert [(r["epoch"], r["seconds"], r["workload"]) for r in rows] == [
+        (1, 41.5, "tao-style"), (2, 41.5, "tao-style"), (3, 41.5, "tao-style")]
+    assert rows[0]["gpu_models"] == '["RTX 2070"]'
