@@ -33,7 +33,6 @@ class SchedulerSettings(BaseModel):
     tick_interval_s: float = Field(default=1.0, gt=0)
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     kill_grace_s: float = Field(default=10.0, ge=0)
-    default_runner: Literal["local", "docker"] = "local"
 
 
 class DockerSettings(BaseModel):

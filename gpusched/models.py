@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gpusched.errors import SpecError
-from gpusched.units import parse_gpus, parse_size_mib
+from gpusched.units import parse_size_mib
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ARGS = 4096
@@ -40,11 +39,6 @@ class GpuRequest(BaseModel):
                 object.__setattr__(self, "count", len(self.ids))
         return self
 
-    @classmethod
-    def parse(cls, gpus: str | None, gpu_type: str | None = None,
-              mem: str | None = None) -> GpuRequest:
-        """See ``units.parse_gpus`` for the syntax."""
-        return cls(**parse_gpus(gpus, gpu_type, mem))
 
 
 class Mount(BaseModel):
@@ -54,14 +48,6 @@ class Mount(BaseModel):
     target: str
     read_only: bool = False
 
-    @classmethod
-    def parse(cls, text: str) -> Mount:
-        parts = text.split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-            raise SpecError(f"bad mount {text!r}: use SRC:DST or SRC:DST:ro")
-        if len(parts) == 3 and parts[2] not in ("ro", "rw"):
-            raise SpecError(f"bad mount option {parts[2]!r} in {text!r}: use ro or rw")
-        return cls(source=parts[0], target=parts[1], read_only=len(parts) == 3 and parts[2] == "ro")
 
 
 class JobSpec(BaseModel):

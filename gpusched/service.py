@@ -157,11 +157,11 @@ class Service:
         """Expected start (seconds from now) of queued jobs, in queue order, from the running
         jobs' ETAs and each queued job's expected run time: --time, or for TAO training its
         epochs × the median s/epoch this workload had on as many GPUs."""
-        from gpusched.throughput import queue_etas, summarize
+        from gpusched.throughput import queue_etas
 
         running, queued = [], []
         pinned: set[int] = set()
-        stats = None
+        medians: dict[tuple[str, int], float | None] = {}  # (workload, GPU count) -> s/epoch
         for r in rows:
             if r["status"] in ("starting", "running", "unknown"):
                 p = self.daemon.progress_of(r["id"], r["attempt"]) or {}
@@ -171,31 +171,38 @@ class Service:
         for r in self.daemon.runnable():
             spec = json.loads(self.store.get_job(r["id"])["spec"])
             req = GpuRequest.model_validate_json(r["request"])
-            need = req.count
             if req.ids is not None or req.gpu_type or req.mem_mib:
                 # the model treats GPUs as interchangeable; a pinned or typed job holds its
                 # place in the queue but gets no estimate rather than a wrong one
                 pinned.add(r["id"])
             total = spec.get("est_runtime_s")
             if total is None and spec.get("kind") in ("tao:train", "tao:retrain"):
-                from gpusched.parsers import spec_summary
-                from gpusched.progress import workload_of
-
-                if stats is None:
-                    stats = summarize(self.store.epochs(since=self.clock.now() - 30 * 86400))
-                wl = workload_of(spec)
-                sets = [s for s in stats if s.workload == wl and s.gpu_count == need]
-                stage = (spec.get("stage") or {}).get("stage") or {}
-                try:
-                    epochs = spec_summary(Path(stage.get("spec", "")).read_text())["num_epochs"]
-                except (OSError, KeyError):
-                    epochs = None
-                if sets and epochs:
-                    total = min(s.median_s for s in sets) * int(epochs)
-            queued.append((r["id"], total, need))
+                total = self._tao_runtime(spec, req.count, medians)
+            queued.append((r["id"], total, req.count))
         starts = queue_etas(running, queued, len(self.daemon.gpus))
         return {int(k): (None if k in pinned else v)  # type: ignore[call-overload]
                 for k, v in starts.items()}
+
+    def _tao_runtime(self, spec: dict[str, Any], gpus: int,
+                     medians: dict[tuple[str, int], float | None]) -> float | None:
+        """A TAO training stage's expected run time: its epochs × the best median s/epoch its
+        workload had on as many GPUs in the last 30 days (read once per workload)."""
+        from gpusched.parsers import spec_summary
+        from gpusched.progress import stage_fields, workload_of
+        from gpusched.throughput import summarize
+
+        wl = workload_of(spec)
+        if (wl, gpus) not in medians:
+            sets = [s for s in summarize(self.store.epochs(
+                since=self.clock.now() - 30 * 86400, workload=wl)) if s.gpu_count == gpus]
+            medians[(wl, gpus)] = min(s.median_s for s in sets) if sets else None
+        per_epoch = medians[(wl, gpus)]
+        try:
+            epochs = spec_summary(Path(stage_fields(spec).get("spec", "")).read_text())[
+                "num_epochs"]
+        except (OSError, KeyError):
+            return None
+        return per_epoch * int(epochs) if per_epoch and epochs else None
 
     def spans(self, since: float) -> list[dict[str, Any]]:
         """Attempts in the window, shaped for the timeline report."""
@@ -222,6 +229,12 @@ class Service:
         h["socket"] = str(self.settings.socket)
         h["jobs"] = self.store.count_by_status()
         return h
+
+    def close(self) -> None:
+        """Let go of the runners, the database and NVML; jobs keep running."""
+        self.daemon.close()
+        self.store.close()
+        self.inventory.close()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -303,9 +316,7 @@ class Service:
                 self.server.server_close()
                 with contextlib.suppress(OSError):
                     self.settings.socket.unlink()
-            self.daemon.close()
-            self.store.close()
-            self.inventory.close()
+            self.close()
             for s, h in old.items():
                 signal.signal(s, h)
             log.info("gpusched daemon stopped; running jobs keep running")

@@ -180,6 +180,23 @@ def _wrap(err: sqlite3.Error) -> StoreError:
     return StoreError(f"state database error: {err}")
 
 
+def _where(**filters: Any) -> tuple[str, list[Any]]:
+    """AND of column filters: a scalar is ``col = ?``, an iterable ``col IN (...)``, None is
+    no filter."""
+    clauses, params = ["1=1"], []
+    for col, value in filters.items():
+        if value is None:
+            continue
+        if isinstance(value, str | int | float):
+            clauses.append(f"{col} = ?")
+            params.append(value)
+        else:
+            values = list(value)
+            clauses.append(f"{col} IN ({','.join('?' * len(values)) or 'NULL'})")
+            params += values
+    return " AND ".join(clauses), params
+
+
 class Store:
     """The daemon's database. Thread-safe: one connection behind a lock."""
 
@@ -318,23 +335,8 @@ class Store:
         self, *, statuses: Iterable[str] | None = None, owner_uid: int | None = None,
         name: str | None = None, limit: int | None = None, ids: Iterable[int] | None = None,
     ) -> list[Row]:
-        where: list[str] = ["1=1"]
-        params: list[Any] = []
-        if statuses is not None:
-            st = list(statuses)
-            where.append(f"status IN ({','.join('?' * len(st))})")
-            params += st
-        if owner_uid is not None:
-            where.append("owner_uid = ?")
-            params.append(owner_uid)
-        if name is not None:
-            where.append("name = ?")
-            params.append(name)
-        if ids is not None:
-            idl = list(ids)
-            where.append(f"id IN ({','.join('?' * len(idl)) or 'NULL'})")
-            params += idl
-        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
+        clause, params = _where(status=statuses, owner_uid=owner_uid, name=name, id=ids)
+        sql = f"SELECT * FROM jobs WHERE {clause} ORDER BY id"
         if limit:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
         return self.query(sql, params)
@@ -607,19 +609,12 @@ class Store:
 
     def epochs(self, *, since: float | None = None, job_id: int | None = None,
                workload: str | None = None) -> list[Row]:
-        where: list[str] = ["1=1"]
-        params: list[Any] = []
+        clause, params = _where(job_id=job_id, workload=workload)
         if since is not None:
-            where.append("ended_at >= ?")
+            clause += " AND ended_at >= ?"
             params.append(since)
-        if job_id is not None:
-            where.append("job_id = ?")
-            params.append(job_id)
-        if workload is not None:
-            where.append("workload = ?")
-            params.append(workload)
-        return self.query(f"SELECT * FROM epochs WHERE {' AND '.join(where)}"
-                          " ORDER BY job_id, attempt, epoch", params)
+        return self.query(f"SELECT * FROM epochs WHERE {clause} ORDER BY job_id, attempt, epoch",
+                          params)
 
     def spans(self, since: float) -> list[Row]:
         """Every attempt that ran in the window, with its job's name and kind (timeline)."""

@@ -39,8 +39,7 @@ def service(settings: Settings, clock: FakeClock) -> Iterator[Service]:
     svc = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
                   runners={"local": LocalRunner(settings.runs_dir)}, clock=clock)
     yield svc
-    svc.daemon.close()
-    svc.store.close()
+    svc.close()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -182,15 +183,13 @@ def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
     inv.set_health(uuid, "lost", "GPU is lost (fell off the bus)")
     svc.daemon.tick(clock.now())
     assert [g.state for g in svc.daemon.gpu_states()] == ["idle", "lost"]
-    svc.daemon.close()
-    svc.store.close()
+    svc.close()
     svc2 = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
                    runners={"local": LocalRunner(settings.runs_dir)}, clock=clock)
     svc2.daemon.tick(clock.now())
     states = {g.uuid: (g.state, g.drain_reason) for g in svc2.daemon.gpu_states()}
     assert states[uuid] == ("drained", "GPU is lost (fell off the bus)")
-    svc2.daemon.close()
-    svc2.store.close()
+    svc2.close()
 
 
 def test_foreign_memory_keeps_a_job_waiting(service: Service) -> None:
@@ -210,37 +209,36 @@ def test_foreign_memory_keeps_a_job_waiting(service: Service) -> None:
     assert json.loads(service.store.attempt(job, 1)["gpus"]) == [big_gpu]  # type: ignore[index]
 
 
-def restart(svc: Service) -> Service:
+@contextmanager
+def restarted(svc: Service) -> Iterator[Service]:
     """What a daemon crash or restart leaves: a new Service on the same state directory."""
-    svc.daemon.close()
-    svc.store.close()
-    return Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
+    svc.close()
+    svc2 = Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
                    runners={"local": LocalRunner(svc.settings.runs_dir)}, clock=svc.clock)
+    try:
+        yield svc2
+    finally:
+        svc2.close()
 
 
 def test_restart_adopts_a_running_job_and_records_its_exit(service: Service) -> None:
     job = submit(service, "sh", "-c", "sleep 1; exit 7")
     service.daemon.tick(service.clock.now())
     assert status(service, job) == "running"
-    svc2 = restart(service)
-    try:
+    with restarted(service) as svc2:
         svc2.daemon.tick(svc2.clock.now())
         assert status(svc2, job) == "running"
         run_until(svc2, ended(svc2, job))
         row = svc2.store.get_job(job)
         assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 7, 1)
         assert len(svc2.store.attempts(job)) == 1
-    finally:
-        svc2.daemon.close()
-        svc2.store.close()
 
 
 def test_job_that_ended_while_the_daemon_was_down(service: Service) -> None:
     job = submit(service, "sh", "-c", "exit 3")
     service.daemon.tick(service.clock.now())
     time.sleep(0.3)
-    svc2 = restart(service)
-    try:
+    with restarted(service) as svc2:
         exit_file = Path(svc2.store.attempt(job, 1)["run_dir"]) / "exit"  # type: ignore[index]
         svc2.clock.advance(3600)  # the daemon came back an hour later
         svc2.daemon.tick(svc2.clock.now())
@@ -248,9 +246,6 @@ def test_job_that_ended_while_the_daemon_was_down(service: Service) -> None:
         assert (row["status"], row["exit_code"]) == ("failed", 3)
         assert row["ended_at"] == pytest.approx(exit_file.stat().st_mtime)
         assert svc2.store.allocations() == []
-    finally:
-        svc2.daemon.close()
-        svc2.store.close()
 
 
 def test_crash_after_claim_requeues_without_burning_a_retry(service: Service) -> None:
@@ -258,16 +253,12 @@ def test_crash_after_claim_requeues_without_burning_a_retry(service: Service) ->
     job = submit(service, "sh", "-c", "echo ran")
     service.store.claim(job, [service.daemon.gpus[0].uuid], runner="local",
                         now=service.clock.now(), paths=service.daemon.paths)
-    svc2 = restart(service)
-    try:
+    with restarted(service) as svc2:
         run_until(svc2, ended(svc2, job))
         row = svc2.store.get_job(job)
         assert (row["status"], row["attempt"], row["retries_left"]) == ("succeeded", 2, 0)
         assert [a["state"] for a in svc2.store.attempts(job)] == ["ended", "ended"]
         assert log_of(svc2, job).strip() == "ran"
-    finally:
-        svc2.daemon.close()
-        svc2.store.close()
 
 
 def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) -> None:
@@ -285,8 +276,7 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
         env=service.daemon.job_env(job, n, (gpu,)), log_path=Path(log_path),
         run_dir=Path(run_dir), owner_uid=os.getuid(), owner="tester"))
     stray.close()
-    svc2 = restart(service)  # the daemon died before recording the launch
-    try:
+    with restarted(service) as svc2:  # the daemon died before recording the launch
         svc2.daemon.tick(svc2.clock.now())
         assert status(svc2, job) == "running"
         run_until(svc2, ended(svc2, job))
@@ -294,9 +284,6 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
         assert len(svc2.store.attempts(job)) == 1
         counter = Path(svc2.settings.state_dir) / "counter"
         assert counter.read_text() == "started\n"
-    finally:
-        svc2.daemon.close()
-        svc2.store.close()
 
 
 def test_another_daemons_shims_are_not_orphans(service: Service, tmp_path: Path) -> None:
