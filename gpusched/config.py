@@ -45,6 +45,9 @@ class DockerSettings(BaseModel):
     network: str = "bridge"
     shm_size: str = "16G"
     user: str | None = None  # "uid:gid"; None: the submitting user's uid:gid
+    # May root and the admin group choose another container uid/gid than their own (--user)?
+    # Plain users never may: uid 0 in a container with a bind mount is host root.
+    allow_user_override: bool = True
     ulimits: dict[str, int] = Field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
     log_max_size: str = "50m"
     log_max_file: int = Field(default=3, ge=1)

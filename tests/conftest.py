@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ from gpusched.config import Settings
 from gpusched.gpus import SimulatedInventory
 from gpusched.runners.local import LocalRunner
 from gpusched.service import Service
+from gpusched.testing import users as real
 from gpusched.testing.clock import FakeClock
 from gpusched.testing.harness import SIM_GPUS, DaemonProcess, short_tmpdir
 
@@ -48,3 +51,37 @@ def daemon(state_dir: Path) -> Iterator[DaemonProcess]:
     d = DaemonProcess(state_dir).start()
     yield d
     d.stop()
+
+
+# -- real users (promise 9): the fixtures skip where this host cannot create users ------------
+
+@pytest.fixture(scope="session")
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """gsuser1, gsuser2 and gsadmin1 (in group gsrel-admin), created for the run."""
+    if not real.available():
+        pytest.skip("needs root with useradd, groupadd and setpriv to act as real users")
+    with real.real_users() as found:
+        yield found
+
+
+@pytest.fixture
+def root_daemon(users: dict[str, pwd.struct_passwd]) -> Iterator[DaemonProcess]:
+    """The real daemon as root, with gsrel-admin as its admin group."""
+    state = short_tmpdir("gsusers")
+    os.chmod(state, 0o755)  # like /var/lib/gpusched
+    d = DaemonProcess(state, env={"GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP})
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A world-writable sticky directory (like /tmp) for users' working directories."""
+    d = short_tmpdir("gsshared")
+    os.chmod(d, 0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

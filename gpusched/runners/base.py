@@ -88,6 +88,9 @@ class Orphan:
     job_id: int | None = None
     attempt: int | None = None
     handle: Any = field(default=None, compare=False)
+    # False when it exists but never started (a container still "created" after a crash
+    # between create and start): reconcile removes it and queues the attempt again
+    adoptable: bool = True
 
 
 class Runner(Protocol):

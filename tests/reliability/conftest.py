@@ -42,3 +42,4 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("reliability figures")
     for key in sorted(figs):
         terminalreporter.write_line(f"{key}: {figs[key]}")
+

@@ -10,85 +10,20 @@ daemon runs as root with ``api.admin_group`` set to that group through
 from __future__ import annotations
 
 import json
-import os
 import pwd
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpusched.testing.harness import DaemonProcess, short_tmpdir
-
-USERS = ("gsuser1", "gsuser2", "gsadmin1")
-ADMIN_GROUP = "gsrel-admin"
+from gpusched.testing.harness import DaemonProcess
+from gpusched.testing.users import as_user
+from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("useradd", "userdel", "groupadd",
-                                                            "groupdel", "setpriv")),
-    reason="needs root with useradd, groupadd and setpriv to act as real users")
-
-
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[dict[str, pwd.struct_passwd]]:
-    created_group = _run("groupadd", ADMIN_GROUP).returncode == 0
-    created = []
-    for name in USERS:
-        extra = ["-G", ADMIN_GROUP] if name == "gsadmin1" else []
-        r = _run("useradd", "-M", "-s", "/usr/sbin/nologin", *extra, name)
-        if r.returncode == 0:
-            created.append(name)
-        elif "already exists" not in r.stderr:
-            pytest.skip(f"useradd {name} failed: {r.stderr.strip()}")
-        elif extra:
-            _run("usermod", "-a", "-G", ADMIN_GROUP, name)
-    try:
-        yield {name: pwd.getpwnam(name) for name in USERS}
-    finally:
-        for name in created:
-            _run("userdel", name)
-        if created_group:
-            _run("groupdel", ADMIN_GROUP)
-
-
-@pytest.fixture
-def root_daemon(users: dict[str, pwd.struct_passwd]) -> Iterator[DaemonProcess]:
-    state = short_tmpdir("gsusers")
-    os.chmod(state, 0o755)  # like /var/lib/gpusched: users' shims write their exit file below
-    d = DaemonProcess(state, env={"GPUSCHED_API__ADMIN_GROUP": ADMIN_GROUP})
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        shutil.rmtree(state, ignore_errors=True)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    d = short_tmpdir("gsshared")
-    os.chmod(d, 0o1777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def as_user(d: DaemonProcess, user: pwd.struct_passwd | None, *args: str,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    prefix = [] if user is None else ["setpriv", f"--reuid={user.pw_uid}",
-                                      f"--regid={user.pw_gid}", "--clear-groups"]
-    env = {**d.env, "HOME": "/tmp"}
-    r = subprocess.run([*prefix, sys.executable, "-m", "gpusched.cli", *args], env=env,
-                       capture_output=True, text=True, timeout=60, cwd=cwd)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
+    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
 
 
 def submit(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:

@@ -1,0 +1,71 @@
+"""Real users for the security tests: create them, and run the CLI as one of them (setpriv).
+
+Needs root with useradd/groupadd/setpriv; ``available()`` says whether this host can. The
+users are ``gsuser1``, ``gsuser2`` (plain) and ``gsadmin1`` (member of ``gsrel-admin``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gpusched.testing.harness import DaemonProcess
+
+USERS = ("gsuser1", "gsuser2", "gsadmin1")
+ADMIN_GROUP = "gsrel-admin"
+TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
+
+
+def available() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in TOOLS)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+
+
+@contextmanager
+def real_users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """Create the test users (removed afterwards unless they existed before)."""
+    created_group = _run("groupadd", ADMIN_GROUP).returncode == 0
+    created = []
+    for name in USERS:
+        extra = ["-G", ADMIN_GROUP] if name == "gsadmin1" else []
+        r = _run("useradd", "-M", "-s", "/usr/sbin/nologin", *extra, name)
+        if r.returncode == 0:
+            created.append(name)
+        elif "already exists" not in r.stderr:
+            raise RuntimeError(f"useradd {name} failed: {r.stderr.strip()}")
+        elif extra:
+            _run("usermod", "-a", "-G", ADMIN_GROUP, name)
+    try:
+        yield {name: pwd.getpwnam(name) for name in USERS}
+    finally:
+        for name in created:
+            _run("userdel", name)
+        if created_group:
+            _run("groupdel", ADMIN_GROUP)
+
+
+def user_argv(user: pwd.struct_passwd | None) -> list[str]:
+    """The prefix that runs a command as ``user`` (None: as root)."""
+    if user is None:
+        return []
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+
+
+def as_user(d: DaemonProcess, user: pwd.struct_passwd | None, *args: str,
+            cwd: Path | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``gpusched ARGS`` as ``user`` against daemon ``d``; never a traceback."""
+    full_env = {**d.env, "HOME": "/tmp", **(env or {})}
+    r = subprocess.run([*user_argv(user), sys.executable, "-m", "gpusched.cli", *args],
+                       env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
