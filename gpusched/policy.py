@@ -1,6 +1,7 @@
 """What users may ask of the daemon's root-equivalent power: images, mounts, paths, identities.
 
-Pure checks (only ``os.path`` look-ups for paths); each refusal is a SpecError whose message says
+Pure checks (only ``os.path`` look-ups for paths, and the passwd/group database for who a
+container may run as); each refusal is a SpecError whose message says
 what was refused and what is allowed. runc CVE-2024-21626 leaked host file descriptors through a
 ``/proc/self/fd/N`` working directory, so workdirs and mount targets stay out of /proc, /sys, /dev.
 """
@@ -8,8 +9,10 @@ what was refused and what is allowed. runc CVE-2024-21626 leaked host file descr
 from __future__ import annotations
 
 import fnmatch
+import grp
 import json
 import os
+import pwd
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -65,8 +68,8 @@ def check_image(image: str | None, settings: DockerSettings) -> None:
         )
 
 
-def check_mount(mount: Mount, settings: DockerSettings) -> None:
-    src, dst = mount.source, mount.target
+def check_mount_source(src: str, settings: DockerSettings) -> str:
+    """The resolved path of an allowed mount source (SpecError when it is not allowed)."""
     _check_clean_abs(src, "mount source")
     real = os.path.realpath(src)
     roots = [os.path.realpath(r) for r in settings.mount_roots]
@@ -78,12 +81,40 @@ def check_mount(mount: Mount, settings: DockerSettings) -> None:
         )
     if _in_forbidden_tree(real):
         raise SpecError(f"mount source {src!r} resolves into {_in_forbidden_tree(real)}")
+    return real
+
+
+def check_mount(mount: Mount, settings: DockerSettings) -> str:
+    """Check a mount; returns its source resolved (what must be handed to Docker)."""
+    dst = mount.target
+    real = check_mount_source(mount.source, settings)
     _check_clean_abs(dst, "mount target")
     if _norm(dst) == "/":
         raise SpecError("a mount cannot cover the container's root directory /")
     tree = _in_forbidden_tree(_norm(dst))
     if tree:
         raise SpecError(f"mount target {dst!r} is under {tree}, which is not allowed")
+    return real
+
+
+def resolve_mounts(spec: JobSpec, settings: DockerSettings) -> JobSpec:
+    """A copy of ``spec`` whose mount sources are checked and replaced by their resolved paths.
+
+    A symlink is followed once, here: what is stored (and later handed to Docker) is the real
+    directory that passed the check, so swapping a component for a symlink after the check
+    cannot redirect the mount (the runner refuses a source that no longer resolves to
+    itself). Call it on every spec built after submission (a TAO stage rebuilt at launch)."""
+    targets: set[str] = set()
+    mounts = []
+    for m in spec.mounts:
+        real = check_mount(m, settings)
+        t = _norm(m.target)
+        if t in targets:
+            raise SpecError(f"mount target {m.target!r} is given twice")
+        targets.add(t)
+        mounts.append(m if real == m.source else
+                      Mount(source=real, target=m.target, read_only=m.read_only))
+    return spec.model_copy(update={"mounts": mounts})
 
 
 def check_container_workdir(workdir: str) -> None:
@@ -98,20 +129,68 @@ def check_user(user: str) -> None:
         raise SpecError(f"bad user {user!r}: use a numeric uid or uid:gid, e.g. 1000:1000")
 
 
-def validate_docker_spec(spec: JobSpec, settings: DockerSettings) -> None:
-    """Refuse a docker job the daemon must not run (SpecError with the reason)."""
+def groups_of(uid: int) -> tuple[int | None, list[int]]:
+    """(primary gid, every gid) of a host user; (None, []) for a uid without a passwd entry."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return None, []
+    try:
+        gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except OSError:
+        gids = [pw.pw_gid]
+    return pw.pw_gid, sorted(set(gids))
+
+
+def _group_names(gids: list[int]) -> str:
+    def name(g: int) -> str:
+        try:
+            return f"{g} ({grp.getgrgid(g).gr_name})"
+        except KeyError:
+            return str(g)
+    return ", ".join(name(g) for g in gids) or "none"
+
+
+def check_container_user(user: str, settings: DockerSettings, *, uid: int,
+                         is_admin: bool) -> str:
+    """Who the container may run as; returns ``uid:gid`` (a bare uid of one's own gets one's
+    primary gid: Docker would otherwise pick the image's, often 0).
+
+    uid 0, or any other uid, in a container with a bind mount is that uid on the host files:
+    a plain user may only be themself, with their primary gid or one of their groups."""
+    check_user(user)
+    want_uid, _, want_gid = user.partition(":")
+    primary, gids = groups_of(uid)
+    own_gid = (primary is not None) if not want_gid else int(want_gid) in gids
+    if int(want_uid) == uid and own_gid:
+        return f"{uid}:{want_gid or primary}"
+    if is_admin and settings.allow_user_override:
+        return user
+    if is_admin:
+        raise SpecError(
+            f"container user {user!r} refused: docker.allow_user_override is false on this "
+            f"host, so no one may run a container as another uid/gid than their own; "
+            f"use {uid}:<gid> with one of your groups: {_group_names(gids)}")
+    raise SpecError(
+        f"container user {user!r} refused: only root and the admin group may run a container "
+        f"as another uid/gid than their own (a container uid with a bind mount acts on the "
+        f"host's files); you (uid {uid}) may use {uid}:<gid> with one of your groups: "
+        f"{_group_names(gids)}, or leave --user out")
+
+
+def validate_docker_spec(spec: JobSpec, settings: DockerSettings, *, uid: int,
+                         is_admin: bool) -> None:
+    """Refuse a docker job the daemon must not run (SpecError with the reason).
+
+    ``uid`` is the submitter (from SO_PEERCRED), ``is_admin`` whether they are root or in the
+    admin group. The spec is normalised in place: mount sources resolved (see
+    ``resolve_mounts``) and the container user spelled ``uid:gid``."""
     check_image(spec.image, settings)
-    targets: set[str] = set()
-    for m in spec.mounts:
-        check_mount(m, settings)
-        t = _norm(m.target)
-        if t in targets:
-            raise SpecError(f"mount target {m.target!r} is given twice")
-        targets.add(t)
+    spec.mounts = resolve_mounts(spec, settings).mounts
     if spec.workdir is not None:
         check_container_workdir(spec.workdir)
     if spec.user is not None:
-        check_user(spec.user)
+        spec.user = check_container_user(spec.user, settings, uid=uid, is_admin=is_admin)
     if spec.shm_size is not None:
         parse_size_bytes(spec.shm_size)
     for key in RESERVED_ENV:

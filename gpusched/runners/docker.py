@@ -1,8 +1,11 @@
 """Run attempts as Docker containers through the Engine API, one container per attempt.
 
 Labels on the container name its job, attempt, instance and GPUs, so a restarted daemon finds,
-adopts or removes it. Output reaches ``ref.log_path`` through one follower thread per container,
-resumed from ``ref.run_dir / "log.cursor"``. ``docker`` is imported lazily: the CLI starts fast.
+adopts or removes it. Because it removes what it does not know, one daemon must own an instance:
+a lease volume ``gpusched-lease-<instance>`` names the owner (host and state directory), and a
+runner whose instance is leased to another daemon refuses every call. Output reaches
+``ref.log_path`` through one follower thread per container, resumed from
+``ref.run_dir / "log.cursor"``. ``docker`` is imported lazily: the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from gpusched import policy
 from gpusched.config import DockerSettings
-from gpusched.errors import LaunchRefused, RunnerError, RunnerUnavailable
+from gpusched.errors import LaunchRefused, RunnerError, RunnerUnavailable, SpecError
 from gpusched.models import parse_size_bytes
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
 from gpusched.runners.docker_logs import ALIVE, LogFollower, close_stream, parse_docker_time_ns
@@ -30,13 +34,31 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Set by the runner from the allocation; the user's spec cannot override them.
 _RUNNER_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
+LEASE_HOST, LEASE_DIR = "gpusched.lease.host", "gpusched.lease.state_dir"
+
+
+class InstanceLeased(RunnerUnavailable):
+    """Another gpusched owns this docker.instance on this dockerd; this daemon leaves its
+    containers alone."""
+
+
+def lease_volume(instance: str) -> str:
+    return f"gpusched-lease-{instance}"
 
 
 class ContainerRunner:
     name = "docker"
 
-    def __init__(self, settings: DockerSettings, *, kill_grace_s: float = 10.0) -> None:
+    def __init__(self, settings: DockerSettings, *, kill_grace_s: float = 10.0,
+                 state_dir: Path | None = None) -> None:
+        """``state_dir``: the daemon's, which (with the host name) owns the instance's lease;
+        None (tools, tests) takes no lease. The lease is never given back: the daemon's
+        containers outlive it, and another daemon must not take them for orphans."""
         self.settings = settings
+        self.owner = (None if state_dir is None else
+                      {LEASE_HOST: socket.gethostname(), LEASE_DIR: os.path.realpath(state_dir)})
+        self._lease_lock = threading.Lock()
+        self._lease_ok = False
         self.kill_grace_s = kill_grace_s  # the daemon escalates; signal_cancel never waits
         self.url = settings.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self._lock, self._closed = threading.Lock(), threading.Event()
@@ -53,7 +75,41 @@ class ContainerRunner:
 
     def _docker(self, stream: bool = False) -> DockerClient:
         """The client for short calls (timeout from settings) or, with ``stream``, for logs
-        and events (no read timeout). RunnerUnavailable when Docker is down."""
+        and events (no read timeout). RunnerUnavailable when Docker is down, InstanceLeased
+        while another daemon owns the instance."""
+        client = self._connect(stream)
+        if self.owner is not None and not self._lease_ok:
+            self._take_lease(self._connect(False) if stream else client)
+        return client
+
+    def _take_lease(self, client: DockerClient) -> None:
+        """Create the lease volume, or find it: Docker returns an existing volume (with its
+        labels) to a create of the same name, so two daemons racing get one owner. Once held
+        it is only checked again before orphans are listed (cheap: one call per reconcile);
+        while another daemon holds it every call asks again, so removing it is enough."""
+        owner = self.owner
+        assert owner is not None
+        name = lease_volume(self.settings.instance)
+        with self._lease_lock:
+            try:
+                vol = self._do("lease", lambda: client.volumes.create(
+                    name=name, driver="local",
+                    labels={**owner, "gpusched.instance": self.settings.instance}))
+            except RunnerError as err:
+                raise self._unreachable(f"cannot create the lease volume {name}: "
+                                        f"{err.message}") from err
+            labels = (vol.attrs.get("Labels") if vol is not None else None) or {}
+            if {k: labels.get(k) for k in owner} != owner:
+                self._lease_ok = False
+                raise InstanceLeased(
+                    f"another gpusched (state dir {labels.get(LEASE_DIR, '?')} on host "
+                    f"{labels.get(LEASE_HOST, '?')}) owns docker.instance "
+                    f"'{self.settings.instance}' on this dockerd; give this daemon its own "
+                    f"docker.instance, or remove the lease with `docker volume rm {name}` "
+                    "if that daemon is gone")
+            self._lease_ok = True
+
+    def _connect(self, stream: bool) -> DockerClient:
         import docker
 
         if self.url.startswith("unix://"):
@@ -137,8 +193,8 @@ class ContainerRunner:
                 "gpusched.owner": req.owner,
             },
             "environment": env,
-            "mounts": [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
-                       for m in spec.mounts],
+            "mounts": [Mount(target=m.target, source=self._mount_source(m.source), type="bind",
+                             read_only=m.read_only) for m in spec.mounts],
             "working_dir": spec.workdir, "user": self._user(req),
             "shm_size": parse_size_bytes(shm) if shm else None,
             "ulimits": [Ulimit(name=k, soft=v, hard=v) for k, v in s.ulimits.items()],
@@ -150,6 +206,21 @@ class ContainerRunner:
             "device_requests": device_requests,
         }
         return {k: v for k, v in cfg.items() if v is not None}
+
+    def _mount_source(self, source: str) -> str:
+        """Check a bind source again at launch: it was resolved and checked at submission,
+        so a source that no longer resolves to itself had a component swapped for a symlink
+        since (it could point anywhere, /etc included)."""
+        real = os.path.realpath(source)
+        if real != source:
+            raise LaunchRefused(
+                f"mount source {source!r} now resolves to {real!r}: a part of the path was "
+                "replaced by a symlink after the job was submitted; put the directory back "
+                "and release the job, or submit it again")
+        try:
+            return policy.check_mount_source(source, self.settings)
+        except SpecError as err:  # e.g. the roots changed since
+            raise LaunchRefused(f"mount refused at launch: {err.message}") from err
 
     def create(self, req: LaunchRequest) -> Any:
         """Create the attempt's container (not started). When the name is taken (a crash
@@ -261,7 +332,10 @@ class ContainerRunner:
                      ok=(409,))
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
-        inst, client = self.settings.instance, self._docker()
+        held = self._lease_ok
+        inst, client = self.settings.instance, self._docker()  # takes the lease if not held
+        if self.owner is not None and held:
+            self._take_lease(client)  # still ours? never list (so remove) another's containers
         try:
             found = self._do("list", lambda: client.containers.list(
                 all=True, filters={"label": [f"gpusched.instance={inst}"]})) or []
@@ -278,7 +352,10 @@ class ContainerRunner:
             out.append(Orphan(
                 description=f"container {c.name} ({c.status}) of job {job} attempt {attempt}",
                 gpus=tuple(g for g in lb.get("gpusched.gpus", "").split(",") if g),
-                job_id=job, attempt=attempt, handle=c.id))
+                job_id=job, attempt=attempt, handle=c.id,
+                # created, never started: a crash between create and start; adopting it
+                # would leave a job "running" forever with nothing to start it
+                adoptable=c.status != "created"))
         return out
 
     def remove_orphan(self, orphan: Orphan) -> bool:
@@ -351,6 +428,8 @@ class ContainerRunner:
         try:
             client = self._docker()
             version = (self._do("version", client.version) or {}).get("Version", "?")
+        except RunnerUnavailable as err:
+            return False, err.message
         except RunnerError as err:
             return False, f"Docker unreachable at {self.url}: {err.message}"
         return True, f"docker {version} at {self.url}"

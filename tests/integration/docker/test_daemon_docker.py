@@ -50,6 +50,8 @@ def dd(dockerd: str) -> Iterator[DaemonProcess]:
         inst = d.extra_env["GPUSCHED_DOCKER__INSTANCE"]
         for c in client.containers.list(all=True, filters={"label": f"gpusched.instance={inst}"}):
             c.remove(force=True)
+        for v in client.volumes.list(filters={"name": f"gpusched-lease-{inst}"}):
+            v.remove(force=True)  # the daemon's lease on its instance
     finally:
         client.close()
     shutil.rmtree(state, ignore_errors=True)
@@ -147,6 +149,13 @@ def test_kill9_with_three_containers_running_adopts_them(dockerd: str) -> None:
             assert out == "".join(f"tick {i}\n" for i in range(1, 17)), out
     finally:
         dd.stop()
+        client = docker.DockerClient(base_url=dockerd)
+        try:
+            inst = dd.extra_env["GPUSCHED_DOCKER__INSTANCE"]
+            for v in client.volumes.list(filters={"name": f"gpusched-lease-{inst}"}):
+                v.remove(force=True)  # the daemon's lease on its instance
+        finally:
+            client.close()
         shutil.rmtree(state, ignore_errors=True)
 
 
