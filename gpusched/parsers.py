@@ -26,7 +26,9 @@ from gpusched.parsers_tao import (
     parse_keras_stdout,
     parse_prune_ratio,
     read_spec_fields,
+    spec_facts,
     spec_summary,
+    workload_key,
 )
 
 __all__ = [
@@ -48,9 +50,11 @@ __all__ = [
     "parse_timedelta",
     "parse_training_csv",
     "read_spec_fields",
+    "spec_facts",
     "spec_summary",
     "split_lines",
     "timedelta_seconds",
+    "workload_key",
 ]
 
 EPOCH_LINE_PREFIX = "GPUSCHED_EPOCH"

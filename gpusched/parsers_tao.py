@@ -4,6 +4,7 @@ lines, and the protobuf-text experiment spec. Pure functions on strings; re-expo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -208,3 +209,16 @@ def spec_summary(text: str) -> dict[str, Any]:
         "network": network,
         "backbone": backbone,
     }
+
+
+def spec_facts(text: str) -> dict[str, Any]:
+    """What a stage records of its spec file at submission, so that nothing re-reads a file
+    its user controls later: :func:`spec_summary` plus ``digest`` (8 hex digits of the text's
+    SHA-256, part of the workload key)."""
+    return {**spec_summary(text), "digest": hashlib.sha256(text.encode()).hexdigest()[:8]}
+
+
+def workload_key(facts: dict[str, Any]) -> str:
+    """The workload TAO training epochs are grouped by: network/backbone/batch size/spec hash."""
+    return (f"{facts.get('network') or 'ssd'}/{facts.get('backbone') or '?'}/"
+            f"bs{facts.get('batch_size_per_gpu') or '?'}/spec:{facts.get('digest') or '?'}")

@@ -10,7 +10,6 @@ after a daemon restart changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,11 +22,14 @@ from gpusched.parsers import (
     parse_epoch_line,
     parse_keras_stdout,
     parse_status_line,
-    spec_summary,
+    spec_facts,
+    workload_key,
 )
 from gpusched.runners.base import AttemptRef
+from gpusched.safefs import open_user_file, read_user_file
 
 MAX_READ = 4 * 1024 * 1024  # bytes per file per pass
+MAX_SPEC = 4 * 1024 * 1024  # a TAO experiment spec is a few KiB
 
 
 @dataclass
@@ -37,15 +39,21 @@ class _Tail:
     follower: StatusFollower = field(default_factory=StatusFollower)
 
     def read(self) -> list[str]:
+        # the file is in a place the job's user controls: never block on a FIFO, never follow
+        # a symlink out of it (safefs)
         try:
-            with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size < self.offset:  # truncated or replaced: start over
-                    self.offset, self.follower = 0, StatusFollower()
-                fh.seek(self.offset)
-                data = fh.read(MAX_READ)
+            fd = open_user_file(self.path)
         except OSError:
             return []
+        try:
+            size = os.fstat(fd).st_size
+            if size < self.offset:  # truncated or replaced: start over
+                self.offset, self.follower = 0, StatusFollower()
+            data = os.pread(fd, MAX_READ, self.offset)
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
         self.offset += len(data)
         return self.follower.feed_lines(data.decode(errors="replace"))
 
@@ -65,20 +73,34 @@ def stage_fields(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(((spec.get("stage") or {}).get("stage")) or {})
 
 
+def read_spec_facts(path: str, owner_uid: int | None = None) -> dict[str, Any] | None:
+    """The facts of a spec file (``parsers.spec_facts``), read through safefs: None when it is
+    missing, not a regular file, reached through a user's symlink, or (with ``owner_uid``) not
+    readable by that user."""
+    data = read_user_file(path, max_bytes=MAX_SPEC, owner_uid=owner_uid)
+    return None if data is None else spec_facts(data.decode(errors="replace"))
+
+
+def recorded_spec_facts(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec-file facts a TAO stage recorded at submission ({} without a spec file). Jobs
+    stored before stages recorded them read the file once more, through safefs."""
+    info = spec.get("stage") or {}
+    facts = info.get("spec_facts")
+    if isinstance(facts, dict):
+        return facts
+    path = stage_fields(spec).get("spec")
+    if not path:
+        return {}
+    return read_spec_facts(path) or spec_facts("")
+
+
 def workload_of(spec: dict[str, Any]) -> str:
     """The workload key epochs are grouped by: network/backbone/batch size/spec hash for TAO
-    training, the job's name (or program) otherwise."""
+    training, the job's name (or program) otherwise. No file I/O for stages that recorded
+    their spec's facts (the daemon calls this on its tick)."""
     stage = stage_fields(spec)
-    spec_path = stage.get("spec")
-    if spec_path and stage.get("task") in ("train", "retrain"):
-        try:
-            text = Path(spec_path).read_text(errors="replace")
-        except OSError:
-            text = ""
-        s = spec_summary(text)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-        return (f"{s.get('network') or 'ssd'}/{s.get('backbone') or '?'}/"
-                f"bs{s.get('batch_size_per_gpu') or '?'}/spec:{digest}")
+    if stage.get("spec") and stage.get("task") in ("train", "retrain"):
+        return workload_key(recorded_spec_facts(spec))
     return str(spec.get("name") or _program(spec["command"]))
 
 

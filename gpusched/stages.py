@@ -8,6 +8,7 @@ launcher exits 0 on failure, and an interrupted run can exit 0 with FAILURE in s
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
 from collections.abc import Callable
@@ -21,6 +22,14 @@ from gpusched.config import Settings
 from gpusched.errors import SpecError
 from gpusched.models import GpuRequest, JobSpec, Mount
 from gpusched.policy import is_under
+from gpusched.progress import MAX_SPEC, read_spec_facts
+from gpusched.safefs import (
+    UnsafeFile,
+    list_user_dir,
+    read_user_bytes,
+    read_user_file,
+    user_file_size,
+)
 from gpusched.tao import REF_KINDS, REF_ROOT, TAO_ENV, TaoStage, stage_argv, status_json_path
 
 REF_PREFIX = "@"
@@ -65,10 +74,29 @@ def _stage_with(stage: dict[str, Any], resolved: dict[str, str]) -> TaoStage:
     return TaoStage.model_validate({**stage, **resolved})
 
 
+def read_spec_file(path: str, owner_uid: int | None) -> dict[str, Any]:
+    """The spec file's facts, read once at submission: through safefs (never a FIFO, never a
+    user's symlink) and, with ``owner_uid``, only if that user could read it themselves (the
+    daemon reads as root on the submitter's behalf)."""
+    try:
+        data = read_user_bytes(path, max_bytes=MAX_SPEC, owner_uid=owner_uid)
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except UnsafeFile as err:
+        raise SpecError(f"spec file refused: {err}") from None
+    except OSError as err:
+        raise SpecError(f"cannot read spec file {path}: {err.strerror or err}") from None
+    return parsers.spec_facts(data.decode(errors="replace"))
+
+
 def build_job(req: StageRequest, settings: Settings,
-              resolved: dict[str, str] | None = None) -> JobSpec:
+              resolved: dict[str, str] | None = None, *, owner_uid: int | None = None,
+              spec_facts: dict[str, Any] | None = None) -> JobSpec:
     """The JobSpec of a stage. Unresolved references stay as placeholders in the command and
-    are resolved at launch (``resolve``). Validates before anything is queued."""
+    are resolved at launch (``resolve``). Validates before anything is queued.
+
+    The spec file is read here, once (as ``owner_uid`` would read it), and what gpusched
+    plans with is recorded in ``stage.spec_facts``; ``spec_facts`` passes earlier ones on."""
     refs = {k: v for k, v in req.stage.items() if isinstance(v, str) and parse_ref(v)}
     placeholders = {k: f"{REF_ROOT}{v[1:].replace(':', '/')}" for k, v in refs.items()}
     stage = _stage_with(req.stage, {**placeholders, **(resolved or {})})
@@ -80,8 +108,8 @@ def build_job(req: StageRequest, settings: Settings,
                    for r in settings.docker.mount_roots):
             raise SpecError(f"{path} is outside the allowed roots "
                             f"({', '.join(settings.docker.mount_roots)}; docker.mount_roots)")
-    if stage.spec and not os.path.isfile(stage.spec):
-        raise SpecError(f"spec file {stage.spec} does not exist")
+    if stage.spec and spec_facts is None:
+        spec_facts = read_spec_file(stage.spec, owner_uid)
     if stage.model and not stage.model.startswith(REF_ROOT) and not os.path.exists(
             stage.model) and not resolved:
         raise SpecError(f"model {stage.model} does not exist")
@@ -95,7 +123,8 @@ def build_job(req: StageRequest, settings: Settings,
         env={**TAO_ENV, **req.env}, retries=req.retries, hold=req.hold,
         kind=f"tao:{stage.task}", pipeline_id=req.pipeline_id,
         stage={"request": req.model_dump(mode="json"), "stage": stage.model_dump(mode="json"),
-               "refs": refs, "branch": req.branch})
+               "refs": refs, "branch": req.branch,
+               **({"spec_facts": spec_facts} if spec_facts is not None else {})})
     if runner == "docker":
         mounts = req.mounts
         try:
@@ -138,31 +167,34 @@ def resolve(spec: JobSpec, settings: Settings,
         resolved[field] = art["path"]
     req = StageRequest.model_validate(info["request"])
     req.stage = {k: v for k, v in req.stage.items() if k not in refs}
-    built = build_job(req, settings, resolved)
+    built = build_job(req, settings, resolved, spec_facts=info.get("spec_facts"))
     stage_info = {**(built.stage or {}), "refs": refs, "resolved": resolved}
     return built.model_copy(update={"stage": stage_info, "after": spec.after})
 
 
-def _read(path: str | Path | None, limit: int = 32 * 1024 * 1024) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(limit).decode(errors="replace")
-    except OSError:
-        return ""
+def _read(path: str | Path | None, limit: int = 32 * 1024 * 1024,
+          owner_uid: int | None = None) -> str:
+    """A file the stage's user controls (results, logs), through safefs; "" when it is missing
+    or refused (a FIFO, a symlink out of the user's directory)."""
+    data = read_user_file(path, max_bytes=limit, owner_uid=owner_uid)
+    return "" if data is None else data.decode(errors="replace")
 
 
-def judge(spec: JobSpec, exit_code: int | None, log_path: Path) -> tuple[bool, str | None,
-                                                                        list[dict[str, Any]]]:
-    """(succeeded, reason if not, artifacts) for a finished TAO stage."""
+def judge(spec: JobSpec, exit_code: int | None, log_path: Path, *,
+          owner_uid: int | None = None) -> tuple[bool, str | None, list[dict[str, Any]]]:
+    """(succeeded, reason if not, artifacts) for a finished TAO stage. Every file is read
+    through safefs (as ``owner_uid`` could read it, when given)."""
     stage = TaoStage.model_validate((spec.stage or {})["stage"])
-    log_text = _read(log_path)
+    log_text = _read(log_path)  # the daemon's own file (a container's log is root's, 0600)
     exec_status = parsers.parse_execution_status(log_text)
     records = [r for r in map(parsers.parse_status_line,
-                              _read(status_json_path(stage)).splitlines()) if r]
+                              _read(status_json_path(stage), owner_uid=owner_uid).splitlines())
+               if r]
     final, message, kpi = parsers.final_status(records)
-    artifacts = collect(stage, log_text, kpi)
+    facts = (spec.stage or {}).get("spec_facts")
+    if not isinstance(facts, dict):  # stored before stages recorded their spec's facts
+        facts = (read_spec_facts(stage.spec, owner_uid) if stage.spec else None) or {}
+    artifacts = collect(stage, log_text, kpi, facts, owner_uid=owner_uid)
     reason = None
     if exit_code != 0:
         reason = f"exit code {exit_code}" + (f" (TAO: {message})" if message else "")
@@ -188,15 +220,26 @@ def expected_missing(stage: TaoStage, artifacts: list[dict[str, Any]]) -> str | 
     return None
 
 
-def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the stage produced, as artifact rows (host paths)."""
+def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any],
+            facts: dict[str, Any] | None = None, *,
+            owner_uid: int | None = None) -> list[dict[str, Any]]:
+    """What the stage produced, as artifact rows (host paths). ``facts``: the spec file's, as
+    recorded at submission. The results are the user's: listed and read through safefs."""
     out: list[dict[str, Any]] = []
+
+    def size_mib(path: str) -> float | None:
+        return _size_mib(path, owner_uid)
+
+    def names(path: Path) -> list[str]:  # what glob("*") lists: no hidden entries
+        return [n for n in list_user_dir(path, owner_uid=owner_uid) or []
+                if not n.startswith(".")]
+
     if stage.task in ("train", "retrain") and stage.results_dir:
         res = Path(stage.results_dir)
-        ckpts = parsers.checkpoint_epochs(str(p) for p in (res / "weights").glob("*")) if (
-            res / "weights").is_dir() else {}
-        csv_path = next(iter(sorted(res.glob(CSV_GLOB))), None)
-        rows = parsers.parse_training_csv(_read(csv_path)) if csv_path else []
+        ckpts = parsers.checkpoint_epochs(str(res / "weights" / n) for n in names(res / "weights"))
+        csv_name = next((n for n in names(res) if fnmatch.fnmatchcase(n, CSV_GLOB)), None)
+        rows = parsers.parse_training_csv(_read(res / csv_name, owner_uid=owner_uid)) if (
+            csv_name) else []
         maps = {r.epoch: r.map for r in rows}
         for epoch, path in sorted(ckpts.items()):
             out.append({"kind": "checkpoint", "path": path, "epoch": epoch,
@@ -205,13 +248,12 @@ def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any]) -> list[dict[st
             latest = max(ckpts)
             out.append({"kind": "latest_checkpoint", "path": ckpts[latest], "epoch": latest,
                         "metrics": {"mAP": maps.get(latest)}})
-            summary = parsers.spec_summary(_read(stage.spec))
-            pick = parsers.best_checkpoint(rows, ckpts, summary.get("checkpoint_interval"))
+            pick = parsers.best_checkpoint(rows, ckpts, (facts or {}).get("checkpoint_interval"))
             if pick.epoch is not None:
                 out.append({"kind": "best_checkpoint", "path": ckpts[pick.epoch],
                             "epoch": pick.epoch, "metrics": {
                                 "mAP": pick.map, "warning": pick.warning,
-                                "size_mib": _size_mib(ckpts[pick.epoch])}})
+                                "size_mib": size_mib(ckpts[pick.epoch])}})
     elif stage.task == "evaluate":
         table = parsers.parse_evaluate_table(log_text)
         m = kpi.get("mAP") if isinstance(kpi.get("mAP"), int | float) else None
@@ -219,26 +261,23 @@ def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any]) -> list[dict[st
             out.append({"kind": "evaluation", "path": stage.model, "metrics": {
                 "mAP": m if m is not None else table.map if table else None,
                 "ap": table.ap if table else {}}})
-    elif stage.task == "prune" and stage.output and os.path.exists(stage.output):
+    elif stage.task == "prune" and stage.output and size_mib(stage.output) is not None:
         out.append({"kind": "pruned_model", "path": stage.output, "metrics": {
-            "threshold": stage.threshold, "size_mib": kpi.get("size", _size_mib(stage.output)),
-            "file_mib": _size_mib(stage.output),
+            "threshold": stage.threshold, "size_mib": kpi.get("size", size_mib(stage.output)),
+            "file_mib": size_mib(stage.output),
             "pruning_ratio": kpi.get("pruning_ratio", parsers.parse_prune_ratio(log_text)),
             "param_count_m": kpi.get("param_count")}})
     elif stage.task == "export" and stage.model:
         onnx = stage.output or posixpath.splitext(stage.model)[0] + ".onnx"
-        if os.path.exists(onnx):
+        if size_mib(onnx) is not None:
             out.append({"kind": "exported_model", "path": onnx,
-                        "metrics": {"size_mib": _size_mib(onnx)}})
+                        "metrics": {"size_mib": size_mib(onnx)}})
     elif stage.task == "inference" and stage.results_dir:
-        labels = Path(stage.results_dir) / "labels"
-        n = len(list(labels.glob("*.txt"))) if labels.is_dir() else 0
+        n = sum(1 for name in names(Path(stage.results_dir) / "labels") if name.endswith(".txt"))
         out.append({"kind": "inference", "path": stage.results_dir, "metrics": {"images": n}})
     return out
 
 
-def _size_mib(path: str) -> float | None:
-    try:
-        return round(os.path.getsize(path) / (1024 * 1024), 3)
-    except OSError:
-        return None
+def _size_mib(path: str, owner_uid: int | None = None) -> float | None:
+    size = user_file_size(path, owner_uid=owner_uid)
+    return None if size is None else round(size / (1024 * 1024), 3)

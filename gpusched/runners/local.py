@@ -7,27 +7,48 @@ restart neither kills the job nor loses its exit code; the daemon re-finds the s
 ``/proc`` start time (so a reused pid is never adopted). SIGTERM to the shim is trapped (and
 deferred until the command ends) so a cancel that signals the whole group still gets an exit
 status written; SIGKILL is sent to the group's members but not to the shim.
+
+The shim, not Popen, enters the job's working directory: Popen's ``cwd=`` happens while still
+root, so a job could start in a directory its owner may not enter. The run directory (0700) and
+the log (0600) belong to the job's user; everything read back from the run directory goes
+through :mod:`gpusched.safefs`. An attempt's end is reported by every ``poll`` until
+``cleanup``, which the daemon calls only once the end is committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
 from gpusched.errors import LaunchRefused, RunnerError
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
+from gpusched.safefs import UnsafeFile, open_user_file
 
 log = logging.getLogger(__name__)
 
 SHIM_NAME = "gpusched-shim"
-# $1 is the exit file; the rest is the user's command, run as "$@" (never re-parsed by a shell).
-SHIM = 'f=$1; shift; trap : TERM INT HUP; "$@"; printf "%s\\n" $? > "$f"'
+# $1 is the working directory, entered only after the switch to the job's user (so a job never
+# starts in a directory its owner cannot enter); $2 is the exit file; the rest is the user's
+# command, run as "$@" (never re-parsed by a shell). The shim exits with the command's status
+# too, so a daemon holding the process learns it even when the exit file could not be written
+# (a full disk). A refused directory is written as "126 cd" (see read_exit).
+SHIM = ('d=$1; f=$2; shift 2; trap : TERM INT HUP; cd -- "$d" || '
+        '{ printf "126 cd\\n" > "$f"; exit 126; }; "$@"; s=$?; printf "%s\\n" $s > "$f"; exit $s')
+# argv index of the exit file in a shim's /proc/PID/cmdline, for each shim text this runner
+# recognises (the one before the working-directory argument, still running after an upgrade)
+_EXIT_ARG = {SHIM.encode(): 5,
+             b'f=$1; shift; trap : TERM INT HUP; "$@"; printf "%s\\n" $? > "$f"': 4}
 EXIT_FILE = "exit"
+EXIT_FILE_MAX = 64
+CD_FAILED = "cd"
+JOB_UMASK = 0o022  # what a login shell gives: a job's files are readable as users expect
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -52,6 +73,12 @@ def _proc_state_pgid(pid: int) -> tuple[str, int] | None:
     return (fields[0].decode(), int(fields[2])) if fields else None
 
 
+def _session_leader(pid: int) -> bool:
+    """A shim runs in its own session (start_new_session): pid == pgid == sid."""
+    fields = _stat(pid)
+    return fields is not None and int(fields[2]) == pid and int(fields[3]) == pid
+
+
 def alive(pid: int | None, start: int | None) -> bool:
     """True if ``pid`` runs and is the very process that started at ``start`` (not a zombie)."""
     if not pid:
@@ -62,18 +89,33 @@ def alive(pid: int | None, start: int | None) -> bool:
     return start is None or proc_start_time(pid) == start
 
 
-def read_exit_file(path: Path) -> int | None:
-    """The shim's exit status, or None while it is not (completely) written."""
+def read_exit(path: Path) -> tuple[int | None, str | None]:
+    """(the shim's exit status or None while it is not (completely) written, why it cannot be
+    read). The file is the job user's: it is read through safefs all the same (never
+    blocking, never following a link, a size cap), as every file a user controls."""
     try:
-        text = path.read_text()
+        fd = open_user_file(path)
+    except UnsafeFile as err:
+        return None, f"the exit file is refused ({err})"
     except OSError:
-        return None
-    if not text.endswith("\n"):
-        return None
+        return None, None
     try:
-        return int(text.strip())
+        data = os.pread(fd, EXIT_FILE_MAX, 0)
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+    text = data.decode(errors="replace")
+    if not text.endswith("\n"):
+        return None, None
+    word, _, note = text.strip().partition(" ")
+    try:
+        code = int(word)
     except ValueError:
-        return None
+        return None, None
+    if note == CD_FAILED:
+        return code, "the job's user cannot enter its working directory (see its log)"
+    return code, None
 
 
 def describe_exit(code: int | None) -> str | None:
@@ -121,6 +163,7 @@ class LocalRunner:
         self.runs_dir = runs_dir.resolve() if runs_dir else None
         self._procs: dict[tuple[int, int], _ShimProcess] = {}
         self._pidfds: dict[tuple[int, int], int] = {}
+        self._outcomes: dict[tuple[int, int], Outcome] = {}  # ended, until cleanup()
 
     # -- launch ---------------------------------------------------------------------------
 
@@ -145,30 +188,79 @@ class LocalRunner:
         workdir = req.spec.workdir or (user.pw_dir if user else "/")
         if not os.path.isdir(workdir):
             raise LaunchRefused(f"working directory {workdir} does not exist")
-        req.run_dir.mkdir(parents=True, exist_ok=True)
-        req.log_path.parent.mkdir(parents=True, exist_ok=True)
         exit_file = req.run_dir / EXIT_FILE
-        exit_file.unlink(missing_ok=True)
         kwargs: dict[str, object] = {}
-        if as_other and user is not None:
-            os.chown(req.run_dir, req.owner_uid, user.pw_gid)
+        owner = (req.owner_uid, user.pw_gid) if as_other and user is not None else None
+        if owner is not None and user is not None:
             kwargs.update(user=req.owner_uid, group=user.pw_gid,
                           extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
         try:
-            with open(req.log_path, "ab") as logf:
-                if as_other and user is not None:
-                    os.fchown(logf.fileno(), req.owner_uid, user.pw_gid)
-                proc = _ShimProcess(
-                    ["/bin/sh", "-c", SHIM, SHIM_NAME, str(exit_file), *req.spec.command],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    cwd=workdir, env=self._environment(req, user), start_new_session=True,
-                    close_fds=True, **kwargs,  # type: ignore[call-overload]
-                )
+            self._private_run_dir(req.run_dir, owner)
+            logfd = self._private_log(req.log_path, owner)
+        except OSError as err:
+            raise RunnerError(f"could not prepare job {req.job_id}'s run directory or log: "
+                              f"{err}") from err
+        try:
+            # the shim enters the working directory itself, as the job's user: Popen's cwd=
+            # happens before the switch of user, while still root
+            proc = _ShimProcess(
+                ["/bin/sh", "-c", SHIM, SHIM_NAME, workdir, str(exit_file), *req.spec.command],
+                stdin=subprocess.DEVNULL, stdout=logfd, stderr=subprocess.STDOUT,
+                cwd="/", env=self._environment(req, user), start_new_session=True,
+                close_fds=True, umask=JOB_UMASK,  # not the daemon's own (066)
+                **kwargs,  # type: ignore[call-overload]
+            )
         except OSError as err:
             raise RunnerError(f"could not start the shim for job {req.job_id}: {err}") from err
+        finally:
+            os.close(logfd)
         self._procs[key] = proc
         self._watch(key, proc.pid)
         return Launched(pid=proc.pid, pid_start=proc_start_time(proc.pid))
+
+    @staticmethod
+    def _private_run_dir(run_dir: Path, owner: tuple[int, int] | None) -> None:
+        """The attempt's run directory: the daemon's, 0711, holding an empty exit file that is
+        the job user's (0600). The shim, as that user, writes the file in place; the user can
+        neither replace it (with a FIFO, a symlink) nor add anything beside it, since the
+        directory is not theirs. A leftover of the same attempt is reused only if it is a real
+        directory."""
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(run_dir, 0o711)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, os.geteuid(), os.getegid())  # a leftover of an older gpusched
+            os.fchmod(fd, 0o711)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(EXIT_FILE, dir_fd=fd)
+            efd = os.open(EXIT_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, 0o600, dir_fd=fd)
+            try:
+                if owner is not None:
+                    os.fchown(efd, *owner)
+            finally:
+                os.close(efd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _private_log(log_path: Path, owner: tuple[int, int] | None) -> int:
+        """The attempt's log, 0600 and the job user's, opened for appending (an fd)."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
+                     os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{log_path} is not a regular file")
+            os.set_blocking(fd, True)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _watch(self, key: tuple[int, int], pid: int) -> None:
         if key in self._pidfds:
@@ -178,6 +270,7 @@ class LocalRunner:
 
     def _forget(self, key: tuple[int, int]) -> None:
         self._procs.pop(key, None)
+        self._outcomes.pop(key, None)
         fd = self._pidfds.pop(key, None)
         if fd is not None:
             os.close(fd)
@@ -185,43 +278,61 @@ class LocalRunner:
     # -- poll -----------------------------------------------------------------------------
 
     def poll(self, ref: AttemptRef, now: float) -> Outcome | None:
+        """None while the attempt runs; once it ended, the same Outcome on every call until
+        ``cleanup`` (the daemon may fail to commit the end, on a full disk, and ask again)."""
         key = ref.key
+        done = self._outcomes.get(key)
+        if done is not None:
+            return done
         exit_file = ref.run_dir / EXIT_FILE
         proc = self._procs.get(key)
         if proc is not None:
             if proc.poll() is None:
                 return None
-            code = read_exit_file(exit_file)
-            if code is None:  # the shim itself was killed before it could write
+            code, why = read_exit(exit_file)
+            if code is None:
                 rc = proc.returncode
-                code = 128 - rc if rc < 0 else rc
+                if rc >= 0:  # the shim exits with the command's status: only the file is missing
+                    return self._ended(key, rc, now, reason=describe_exit(rc), note=why or
+                                       "the exit file could not be written")
+                code = 128 - rc  # the shim itself was killed before it could write
                 return self._ended(key, code, now, reason=f"the shim ended without an exit "
-                                   f"status ({describe_exit(code) or 'exit 0'})")
-            return self._ended(key, code, self._mtime(exit_file, now))
-        code = read_exit_file(exit_file)
+                                   f"status ({describe_exit(code)})", note=why)
+            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
+        code, why = read_exit(exit_file)
         if code is not None:
-            return self._ended(key, code, self._mtime(exit_file, now))
+            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
         if ref.pid and alive(ref.pid, ref.pid_start):
             self._watch(key, ref.pid)  # adopted after a restart: wake on its exit too
             return None
-        code = read_exit_file(exit_file)  # it may have finished between the two looks
+        code, why = read_exit(exit_file)  # it may have finished between the two looks
         if code is not None:
-            return self._ended(key, code, self._mtime(exit_file, now))
-        self._forget(key)
-        return Outcome(exit_code=None, ended_at=now, lost=True,
-                       reason="the job's process is gone and left no exit status")
+            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
+        return self._end(key, Outcome(
+            exit_code=None, ended_at=now, lost=True,
+            reason=f"the job's process is gone and left no exit status{f' ({why})' if why else ''}"))
 
     @staticmethod
     def _mtime(path: Path, default: float) -> float:
         try:
-            return path.stat().st_mtime
+            return os.stat(path, follow_symlinks=False).st_mtime
         except OSError:
             return default
 
     def _ended(self, key: tuple[int, int], code: int, ended_at: float,
-               reason: str | None = None) -> Outcome:
-        self._forget(key)
-        return Outcome(exit_code=code, ended_at=ended_at, reason=reason or describe_exit(code))
+               reason: str | None = None, note: str | None = None) -> Outcome:
+        reason = reason or describe_exit(code)
+        if note:
+            reason = f"{reason}; {note}" if reason else note
+        return self._end(key, Outcome(exit_code=code, ended_at=ended_at, reason=reason))
+
+    def _end(self, key: tuple[int, int], outcome: Outcome) -> Outcome:
+        """Remember the end until cleanup; stop waking on the (reaped) process."""
+        self._outcomes[key] = outcome
+        fd = self._pidfds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        return outcome
 
     # -- cancel and cleanup ---------------------------------------------------------------
 
@@ -255,9 +366,14 @@ class LocalRunner:
                     argv = fh.read().split(b"\0")
             except OSError:
                 continue
-            if len(argv) < 5 or argv[3] != SHIM_NAME.encode() or argv[2] != SHIM.encode():
+            at = _EXIT_ARG.get(argv[2]) if len(argv) > 3 and argv[3] == SHIM_NAME.encode() \
+                else None
+            if at is None or len(argv) <= at:
                 continue
-            run_dir = Path(argv[4].decode(errors="replace")).parent
+            pid = int(name)
+            if not _session_leader(pid):
+                continue  # the shim's child between fork and exec has the same cmdline
+            run_dir = Path(argv[at].decode(errors="replace")).parent
             if self.runs_dir is None or run_dir.parent.parent != self.runs_dir:
                 continue
             try:
@@ -265,7 +381,6 @@ class LocalRunner:
             except ValueError:
                 continue
             if (job_id, n) not in live:
-                pid = int(name)
                 found.append(Orphan(f"local shim pid {pid} of job {job_id} attempt {n}",
                                     job_id=job_id, attempt=n, handle=(pid, proc_start_time(pid))))
         return found

@@ -9,7 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "gpusched"
 
 LAYERS: dict[str, int] = {
-    "errors": 1, "clock": 1, "units": 1, "paths": 1,
+    "errors": 1, "clock": 1, "units": 1, "paths": 1, "safefs": 1,
     "models": 2, "states": 2, "config": 2,
     "scheduling": 3, "tao": 3, "parsers": 3, "parsers_tao": 3, "pipelines": 3,
     "throughput": 3, "policy": 3,

@@ -23,9 +23,11 @@ from gpusched.parsers import (
     parse_timedelta,
     parse_training_csv,
     read_spec_fields,
+    spec_facts,
     spec_summary,
     split_lines,
     timedelta_seconds,
+    workload_key,
 )
 from gpusched.parsers_tao import EvalResult
 
@@ -278,3 +280,16 @@ def test_spec_summary() -> None:
     empty = spec_summary("")
     assert empty["checkpoint_interval"] == 10 and empty["validation_period"] == 10
     assert empty["num_epochs"] is None and empty["backbone"] is None
+
+
+def test_spec_facts_and_the_workload_key() -> None:
+    """What a stage records of its spec at submission, and the workload key built from it
+    (the same key workload_of built by re-reading the file before)."""
+    import hashlib
+
+    text = fixture("ssd_train_kitti.txt")
+    facts = spec_facts(text)
+    assert facts == {**spec_summary(text), "digest": hashlib.sha256(text.encode()).hexdigest()[:8]}
+    assert workload_key(facts) == f"ssd/resnet18/bs16/spec:{facts['digest']}"
+    assert workload_key(spec_facts("")).startswith("ssd/?/bs?/spec:")
+    assert workload_key({}) == "ssd/?/bs?/spec:?"

@@ -1,0 +1,283 @@
+"""Issue 11 with two real user accounts against the root daemon: the local runner and the files
+the daemon reads on its users' behalf.
+
+- a job never starts in a directory its owner cannot enter (the shim changes directory after
+  the switch of user, not Popen while still root);
+- a FIFO, or a symlink to one, as a job's exit file does not block the daemon's tick;
+- a queued TAO stage whose spec file becomes a FIFO does not hang ``gpusched show``;
+- a status.json that is a symlink to a root-only file is not read;
+- a job's log is 0600 and the job user's; its run directory is the daemon's (0711) and
+  holds only the exit file, which is the user's (0600) but cannot be replaced.
+
+Needs root with useradd/groupadd/setpriv (the ``users`` fixture skips otherwise). Every wait is
+on a state the daemon reports (a status, progress, a process gone), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpusched.testing import users as real
+from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
+from gpusched.testing.users import as_user
+from gpusched.testing.users import available as users_available
+
+pytestmark = pytest.mark.skipif(
+    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+
+EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_resnet18_kitti.txt"
+ENDED = {"succeeded", "failed", "cancelled", "lost"}
+
+
+def submit(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:
+    r = as_user(d, user, "submit", *args, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def show(d: DaemonProcess, job: int, user: pwd.struct_passwd | None = None,
+         timeout: float = 30) -> dict[str, Any]:
+    r = as_user(d, user, "show", str(job), "--json", timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def wait_for(d: DaemonProcess, job: int, ok: Any, what: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = show(d, job)
+        if ok(row):
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} never {what}: {row}\n{d.log()}")
+        time.sleep(0.1)
+
+
+def wait_status(d: DaemonProcess, job: int, want: set[str], timeout: float = 30) -> dict[str, Any]:
+    return wait_for(d, job, lambda r: r["status"] in want, f"reached {sorted(want)}", timeout)
+
+
+def owned_dir(path: Path, user: pwd.struct_passwd, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def release_fifo(path: Path) -> None:
+    """Let a reader blocked on the FIFO go (only the old, blocking code has one)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def train_spec(dst: Path, user: pwd.struct_passwd, num_epochs: int = 3) -> Path:
+    text = re.sub(r"\bnum_epochs: \d+", f"num_epochs: {num_epochs}", EXAMPLE_SPEC.read_text())
+    dst.write_text(text)
+    os.chown(dst, user.pw_uid, user.pw_gid)
+    return dst
+
+
+@contextlib.contextmanager
+def tao_root_daemon(shared_dir: Path, command: list[str] | None = None) -> Iterator[DaemonProcess]:
+    """The root daemon running TAO stages as local processes: the fake TAO, or ``command``."""
+    state = short_tmpdir("gsusers")
+    os.chmod(state, 0o755)
+    env = {"GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP,
+           **fake_tao_env(mount_roots=[str(shared_dir)])}
+    if command is not None:
+        env["GPUSCHED_TAO__LOCAL_COMMAND"] = json.dumps(command)
+    d = DaemonProcess(state, env=env)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+# -- A: the working directory is entered as the job's user -----------------------------------
+
+
+def test_a_job_never_starts_in_a_directory_its_owner_cannot_enter(
+        root_daemon: DaemonProcess, users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
+    d = root_daemon
+    u1, u2 = users["gsuser1"], users["gsuser2"]
+    private = owned_dir(shared_dir / "u2-private", u2, 0o700)
+    assert os.stat("/root").st_mode & 0o077 == 0, "this host's /root is not private"
+    for workdir in ("/root", str(private)):
+        r = as_user(d, u1, "submit", "--workdir", workdir, "--", "pwd", cwd=shared_dir)
+        if r.returncode != 0:  # refused at submission: fine too, as long as it says why
+            assert workdir in r.stderr, r.stderr
+            continue
+        job = int(r.stdout)
+        row = wait_status(d, job, ENDED)
+        out = as_user(d, None, "logs", str(job)).stdout
+        assert workdir not in out.splitlines(), f"the job ran in {workdir}: {out!r}"
+        assert row["status"] == "failed", row
+        assert row["exit_code"] == 126, row
+        assert "working directory" in (row["reason"] or ""), row
+        assert "can't cd" in out or "cd:" in out, out  # the shell's own words, in the job's log
+
+    # an ordinary job still runs where it asked to
+    job = submit(d, u1, shared_dir, "--workdir", str(shared_dir), "--", "pwd")
+    assert wait_status(d, job, ENDED)["status"] == "succeeded"
+    assert as_user(d, None, "logs", str(job)).stdout.split() == [str(shared_dir)]
+
+
+# -- B: files users control never block or mislead the daemon ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo"])
+def test_a_fifo_as_exit_file_does_not_block_the_daemon(
+        root_daemon: DaemonProcess, users: dict[str, pwd.struct_passwd], shared_dir: Path,
+        kind: str) -> None:
+    d = root_daemon
+    u1, u2 = users["gsuser1"], users["gsuser2"]
+    home = owned_dir(shared_dir / "u1", u1)
+    fifo = home / "fifo"
+    run_dir = f'{d.state_dir}/runs/"$GPUSCHED_JOB_ID"/"$GPUSCHED_ATTEMPT"'
+    plant = (f'rm -f {run_dir}/exit; mkfifo {run_dir}/exit' if kind == "fifo" else
+             f'mkfifo {fifo}; rm -f {run_dir}/exit; ln -sf {fifo} {run_dir}/exit')
+    # the job tries to plant the trap in its own run directory, then kills its shim (same uid)
+    # so the daemon goes to read the exit file
+    hostile = submit(d, u1, home, "--", "sh", "-c", f"{plant}; kill -9 $PPID")
+    try:
+        row = wait_status(d, hostile, ENDED)
+        assert row["status"] in ("failed", "lost"), row
+        # the run directory is not the user's: the exit file is still the daemon's regular file
+        exit_file = d.state_dir / "runs" / str(hostile) / "1" / "exit"
+        st = os.lstat(exit_file)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == u1.pw_uid, st
+        assert "Permission denied" in as_user(d, u1, "logs", str(hostile)).stdout
+        # the tick still runs: another user's job starts and finishes, health answers
+        other = submit(d, u2, shared_dir, "--", "true")
+        assert wait_status(d, other, ENDED)["status"] == "succeeded"
+        r = as_user(d, u2, "health", timeout=20)
+        assert r.returncode == 0, r.stderr
+    finally:
+        release_fifo(fifo)
+        release_fifo(d.state_dir / "runs" / str(hostile) / "1" / "exit")
+
+
+def test_a_queued_stage_whose_spec_becomes_a_fifo_does_not_hang_show(
+        users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
+    with tao_root_daemon(shared_dir) as d:
+        _spec_fifo_scenario(d, users, shared_dir)
+
+
+def _spec_fifo_scenario(d: DaemonProcess, users: dict[str, pwd.struct_passwd],
+                        shared_dir: Path) -> None:
+    u1, u2 = users["gsuser1"], users["gsuser2"]
+    home = owned_dir(shared_dir / "u1", u1)
+    spec = train_spec(home / "spec.txt", u1)
+    go = shared_dir / "go"
+    # both GPUs busy, so the stage stays queued (and show computes its expected start)
+    busy = [submit(d, u2, shared_dir, "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.1; done")
+            for _ in range(2)]
+    stage = None
+    try:
+        for job in busy:
+            wait_status(d, job, {"running"})
+        r = as_user(d, u1, "tao", "ssd", "train", "-e", str(spec), "-r", str(home / "results"),
+                    cwd=home)
+        assert r.returncode == 0, r.stderr
+        stage = int(r.stdout)
+        assert show(d, stage)["status"] == "queued"
+        spec.unlink()
+        os.mkfifo(spec)
+        os.chown(spec, u1.pw_uid, u1.pw_gid)
+        for user in (u2, u1, None):
+            try:
+                row = show(d, stage, user, timeout=20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("`gpusched show` hung on the stage's spec FIFO") from None
+            assert row["status"] == "queued", row
+        r = as_user(d, u2, "ls", timeout=20)
+        assert r.returncode == 0, r.stderr
+    finally:
+        if stage is not None:
+            as_user(d, None, "cancel", str(stage), timeout=20)
+        release_fifo(spec)
+        go.touch()
+        for job in busy:
+            wait_status(d, job, ENDED)
+
+
+SECRET = [{"epoch": 7, "max_epoch": 42, "time_per_epoch": "0:00:05", "graphical": {"loss": 1.5}},
+          {"status": "SUCCESS", "message": "secret"}]
+
+
+def test_a_status_json_symlink_to_a_root_only_file_is_not_read(
+        users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
+    u1 = users["gsuser1"]
+    secret_dir = shared_dir / "root-only"
+    secret_dir.mkdir(mode=0o700)
+    secret = secret_dir / "status.json"
+    secret.write_text("".join(json.dumps(r) + "\n" for r in SECRET))
+    os.chmod(secret, 0o600)
+    home = owned_dir(shared_dir / "u1", u1)
+    results = owned_dir(home / "results", u1)
+    link = results / "status.json"
+    link.symlink_to(secret)
+    os.lchown(link, u1.pw_uid, u1.pw_gid)
+    spec = train_spec(home / "spec.txt", u1)
+    go = shared_dir / "go"
+    # the "TAO" of this daemon: one epoch line of gpusched's own on stdout, then wait
+    script = shared_dir / "fake-train.sh"
+    script.write_text("echo 'GPUSCHED_EPOCH {\"epoch\": 1, \"max_epoch\": 3, \"seconds\": 2.0}'\n"
+                      f"while [ ! -e {go} ]; do sleep 0.1; done\n")
+    os.chmod(script, 0o755)
+    with tao_root_daemon(shared_dir, ["/bin/sh", str(script)]) as d:
+        _status_symlink_scenario(d, u1, home, results, spec, go)
+
+
+def _status_symlink_scenario(d: DaemonProcess, u1: pwd.struct_passwd, home: Path, results: Path,
+                             spec: Path, go: Path) -> None:
+    try:
+        r = as_user(d, u1, "tao", "ssd", "train", "-e", str(spec), "-r", str(results), cwd=home)
+        assert r.returncode == 0, r.stderr
+        job = int(r.stdout)
+        # the log and status.json are read in the same progress pass: once the log's epoch
+        # shows, status.json was tried too
+        row = wait_for(d, job, lambda r: (r.get("progress") or {}).get("epoch") is not None,
+                       "showed progress")
+        assert row["progress"]["epoch"] == 1, row["progress"]
+        assert row["progress"]["max_epoch"] == 3, row["progress"]
+        go.touch()
+        row = wait_status(d, job, ENDED)
+        assert "secret" not in (row["reason"] or ""), row
+        assert row["status"] == "failed", row  # no status.json SUCCESS, no Execution status
+    finally:
+        go.touch()
+
+
+# -- E: privacy of the local runner's files ---------------------------------------------------
+
+
+def test_a_jobs_log_and_run_directory_are_private_to_its_user(
+        root_daemon: DaemonProcess, users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
+    d = root_daemon
+    u1 = users["gsuser1"]
+    job = submit(d, u1, shared_dir, "--", "echo", "hello")
+    row = wait_status(d, job, ENDED)
+    assert row["status"] == "succeeded", row
+    att = row["attempts"][0]
+    log, run = os.stat(att["log_path"]), os.stat(att["run_dir"])
+    assert (log.st_uid, log.st_gid, stat.S_IMODE(log.st_mode)) == (u1.pw_uid, u1.pw_gid, 0o600)
+    assert (run.st_uid, stat.S_IMODE(run.st_mode)) == (0, 0o711)  # the user cannot replace
+    exit_file = os.stat(Path(att["run_dir"]) / "exit")  # what is in it, only write it
+    assert (exit_file.st_uid, stat.S_IMODE(exit_file.st_mode)) == (u1.pw_uid, 0o600)
+    assert as_user(d, u1, "logs", str(job)).stdout == "hello\n"
