@@ -33,8 +33,17 @@ def _client() -> Any:
     return Client(client_socket())
 
 
+def _submit(path: str, body: Any) -> Any:
+    """A submission, retried with the same idempotency key while its reply is lost (the
+    daemon restarting): the user gets one job id, never two jobs."""
+    def say(message: str) -> None:
+        typer.echo(f"gpusched: {render.safe(message)}", err=True)
+
+    return _client().submit(path, body, on_retry=say)
+
+
 def _fail(err: GpuschedError) -> None:
-    typer.echo(f"gpusched: {err.message}", err=True)
+    typer.echo(f"gpusched: {render.safe(err.message)}", err=True)
     raise typer.Exit(err.exit_code)
 
 
@@ -180,7 +189,7 @@ def submit(
                 raise SpecError("--mount, --shm-size, --user and --tao-mounts need --image")
             spec["workdir"] = workdir or os.getcwd()
             spec["env"] = {"PATH": os.environ.get("PATH", ""), **spec["env"]}
-        result = _client().post("/v1/jobs", spec)
+        result = _submit("/v1/jobs", spec)
     except ValueError as err:
         _fail(SpecError(f"bad --after or --retry-on: give numbers like 12,13 ({err})"))
     except GpuschedError as err:
@@ -235,7 +244,7 @@ def tao(
             req["mounts"], req["shm_size"], req["user"] = (spec["mounts"], spec["shm_size"],
                                                           spec["user"])
             req["env"] = {**spec["env"], **req["env"]}
-        result = _client().post("/v1/stages", req)
+        result = _submit("/v1/stages", req)
     except ValueError as err:
         _fail(SpecError(f"bad --after {after!r}: give job ids like 12,13 ({err})"))
     except GpuschedError as err:
@@ -383,7 +392,8 @@ def wait(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
         render.emit_json(jobs)
     else:
         for j in jobs:
-            typer.echo(f"{j['id']}: {j['status']}" + (f" ({j['reason']})" if j["reason"] else ""))
+            typer.echo(f"{j['id']}: {j['status']}"
+                       + (f" ({render.safe(j['reason'])})" if j["reason"] else ""))
     raise typer.Exit(0 if all(j["status"] == "succeeded" for j in jobs) else 1)
 
 
@@ -393,13 +403,13 @@ def _action(action: str, job_ids: list[int], as_json: bool) -> None:
         try:
             results.append(client.post(f"/v1/jobs/{jid}/{action}"))
         except GpuschedError as err:
-            typer.echo(f"gpusched: job {jid}: {err.message}", err=True)
+            typer.echo(f"gpusched: job {jid}: {render.safe(err.message)}", err=True)
             failed = failed or err
     if as_json:
         render.emit_json(results)
     else:
         for r in results:
-            typer.echo(f"{r['id']}: {r['result']}")
+            typer.echo(f"{r['id']}: {render.safe(r['result'])}")
     if failed:
         raise typer.Exit(failed.exit_code)
 
@@ -437,7 +447,8 @@ def health(as_json: JsonOpt = False) -> None:
     else:
         typer.echo(f"gpusched {data['status']} (pid {data['pid']}, state {data['state_dir']})")
         for name, c in data["checks"].items():
-            typer.echo(f"  {name:<8}{'ok' if c['ok'] else 'DEGRADED':<10}{c['detail']}")
+            typer.echo(f"  {name:<8}{'ok' if c['ok'] else 'DEGRADED':<10}"
+                       f"{render.safe(c['detail'])}")
     raise typer.Exit(0 if data["ok"] else 1)
 
 
@@ -597,13 +608,13 @@ def pipeline_run(
             spec: dict[str, Any] = {"mounts": [], "env": {}, "shm_size": None, "user": None}
             _apply_tao_mounts(spec)
             body["mounts"], body["env"] = spec["mounts"], {**spec["env"], **body["env"]}
-        result = _client().post("/v1/pipelines", body)
+        result = _submit("/v1/pipelines", body)
     except GpuschedError as err:
         _fail(err)
     if as_json:
         render.emit_json(result)
     else:
-        typer.echo(f"pipeline {result['id']} ({result['name']}) queued with "
+        typer.echo(f"pipeline {result['id']} ({render.safe(result['name'])}) queued with "
                    f"{len(result['jobs'])} stage(s): `gpusched pipeline status {result['id']}`")
 
 
@@ -662,15 +673,35 @@ def admin_restore(
     backup: Annotated[Path, typer.Argument(help="A backup file (state_dir/backups/...).")],
     state_dir: Annotated[Path | None, typer.Option(help="State directory.")] = None,
 ) -> None:
-    """Replace the database with a backup. The daemon must be stopped; the current database
-    is kept beside it as gpusched.db.replaced-<time>."""
+    """Replace the database with a checked backup. The daemon must be stopped; the current
+    database is kept beside it as gpusched.db.pre-restore-<time>."""
     from gpusched import admin
     from gpusched.config import load_settings
 
     try:
         settings = load_settings(state_dir=state_dir)
         kept = admin.restore(settings, backup)
-        typer.echo(f"restored {backup} into {settings.db_path}; the old database is {kept}")
+        typer.echo(f"restored {backup} into {settings.db_path}"
+                   + (f"; the old database is {kept}" if kept else " (there was none before)"))
+    except GpuschedError as err:
+        _fail(err)
+
+
+@admin_app.command("init")
+def admin_init(
+    state_dir: Annotated[Path | None, typer.Option(help="State directory.")] = None,
+) -> None:
+    """Start with an empty queue on purpose when the database is missing or empty: moves logs/
+    and runs/ aside and creates an empty database (backups are kept). The daemon must be
+    stopped."""
+    from gpusched import admin
+    from gpusched.config import load_settings
+
+    try:
+        settings = load_settings(state_dir=state_dir)
+        moved = admin.init_fresh(settings)
+        typer.echo(f"created an empty database {settings.db_path}"
+                   + "".join(f"; moved {p.name.split('.')[0]}/ aside to {p}" for p in moved))
     except GpuschedError as err:
         _fail(err)
 

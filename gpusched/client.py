@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpusched import errors
 from gpusched.errors import DaemonUnavailable, GpuschedError
+
+#: how long the CLI keeps retrying a submission whose reply was lost (the daemon restarting)
+SUBMIT_RETRY_S = 10.0
+#: a running daemon puts a removed socket file back within this (its housekeeping)
+SOCKET_RECREATE_S = 5
+
+
+class NotConnected(DaemonUnavailable):
+    """The gpusched daemon is not running: nothing was sent."""
+
+
+class ReplyLost(DaemonUnavailable):
+    """The request was sent but the daemon's reply did not come (it may have been handled)."""
 
 
 class Client:
@@ -21,19 +37,32 @@ class Client:
         self.socket_path = str(socket_path)
         self.timeout = timeout
 
-    def _exchange(self, method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:
+    def _not_running(self, err: OSError) -> NotConnected:
+        path = self.socket_path
+        start = "start it with `sudo systemctl start gpusched` or `gpusched daemon`"
+        if isinstance(err, FileNotFoundError):
+            return NotConnected(
+                f"no socket at {path}: the gpusched daemon is not running, or its socket file "
+                f"was removed (a running daemon recreates it within {SOCKET_RECREATE_S} s; see "
+                f"`systemctl status gpusched`); {start}")
+        if isinstance(err, ConnectionRefusedError):
+            return NotConnected(f"the gpusched daemon is not running (nothing listens on "
+                                f"{path}): {start}")
+        return NotConnected(f"cannot connect to the gpusched daemon on {path} ({err})")
+
+    def _exchange(self, method: str, path: str, payload: bytes | None,
+                  headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         head = f"{method} {path} HTTP/1.1\r\nHost: gpusched\r\nConnection: close\r\n"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
         if payload is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(self.socket_path)
-            except (FileNotFoundError, ConnectionRefusedError) as err:
-                raise DaemonUnavailable(
-                    f"the gpusched daemon is not running (no answer on {self.socket_path}): "
-                    "start it with `sudo systemctl start gpusched` or `gpusched daemon`"
-                ) from err
+            except OSError as err:
+                raise self._not_running(err) from err
             try:
                 sock.sendall(head.encode() + b"\r\n" + (payload or b""))
             except BrokenPipeError:
@@ -48,6 +77,8 @@ class Client:
                 name, _, value = line.decode("latin-1").partition(":")
                 if name.strip().lower() == "content-length":
                     length = int(value)
+            if line == b"":  # the daemon died inside the headers
+                raise ConnectionError("the daemon closed the connection mid-reply (headers)")
             body = fh.read(length) if length is not None else fh.read()
             fh.close()
             if length is not None and len(body) != length:  # the daemon died mid-reply
@@ -55,14 +86,15 @@ class Client:
                                       f"({len(body)} of {length} bytes)")
             return status, body
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> Any:
         payload = json.dumps(body).encode() if body is not None else None
         try:
-            status, data = self._exchange(method, path, payload)
+            status, data = self._exchange(method, path, payload, headers)
         except DaemonUnavailable:
             raise
         except (OSError, ValueError, IndexError) as err:
-            raise DaemonUnavailable(
+            raise ReplyLost(
                 f"lost the connection to the gpusched daemon on {self.socket_path} ({err}); "
                 "it may be restarting: retry in a moment"
             ) from err
@@ -77,6 +109,9 @@ class Client:
             if not (isinstance(cls, type) and issubclass(cls, GpuschedError)):
                 cls = GpuschedError
             raise cls(message)
+        if result is None:  # every endpoint answers with a JSON body
+            raise ReplyLost(f"the gpusched daemon on {self.socket_path} sent an empty reply; "
+                            "it may be restarting: retry in a moment")
         return result
 
     def get(self, path: str) -> Any:
@@ -84,3 +119,33 @@ class Client:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})
+
+    def submit(self, path: str, body: Any, *, retry_s: float = SUBMIT_RETRY_S,
+               on_retry: Callable[[str], None] | None = None, key: str | None = None) -> Any:
+        """POST a submission (job, TAO stage, pipeline) with an ``Idempotency-Key``; when the
+        reply is lost (the daemon died after reading it, or is busy), send the same request
+        with the same key again for up to ``retry_s``: the daemon returns the submission the
+        first request made, so a retry never queues the work twice. A daemon that is not
+        running at the first try is reported at once."""
+        key = key or uuid.uuid4().hex
+        headers = {"Idempotency-Key": key}
+        deadline = time.monotonic() + retry_s
+        delay, tries = 0.1, 0
+        while True:
+            try:
+                return self.request("POST", path, body, headers)
+            except DaemonUnavailable as err:
+                tries += 1
+                if (tries == 1 and isinstance(err, NotConnected)) or \
+                        time.monotonic() + delay > deadline:
+                    if tries > 1:
+                        raise DaemonUnavailable(
+                            f"{err.message} (gave up after {tries} tries in {retry_s:.0f} s; "
+                            "if the submission was queued, `gpusched ls --mine` shows it once: "
+                            "retrying never queues it twice)") from err
+                    raise
+                if tries == 1 and on_retry is not None:
+                    on_retry(f"{err.message.split(';')[0]}; retrying the same submission "
+                             f"(for up to {retry_s:.0f} s; it will not be queued twice)")
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)

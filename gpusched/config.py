@@ -68,6 +68,10 @@ class MetricsSettings(BaseModel):
 class ApiSettings(BaseModel):
     admin_group: str = "gpusched-admin"
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_connections: int = Field(default=256, ge=1)  # open API connections, all users
+    max_connections_per_user: int = Field(default=32, ge=1)  # open API connections of one uid
+    idle_timeout_s: float = Field(default=10.0, gt=0)  # a read or write stalled this long drops it
+    socket_check_interval_s: float = Field(default=5.0, gt=0)  # recreate a deleted socket
 
 
 class BackupSettings(BaseModel):

@@ -194,5 +194,8 @@ class JobView(BaseModel):
     kind: str = "job"
     progress: dict[str, Any] | None = None
     log_path: str | None = None
+    # True when the caller is not the job's owner (nor root or the admin group): command,
+    # log_path and free-text reasons are left out
+    redacted: bool = False
 
 

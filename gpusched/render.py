@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+# C0 controls, DEL, C1 controls (a lone 0x9b is CSI on many terminals), and the Unicode format
+# characters that reorder or hide text (bidi overrides, zero-width joiners, BOM)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                     "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group(0)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}"
+
+
+def safe(value: Any) -> str:
+    """Text from the daemon (job names, commands, reasons, other users' strings) made safe for
+    a terminal: control characters become visible escapes (ESC as \\x1b, CR as \\r), so
+    nothing another user chose can move the cursor, clear the screen or set the title."""
+    text = "" if value is None else str(value)
+    return _UNSAFE.sub(_escape_char, text)
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
+    cells = [[safe(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in cells:
@@ -69,8 +92,9 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         gpus = ",".join(str(i) for i in j.get("gpu_indices") or []) or (
             "-" if j["status"] not in ("queued", "held") else _want(j["request"]))
-        cmd = " ".join(j["command"]).replace("\n", " ")
-        rows.append([j["id"], (j.get("name") or "")[:24], j["status"], gpus, j["owner"],
+        cmd = ("(hidden)" if j.get("redacted") and not j.get("command")
+               else safe(" ".join(j.get("command") or [])))
+        rows.append([j["id"], safe(j.get("name"))[:24], j["status"], gpus, j["owner"],
                      ago(j["submitted_at"]), progress_text(j.get("progress")) or _outcome(j),
                      cmd[:50] + ("…" if len(cmd) > 50 else "")])
     return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "PROGRESS/RESULT",
@@ -104,8 +128,11 @@ def _outcome(j: dict[str, Any]) -> str:
 
 
 def job_detail(j: dict[str, Any]) -> str:
-    lines = [f"job {j['id']}" + (f" ({j['name']})" if j.get("name") else "") + f": {j['status']}"]
-    field = [("owner", j["owner"]), ("command", " ".join(j["command"])),
+    lines = [f"job {j['id']}" + (f" ({safe(j['name'])})" if j.get("name") else "")
+             + f": {safe(j['status'])}"]
+    command = ("(hidden: not your job)" if j.get("redacted") and not j.get("command")
+               else " ".join(j.get("command") or []))
+    field = [("owner", j["owner"]), ("command", command),
              ("runner", j["runner"]), ("gpus wanted", _want(j["request"]).strip("()")),
              ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(j.get("gpu_indices") or [],
                                                              j["gpus"], strict=False))),
@@ -116,15 +143,16 @@ def job_detail(j: dict[str, Any]) -> str:
              ("started", j["started_at"]), ("ended", j["ended_at"]), ("log", j.get("log_path"))]
     for k, v in field:
         if v not in (None, "", []):
-            lines.append(f"  {k + ':':<13}{v}")
+            lines.append(f"  {k + ':':<13}{safe(v)}")
     if j.get("artifacts"):
         lines.append("  artifacts:")
         lines += ["    " + ln for ln in artifacts_table(j["artifacts"]).splitlines()]
     if j.get("events"):
         lines.append("  events:")
         for e in j["events"]:
-            lines.append(f"    {e['at']}  {e['from_status'] or '-':>9} -> {e['to_status']:<9}"
-                         f"  {e['actor']}" + (f": {e['reason']}" if e.get("reason") else ""))
+            lines.append(f"    {e['at']}  {safe(e['from_status'] or '-'):>9} -> "
+                         f"{safe(e['to_status']):<9}  {safe(e['actor'])}"
+                         + (f": {safe(e['reason'])}" if e.get("reason") else ""))
     return "\n".join(lines)
 
 
@@ -167,16 +195,16 @@ def pipeline_summary(summary: dict[str, Any]) -> str:
 
 
 def pipeline_detail(p: dict[str, Any]) -> str:
-    lines = [f"pipeline {p['id']} ({p['name']}): {p['status']}"
+    lines = [f"pipeline {p['id']} ({safe(p['name'])}): {safe(p['status'])}"
              + (f", round {p['rounds']}" if p["rounds"] > 1 else "")
-             + (f" - {p['reason']}" if p.get("reason") else "")]
+             + (f" - {safe(p['reason'])}" if p.get("reason") else "")]
     rows = []
     for j in p.get("jobs", []):
         prog = j.get("progress") or {}
         where = (f"epoch {prog['epoch']}/{prog['max_epoch']}" if prog.get("max_epoch") else "")
-        rows.append([j["id"], (j["name"] or "").split("/", 1)[-1], j["status"],
+        rows.append([j["id"], safe(j["name"]).split("/", 1)[-1], j["status"],
                      ",".join(map(str, j["gpu_indices"])) or "-", where,
-                     (j.get("reason") or "")[:60]])
+                     safe(j.get("reason"))[:60]])
     lines.append(table(["JOB", "STAGE", "STATUS", "GPUS", "PROGRESS", "REASON"], rows))
     if p.get("summary"):
         lines.append("")

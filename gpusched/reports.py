@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from gpusched.render import safe
 from gpusched.throughput import SetStats, clip_span, span_uuids
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ TABLE_HEADERS = ("WORKLOAD", "GPU SET", "GPUS", "S/EPOCH MEDIAN", "P90", "EPOCHS
 
 
 def _table_row(s: SetStats) -> list[str]:
-    return [s.workload or "-", s.gpu_set, str(s.gpu_count), _secs(s.median_s), _secs(s.p90_s),
+    return [safe(s.workload or "-"), safe(s.gpu_set), str(s.gpu_count), _secs(s.median_s), _secs(s.p90_s),
             _fmt(s.epochs_per_hour), str(s.samples), s.confidence, _fmt(s.scaling_efficiency, 2)]
 
 
@@ -90,7 +91,7 @@ def throughput_table(stats: Sequence[SetStats], recs: Sequence[str]) -> str:
     lines.append("")
     if recs:
         lines.append("Recommendations:")
-        lines.extend(f"  - {r}" for r in recs)
+        lines.extend(f"  - {safe(r)}" for r in recs)
     else:
         lines.append("No recommendations yet (each GPU set compared needs at least 2 samples).")
     return "\n".join(lines) + "\n"

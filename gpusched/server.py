@@ -6,15 +6,20 @@ Every body is validated by pydantic before anything is stored.
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import hashlib
 import json
 import logging
+import math
 import os
 import pwd
 import re
 import socket
 import socketserver
+import stat
 import struct
+import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +28,9 @@ from urllib.parse import parse_qs, urlparse
 from pydantic import BaseModel, Field, ValidationError
 
 from gpusched.clock import iso
-from gpusched.errors import GpuschedError, NotFound, PermissionDenied, SpecError
+from gpusched.errors import Conflict, GpuschedError, NotFound, PermissionDenied, SpecError
 from gpusched.models import GpuRequest, JobSpec, JobView, Mount
+from gpusched.states import JobStatus
 from gpusched.store import Row
 
 if TYPE_CHECKING:
@@ -32,6 +38,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOG_CHUNK = 256 * 1024
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
+MAX_IDS = 1000  # ?ids=...
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+STATUSES = frozenset(s.value for s in JobStatus)
+HIDDEN = "(details hidden: not your job)"
+#: reasons other users may read whole (or by the matched prefix): they say what happened,
+#: never what the job runs, where, or with which environment
+_PUBLIC_REASONS = [re.compile(p) for p in (
+    r"exit code -?\d+( \((command not found|command not executable|killed by SIG[A-Z0-9]+)\))?",
+    r"killed: out of memory", r"submitted", r"cancel requested", r"requeue",
+    r"(cancelled|held|released) by [\w.@-]+", r"cancelled", r"lost", r"container disappeared",
+    r"dependency job \d+ (failed|cancelled|lost); not run",
+    r"GPU \d+ failed \([^()]{0,200}\); queued again", r"runner reachable again",
+    r"(docker|local) (unreachable|unavailable)",
+    r"the daemon stopped before the attempt started",
+)]
+_RETRY_SUFFIX = re.compile(r"; retrying \(\d+ retries left\)$")
 
 
 class PipelineBody(BaseModel):
@@ -68,6 +92,34 @@ def job_view(row: Row, index_of: dict[str, int], attempt: Row | None = None,
     )
 
 
+def public_reason(reason: str | None) -> str | None:
+    """What another user may read of a job's reason: a known, harmless outcome ("exit code 1",
+    "cancelled by alice"), or that there is one they may not read (free text can quote the
+    command, paths or TAO's output)."""
+    if not reason:
+        return reason
+    suffix = ""
+    m = _RETRY_SUFFIX.search(reason)
+    if m:
+        reason, suffix = reason[:m.start()], m.group(0)
+    for pattern in _PUBLIC_REASONS:
+        hit = pattern.match(reason)
+        if hit:
+            return hit.group(0) + suffix
+    return HIDDEN
+
+
+def redact(view: JobView) -> JobView:
+    """A job as users other than its owner (and root, the admin group) see it: who, what state,
+    which GPUs, when; not its command, environment, paths, logs or free-text reasons."""
+    return view.model_copy(update={"command": [], "log_path": None, "redacted": True,
+                                   "reason": public_reason(view.reason)})
+
+
+def _fingerprint(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"
@@ -93,6 +145,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -------------------------------------------------------------------------
 
+    def setup(self) -> None:
+        # a read or write that waits longer than this drops the connection: an idle or slow
+        # client (headers, then a body that never comes) must not hold a server thread
+        super().setup()
+        self.connection.settimeout(self.server.service.settings.api.idle_timeout_s)
+
     def address_string(self) -> str:
         return "unix"
 
@@ -116,8 +174,21 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, err: GpuschedError) -> None:
         self._send(err.http_status, {"error": err.message, "type": type(err).__name__})
 
+    def _content_length(self) -> int:
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return 0
+        texts = {v.strip() for v in values}
+        text = texts.pop()
+        if texts or not (text.isascii() and text.isdigit()) or len(text) > 18:
+            self.close_connection = True  # the body's end is unknown: never read past it
+            raise SpecError(f"bad Content-Length header {', '.join(values)[:40]!r}: give one "
+                            "non-negative integer")
+        return int(text)
+
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        self._body_read = True
+        length = self._content_length()
         if length > self.server.service.settings.api.max_body_bytes:
             self.close_connection = True
             if length <= 64 * 1024 * 1024:  # read and drop it, so the client sees our answer
@@ -132,24 +203,118 @@ class Handler(BaseHTTPRequestHandler):
             raise SpecError(f"the request body is not valid JSON: {err}") from err
 
     def _dispatch(self, method: str) -> None:
+        self._body_read = False
+        try:
+            self._route(method)
+        except TimeoutError:
+            # a client that announced a body and stopped sending: answer if it still listens,
+            # then drop it
+            self.close_connection = True
+            log.debug("api: %s %s: the client stopped sending; connection dropped", method,
+                      self.path)
+            with contextlib.suppress(OSError):
+                self._send(408, {"error": "timed out reading the request", "type": "SpecError"})
+            return
+        except OSError as err:  # the client went away mid-request
+            self.close_connection = True
+            log.debug("api: %s %s: connection lost (%s)", method, self.path, err)
+            return
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # an unread body must not be parsed as a request
+
+    def _route(self, method: str) -> None:
         url = urlparse(self.path)
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(SpecError("Transfer-Encoding is not supported: send a Content-Length"))
+            return
         for m, pattern, name in self.ROUTES:
             match = pattern.fullmatch(url.path)
             if match and m == method:
                 try:
                     _, uid, _ = self._peer()
-                    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                    query = {k: v[-1] for k, v in parse_qs(url.query,
+                                                           keep_blank_values=True).items()}
                     status, payload = getattr(self, f"do_{name}")(uid, query, **match.groupdict())
                     self._send(status, payload)
                 except GpuschedError as err:
                     self._error(err)
                 except ValidationError as err:
                     self._error(SpecError(_validation_message(err)))
+                except OSError:
+                    raise
                 except Exception as err:  # never a traceback to the client
-                    log.exception("API %s %s failed", method, self.path)
+                    log.exception("API %s %s failed", method, url.path)
                     self._send(500, {"error": f"internal error: {err}", "type": "GpuschedError"})
                 return
         self._send(404, {"error": f"no such endpoint: {method} {url.path}", "type": "NotFound"})
+
+    # -- request values -------------------------------------------------------------------
+
+    @staticmethod
+    def _int(query: dict[str, str], name: str, *, minimum: int = 0) -> int | None:
+        text = query.get(name)
+        if text is None or text == "":
+            return None
+        t = text.strip()
+        if not (t.lstrip("-").isascii() and t.lstrip("-").isdigit()) or len(t) > 19 or (
+                int(t) < minimum or int(t) > MAX_ID):
+            raise SpecError(f"bad ?{name}={text[:40]!r}: give an integer >= {minimum}")
+        return int(t)
+
+    @staticmethod
+    def _float(query: dict[str, str], name: str) -> float | None:
+        text = query.get(name)
+        if text is None or text == "":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise SpecError(f"bad ?{name}={text[:40]!r}: give a number (seconds since the epoch)")
+        return value
+
+    @staticmethod
+    def _ids(query: dict[str, str], name: str = "ids") -> list[int] | None:
+        text = query.get(name)
+        if not text:
+            return None
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if len(parts) > MAX_IDS:
+            raise SpecError(f"bad ?{name}=: at most {MAX_IDS} job ids")
+        bad = [p for p in parts if not (p.isascii() and p.isdigit() and len(p) <= 18)]
+        if bad:
+            raise SpecError(f"bad ?{name}={text[:40]!r}: give job ids like 12,13 "
+                            f"({bad[0][:20]!r} is not one)")
+        return [int(p) for p in parts]
+
+    @staticmethod
+    def _job_id(text: str) -> int:
+        if len(text) > 18:
+            raise NotFound(f"no job {text[:30]}")
+        return int(text)
+
+    def _idempotency(self, body: Any) -> tuple[str, str] | None:
+        """(key, fingerprint of the body) when the client sent an Idempotency-Key."""
+        key = self.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            return None
+        key = key.strip()
+        if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise SpecError(f"bad {IDEMPOTENCY_HEADER} header: give 8 to 128 letters, digits, "
+                            "- or _ (a uuid4)")
+        return key, _fingerprint(body)
+
+    # -- who sees what --------------------------------------------------------------------
+
+    def _sees_all(self, uid: int, owner_uid: int) -> bool:
+        return owner_uid == uid or self.server.service.is_admin(uid)
+
+    def _views(self, uid: int, rows: list[Row]) -> list[JobView]:
+        admin = self.server.service.is_admin(uid)
+        return [v if admin or v.owner_uid == uid else redact(v)
+                for v in self.server.service.views(rows)]
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -184,13 +349,30 @@ class Handler(BaseHTTPRequestHandler):
         svc.daemon.wake()
         return 200, {"uuid": gpu, "state": "resumed"}
 
+    def _repeat(self, uid: int, idem: tuple[str, str] | None) -> Row | None:
+        """The submission an earlier request with this Idempotency-Key made (a retry after a
+        lost reply), or None. The same key with another body is refused."""
+        if idem is None:
+            return None
+        row = self.server.service.store.find_submission(uid, idem[0])
+        if row is not None and row["fingerprint"] != idem[1]:
+            raise Conflict(f"{IDEMPOTENCY_HEADER} {idem[0]} was already used for a different "
+                           "request: use a new key for a new submission")
+        return row
+
     def do_submit(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
-        spec = JobSpec.model_validate(self._body())
+        body = self._body()
+        idem = self._idempotency(body)
+        spec = JobSpec.model_validate(body)
         svc = self.server.service
+        if (prev := self._repeat(uid, idem)) is not None:
+            return 200, {"id": prev["job_id"], "status": "held" if spec.hold else "queued"}
         svc.validate_spec(spec, uid)
-        job_id = svc.store.submit(spec, owner_uid=uid, owner=user_name(uid), now=svc.clock.now())
+        job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
+                                                now=svc.clock.now(), idempotency=idem)
         svc.daemon.wake()
-        return 201, {"id": job_id, "status": "held" if spec.hold else "queued"}
+        return 201 if created else 200, {"id": job_id,
+                                         "status": "held" if spec.hold else "queued"}
 
     def do_stage(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """Queue a TAO stage (``gpusched tao ...``): validated and built here, with the
@@ -198,95 +380,127 @@ class Handler(BaseHTTPRequestHandler):
         from gpusched.stages import StageRequest, build_job
 
         svc = self.server.service
-        req = StageRequest.model_validate(self._body())
-        spec = build_job(req, svc.settings)
+        body = self._body()
+        idem = self._idempotency(body)
+        req = StageRequest.model_validate(body)
+        if (prev := self._repeat(uid, idem)) is not None:
+            first = json.loads(svc.store.get_job(prev["job_id"])["spec"])
+            return 200, {"id": prev["job_id"], "status": "held" if req.hold else "queued",
+                         "command": first["command"]}
+        spec = build_job(req, svc.settings, owner_uid=uid)
         svc.validate_spec(spec, uid)
-        job_id = svc.store.submit(spec, owner_uid=uid, owner=user_name(uid), now=svc.clock.now())
+        job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
+                                                now=svc.clock.now(), idempotency=idem)
+        if not created:
+            spec = JobSpec.model_validate_json(svc.store.get_job(job_id)["spec"])
         svc.daemon.wake()
-        return 201, {"id": job_id, "status": "held" if spec.hold else "queued",
-                     "command": spec.command}
+        return 201 if created else 200, {"id": job_id,
+                                         "status": "held" if spec.hold else "queued",
+                                         "command": spec.command}
 
     def do_pipeline_run(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """Queue a whole pipeline; returns at once with the pipeline id and its jobs."""
         from gpusched.pipelines import load
 
         svc = self.server.service
-        body = PipelineBody.model_validate(self._body())
+        raw = self._body()
+        idem = self._idempotency(raw)
+        body = PipelineBody.model_validate(raw)
         pdef = load(body.definition, body.base_dir)
-        with svc.daemon.lock:
+        with svc.daemon.lock:  # the check and the record are one step for this daemon
+            if (prev := self._repeat(uid, idem)) is not None:
+                return 200, self._pipeline(uid, prev["pipeline_id"])
             pid = svc.daemon.pipelines.submit(pdef, owner_uid=uid, owner=user_name(uid),
                                               now=svc.clock.now(), mounts=body.mounts,
-                                              env=body.env,
+                                              env=body.env, idempotency=idem,
                                               validate=lambda s: svc.validate_spec(s, uid))
         svc.daemon.wake()
-        return 201, self._pipeline(pid)
+        return 201, self._pipeline(uid, pid)
 
     def do_pipeline_list(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         svc = self.server.service
-        return 200, [self._pipeline(r["id"], jobs=False) for r in svc.store.pipelines()]
+        return 200, [self._pipeline(uid, r["id"], jobs=False) for r in svc.store.pipelines()]
 
     def do_pipeline_show(self, uid: int, query: dict[str, str], ref: str) -> tuple[int, Any]:
         svc = self.server.service
-        return 200, self._pipeline(svc.store.get_pipeline(ref)["id"])
+        return 200, self._pipeline(uid, svc.store.get_pipeline(ref)["id"])
 
-    def _pipeline(self, pid: int, jobs: bool = True) -> dict[str, Any]:
+    def _pipeline(self, uid: int, pid: int, jobs: bool = True) -> dict[str, Any]:
         svc = self.server.service
         row = svc.store.get_pipeline(pid)
+        mine = self._sees_all(uid, row["owner_uid"])
         out: dict[str, Any] = {
             "id": row["id"], "name": row["name"], "status": row["status"], "owner": row["owner"],
-            "rounds": row["rounds"], "reason": row["reason"],
-            "summary": json.loads(row["summary"]) if row["summary"] else None,
+            "rounds": row["rounds"],
+            "reason": row["reason"] if mine else public_reason(row["reason"]),
+            "summary": json.loads(row["summary"]) if row["summary"] and mine else None,
             "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+        if not mine:
+            out["redacted"] = True
         if jobs:
-            out["jobs"] = [v.model_dump() for v in svc.views(svc.store.pipeline_jobs(pid))]
+            out["jobs"] = [v.model_dump() for v in self._views(uid, svc.store.pipeline_jobs(pid))]
         return out
 
     def do_list_jobs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         svc = self.server.service
         statuses = None
         if query.get("status"):
-            statuses = query["status"].split(",")
+            statuses = [s.strip() for s in query["status"].split(",") if s.strip()]
+            unknown = sorted(set(statuses) - STATUSES)
+            if unknown:
+                raise SpecError(f"bad ?status={query['status'][:60]!r}: {unknown[0][:20]!r} is "
+                                f"not a status (use {', '.join(sorted(STATUSES))})")
+        elif query.get("all", "") not in ("1", "true", "0", "false", ""):
+            raise SpecError(f"bad ?all={query['all'][:20]!r}: give 1 or 0")
         elif query.get("all") not in ("1", "true"):
             statuses = ["queued", "held", "starting", "running", "unknown"]
-        ids = [int(i) for i in query["ids"].split(",") if i] if query.get("ids") else None
-        rows = svc.store.list_jobs(statuses=statuses, ids=ids, name=query.get("name"),
-                                   owner_uid=int(query["owner"]) if query.get("owner") else None,
-                                   limit=int(query["limit"]) if query.get("limit") else None)
-        return 200, [v.model_dump() for v in svc.views(rows)]
+        rows = svc.store.list_jobs(statuses=statuses, ids=self._ids(query),
+                                   name=query.get("name") or None,
+                                   owner_uid=self._int(query, "owner"),
+                                   limit=self._int(query, "limit", minimum=1))
+        return 200, [v.model_dump() for v in self._views(uid, rows)]
 
     def do_show(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
         svc = self.server.service
-        row = svc.store.get_job(int(id))
-        view = svc.views([row])[0].model_dump()
-        view["events"] = [{**e, "at": iso(e["at"])} for e in svc.store.events(int(id))]
-        view["attempts"] = [{k: (iso(v) if k.endswith("_at") else v) for k, v in a.items()}
-                            for a in svc.store.attempts(int(id))]
+        job_id = self._job_id(id)
+        row = svc.store.get_job(job_id)
+        mine = self._sees_all(uid, row["owner_uid"])
+        view = self._views(uid, [row])[0].model_dump()
+        events = [{**e, "at": iso(e["at"])} for e in svc.store.events(job_id)]
+        attempts = [{k: (iso(v) if k.endswith("_at") else v) for k, v in a.items()}
+                    for a in svc.store.attempts(job_id)]
+        if not mine:
+            events = [{**e, "reason": public_reason(e["reason"])} for e in events]
+            attempts = [{k: (public_reason(v) if k == "reason" else v) for k, v in a.items()
+                         if k in ("job_id", "n", "runner", "state", "gpus", "started_at",
+                                  "ended_at", "exit_code", "reason", "oom")} for a in attempts]
+        view["events"], view["attempts"] = events, attempts
         starts = {}
         if row["status"] == "queued":
             with svc.daemon.lock:
                 starts = svc.queue_starts(svc.store.list_jobs(
                     statuses=["starting", "running", "unknown"]))
-        view["expected_start_s"] = starts.get(int(id))
-        view["waiting_reason"] = _with_start(svc.daemon.waiting.get(int(id)),
-                                             starts.get(int(id)))
-        view["spec"] = json.loads(row["spec"])
-        view["artifacts"] = [{**a, "created_at": iso(a["created_at"])}
-                             for a in svc.store.artifacts(int(id))]
+        view["expected_start_s"] = starts.get(job_id)
+        view["waiting_reason"] = _with_start(svc.daemon.waiting.get(job_id), starts.get(job_id))
+        view["spec"] = json.loads(row["spec"]) if mine else None
+        view["artifacts"] = ([{**a, "created_at": iso(a["created_at"])}
+                              for a in svc.store.artifacts(job_id)] if mine else [])
         return 200, view
 
     def do_log(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
         svc = self.server.service
-        row = svc.store.get_job(int(id))
+        job_id = self._job_id(id)
+        row = svc.store.get_job(job_id)
         self._need_owner(uid, row, "read the logs of")
-        attempts = svc.store.attempts(int(id))
+        want, offset = self._int(query, "attempt", minimum=1), self._int(query, "offset") or 0
+        attempts = svc.store.attempts(job_id)
         if not attempts:
             return 200, {"data": "", "offset": 0, "attempt": 0, "done": row["status"] in
                          ("succeeded", "failed", "cancelled", "lost"), "status": row["status"]}
-        n = int(query.get("attempt") or attempts[-1]["n"])
+        n = want or attempts[-1]["n"]
         att = next((a for a in attempts if a["n"] == n), None)
         if att is None:
             raise NotFound(f"job {id} has no attempt {n}")
-        offset = int(query.get("offset") or 0)
         data = b""
         try:
             with open(att["log_path"], "rb") as fh:
@@ -301,35 +515,51 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_action(self, uid: int, query: dict[str, str], id: str, action: str) -> tuple[int, Any]:
         svc = self.server.service
-        row = svc.store.get_job(int(id))
+        job_id = self._job_id(id)
+        row = svc.store.get_job(job_id)
         self._need_owner(uid, row, f"{action}")
         now, actor = svc.clock.now(), user_name(uid)
         if action == "cancel":
-            result = svc.store.request_cancel(int(id), actor=actor, now=now)
+            result = svc.store.request_cancel(job_id, actor=actor, now=now)
         elif action == "hold":
-            svc.store.hold(int(id), actor=actor, now=now)
+            svc.store.hold(job_id, actor=actor, now=now)
             result = "held"
         else:
-            svc.store.release(int(id), actor=actor, now=now)
+            svc.store.release(job_id, actor=actor, now=now)
             result = "queued"
         svc.daemon.wake()
-        return 200, {"id": int(id), "result": result}
+        return 200, {"id": job_id, "result": result}
 
     def do_artifacts(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
         svc = self.server.service
-        svc.store.get_job(int(id))
+        job_id = self._job_id(id)
+        self._need_owner(uid, svc.store.get_job(job_id), "read the artifacts of")
         return 200, [{**a, "created_at": iso(a["created_at"])}
-                     for a in svc.store.artifacts(int(id))]
+                     for a in svc.store.artifacts(job_id)]
 
     def do_epochs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """Epoch timings of every job (the throughput report is about the host's GPUs); the
+        metrics of other users' jobs, and workload names that are not TAO spec keys, are
+        theirs."""
         svc = self.server.service
-        since = float(query["since"]) if query.get("since") else None
-        return 200, svc.store.epochs(since=since, workload=query.get("workload"),
-                                     job_id=int(query["job"]) if query.get("job") else None)
+        rows = svc.store.epochs(since=self._float(query, "since"),
+                                workload=query.get("workload") or None,
+                                job_id=self._int(query, "job"))
+        if svc.is_admin(uid):
+            return 200, rows
+        owners = svc.store.job_owners({r["job_id"] for r in rows})
+        for r in rows:
+            owner_uid, name = owners.get(r["job_id"], (None, None))
+            if owner_uid != uid:
+                r.update(loss=None, lr=None, map=None)
+                wl = r.get("workload") or ""
+                if "/spec:" not in wl and wl != name:
+                    r["workload"] = f"job {r['job_id']}"
+        return 200, rows
 
     def do_spans(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         svc = self.server.service
-        return 200, svc.spans(float(query.get("since") or 0))
+        return 200, svc.spans(self._float(query, "since") or 0.0)
 
     def do_top(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """One frame for `gpusched top`: GPUs, active jobs with progress, the queue's head."""
@@ -341,7 +571,7 @@ class Handler(BaseHTTPRequestHandler):
         with svc.daemon.lock:
             starts = svc.queue_starts(rows)
         jobs = []
-        for v in svc.views(rows[:200]):
+        for v in self._views(uid, rows[:200]):
             d = v.model_dump()
             d["waiting_reason"] = _with_start(waiting.get(v.id), starts.get(v.id))
             d["expected_start_s"] = starts.get(v.id)
@@ -378,16 +608,146 @@ def _validation_message(err: ValidationError) -> str:
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per connection, at most ``api.max_connections`` of them (and
+    ``api.max_connections_per_user`` per uid): a connection over either cap is answered 503 at
+    once and closed, so idle connections can neither exhaust the daemon's threads and file
+    descriptors nor lock other users out."""
+
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # a burst of CLI calls waits in the backlog, not in ECONNREFUSED
 
     def __init__(self, path: Path, service: Service) -> None:
         self.service = service
+        self.path = path
+        self._conn_lock = threading.Lock()
+        self._active: dict[int, int] = {}  # uid -> open connections
+        self._swap_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             path.unlink()  # the flock proved no other daemon owns it
         super().__init__(str(path), Handler)
         os.chmod(path, 0o666)  # any local user may talk; identity comes from SO_PEERCRED
+        self._bound = self._identity(os.stat(path))
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    # -- connection caps ------------------------------------------------------------------
+
+    def active_connections(self) -> int:
+        with self._conn_lock:
+            return sum(self._active.values())
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        api = self.service.settings.api
+        try:
+            creds = request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+        except OSError:
+            self.shutdown_request(request)
+            return
+        with self._conn_lock:
+            total, mine = sum(self._active.values()), self._active.get(uid, 0)
+            over = total >= api.max_connections or mine >= api.max_connections_per_user
+            if not over:
+                self._active[uid] = mine + 1
+        if over:
+            self._refuse(request, uid, total, mine)
+            return
+        try:
+            threading.Thread(target=self._serve_one, args=(request, client_address, uid),
+                             name="api-conn", daemon=True).start()
+        except BaseException:
+            self._release(uid)
+            self.shutdown_request(request)
+            raise
+
+    def _serve_one(self, request: Any, client_address: Any, uid: int) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._release(uid)
+
+    def _release(self, uid: int) -> None:
+        with self._conn_lock:
+            n = self._active.get(uid, 0) - 1
+            if n > 0:
+                self._active[uid] = n
+            else:
+                self._active.pop(uid, None)
+
+    def _refuse(self, request: socket.socket, uid: int, total: int, mine: int) -> None:
+        api = self.service.settings.api
+        which = (f"{mine} connections of uid {uid} are open (limit "
+                 f"api.max_connections_per_user = {api.max_connections_per_user})"
+                 if mine >= api.max_connections_per_user else
+                 f"{total} connections are open (limit api.max_connections = "
+                 f"{api.max_connections})")
+        body = json.dumps({"error": f"the daemon is busy: {which}; retry in a moment",
+                           "type": "DaemonUnavailable"}).encode()
+        reply = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+        log.debug("api: refused a connection of uid %s: %s", uid, which)
+        with contextlib.suppress(OSError):
+            request.setblocking(False)  # never block the accept loop on a client
+            # read what was sent: closing over unread data would reset the connection and
+            # the client might lose our answer
+            request.recv(65536)
+        with contextlib.suppress(OSError):
+            request.send(reply)
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr; a client that hangs up is routine
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            log.debug("api: connection error: %s", err)
+        else:
+            log.exception("api: the request handler failed")
+
+    # -- the socket file ------------------------------------------------------------------
+
+    def ensure_socket(self) -> bool:
+        """Put the socket file back if it is gone or is no longer ours (someone removed it,
+        or replaced it): bind a fresh listening socket beside it, rename it into place, and
+        swap it under the serving thread (``dup2`` onto the listening fd, which
+        ``serve_forever`` polls by number). True when it was recreated."""
+        with self._swap_lock:
+            try:
+                st = os.lstat(self.path)
+                if stat.S_ISSOCK(st.st_mode) and self._identity(st) == self._bound:
+                    return False
+            except FileNotFoundError:
+                pass
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fresh = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                fresh.bind(str(tmp))
+                os.chmod(tmp, 0o666)
+                fresh.listen(self.request_queue_size)
+                os.rename(tmp, self.path)  # atomic: the path is never missing once it is back
+                self._bound = self._identity(os.stat(self.path))
+                os.dup2(fresh.fileno(), self.socket.fileno(), inheritable=False)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            finally:
+                fresh.close()
+            log.warning("the API socket %s was missing or replaced; recreated it", self.path)
+            return True
 
 
 def admin_uids(group: str) -> tuple[set[int], int | None]:

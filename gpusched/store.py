@@ -167,8 +167,26 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("requeue_reason", str)  # type: ignore[union-attr]
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    """Submissions remember the client's idempotency key: a retried request (its reply was
+    lost) gets the first job instead of a second one."""
+    db.executescript(
+        """
+        CREATE TABLE submissions (
+            owner_uid INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,    -- sha256 of the request body
+            job_id INTEGER REFERENCES jobs(id),
+            pipeline_id INTEGER REFERENCES pipelines(id),
+            created_at REAL NOT NULL,
+            PRIMARY KEY (owner_uid, key)
+        );
+        """
+    )
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -215,6 +233,7 @@ class Store:
             raise _wrap(err) from err
         self.db = sqlite_utils.Database(self.conn)
         self.lock = threading.RLock()
+        self._depth = 0  # nesting of write() in the thread holding the lock
         self._migrate()
 
     def close(self) -> None:
@@ -227,10 +246,20 @@ class Store:
     def write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction under BEGIN IMMEDIATE; sqlite errors become StoreErrors.
 
+        Writes nest: one opened inside another (same thread, the lock is held) joins it, and
+        everything commits or rolls back together (a pipeline and all its jobs, say).
+
         ``durable=False`` commits without its own fsync (``synchronous=NORMAL`` in WAL: the
         next durable commit makes it durable). Only for facts the daemon re-learns after a
         crash or power loss: epoch rows, which are re-read from the job's output files."""
         with self.lock:
+            if self._depth:  # inside an open write: part of it, committed with it
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
             try:
                 if not durable:
                     self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -238,12 +267,15 @@ class Store:
             except sqlite3.Error as err:
                 self._durable()
                 raise _wrap(err) from err
+            self._depth = 1
             try:
                 yield self.conn
+                self._depth = 0
                 self.conn.execute("COMMIT")
                 if not durable:
                     self._durable()
             except BaseException as exc:
+                self._depth = 0
                 try:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
@@ -295,8 +327,22 @@ class Store:
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec, *, owner_uid: int, owner: str, now: float) -> int:
+        return self.submit_once(spec, owner_uid=owner_uid, owner=owner, now=now)[0]
+
+    def submit_once(self, spec: JobSpec, *, owner_uid: int, owner: str, now: float,
+                    idempotency: tuple[str, str] | None = None) -> tuple[int, bool]:
+        """Insert a job; with ``idempotency`` (key, fingerprint of the request) a key this uid
+        already used returns its job instead, in the same transaction. Returns (job id,
+        created)."""
         status = JobStatus.HELD if spec.hold else JobStatus.QUEUED
         with self.write() as conn:
+            if idempotency is not None:
+                prev = self._submission(conn, owner_uid, idempotency[0])
+                if prev is not None:
+                    if prev["fingerprint"] != idempotency[1] or prev["job_id"] is None:
+                        raise Conflict(f"Idempotency-Key {idempotency[0]} was already used for "
+                                       "a different request: use a new key")
+                    return int(prev["job_id"]), False
             if spec.after:
                 wanted = sorted(set(spec.after))
                 marks = ",".join("?" * len(wanted))
@@ -317,7 +363,47 @@ class Store:
             conn.executemany("INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
                              [(job_id, a) for a in sorted(set(spec.after))])
             self._event(conn, job_id, now, None, status, "submitted", owner)
-        return job_id
+            if idempotency is not None:
+                conn.execute("INSERT INTO submissions (owner_uid, key, fingerprint, job_id,"
+                             " created_at) VALUES (?,?,?,?,?)",
+                             (owner_uid, idempotency[0], idempotency[1], job_id, now))
+        return job_id, True
+
+    @staticmethod
+    def _submission(conn: sqlite3.Connection, owner_uid: int, key: str) -> Row | None:
+        cur = conn.execute("SELECT * FROM submissions WHERE owner_uid = ? AND key = ?",
+                           (owner_uid, key))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def find_submission(self, owner_uid: int, key: str) -> Row | None:
+        """The submission this uid made with this idempotency key, if any."""
+        with self.lock:
+            try:
+                return self._submission(self.conn, owner_uid, key)
+            except sqlite3.Error as err:
+                raise _wrap(err) from err
+
+    def record_submission(self, owner_uid: int, key: str, fingerprint: str, *,
+                          pipeline_id: int | None = None, job_id: int | None = None,
+                          now: float) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR IGNORE INTO submissions (owner_uid, key, fingerprint,"
+                         " job_id, pipeline_id, created_at) VALUES (?,?,?,?,?,?)",
+                         (owner_uid, key, fingerprint, job_id, pipeline_id, now))
+
+    def job_owners(self, job_ids: Iterable[int]) -> dict[int, tuple[int, str | None]]:
+        """job id -> (owner uid, name)."""
+        ids = sorted(set(job_ids))
+        out: dict[int, tuple[int, str | None]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for r in self.query(f"SELECT id, owner_uid, name FROM jobs WHERE id IN"
+                                f" ({','.join('?' * len(chunk))})", chunk):
+                out[r["id"]] = (r["owner_uid"], r["name"])
+        return out
 
     def update_spec(self, job_id: int, spec_json: str) -> None:
         """A stage's resolved command (upstream results filled in) replaces the placeholder."""
@@ -457,7 +543,8 @@ class Store:
 
     def live_attempts(self, runner: str | None = None) -> list[Row]:
         sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.retries_left,"
-               " j.requeue_reason, j.spec AS job_spec FROM attempts a JOIN jobs j ON j.id = a.job_id"
+               " j.requeue_reason, j.owner_uid, j.spec AS job_spec FROM attempts a"
+               " JOIN jobs j ON j.id = a.job_id"
                " WHERE a.state IN ('starting', 'live')")
         params: list[Any] = []
         if runner:
@@ -645,13 +732,20 @@ class Store:
     # -- pipelines ------------------------------------------------------------------------
 
     def create_pipeline(self, name: str, *, owner_uid: int, owner: str, spec_json: str,
-                        now: float) -> int:
+                        now: float, idempotency: tuple[str, str] | None = None) -> int:
+        """``idempotency`` (key, fingerprint) records the client's key with the pipeline, in
+        the same transaction."""
         with self.write() as conn:
             cur = conn.execute(
                 "INSERT INTO pipelines (name, owner_uid, owner, spec, status, created_at,"
                 " updated_at) VALUES (?,?,?,?,?,?,?)",
                 (name, owner_uid, owner, spec_json, "running", now, now))
-            return int(cur.lastrowid or 0)
+            pid = int(cur.lastrowid or 0)
+            if idempotency is not None:
+                conn.execute("INSERT INTO submissions (owner_uid, key, fingerprint,"
+                             " pipeline_id, created_at) VALUES (?,?,?,?,?)",
+                             (owner_uid, idempotency[0], idempotency[1], pid, now))
+            return pid
 
     def update_pipeline(self, pid: int, *, now: float, **fields: Any) -> None:
         with self.write() as conn:
@@ -661,7 +755,8 @@ class Store:
 
     def get_pipeline(self, ref: str | int) -> Row:
         text = str(ref)
-        rows = (self.query("SELECT * FROM pipelines WHERE id = ?", [int(text)]) if text.isdigit()
+        numeric = text.isascii() and text.isdigit() and len(text) <= 18
+        rows = (self.query("SELECT * FROM pipelines WHERE id = ?", [int(text)]) if numeric
                 else self.query("SELECT * FROM pipelines WHERE name = ? ORDER BY id DESC LIMIT 1",
                                 [text]))
         if not rows:

@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from gpusched.render import duration
+from gpusched.render import duration, safe
 
 #: statuses shown under "Running jobs" and under "Queue"
 RUNNING = ("starting", "running", "unknown")
@@ -51,7 +51,7 @@ def _gpu_table(gpus: list[dict[str, Any]]) -> Table:
         util = g.get("utilization_pct")
         temp = g.get("temperature_c")
         state = str(g.get("state") or "-")
-        t.add_row(str(g.get("index", "?")), str(g.get("name", "")), mem,
+        t.add_row(str(g.get("index", "?")), safe(g.get("name", "")), mem,
                   "-" if util is None else f"{util}%", "-" if temp is None else f"{temp}°C",
                   Text(state, style=_STATE_STYLE.get(state, "")),
                   "" if g.get("job_id") is None else str(g["job_id"]))
@@ -75,7 +75,7 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> Table:
         progress: RenderableType = (_bar(epoch, max_epoch, f"epoch {epoch}/{max_epoch}")
                                     if epoch is not None and max_epoch else Text("-", style="dim"))
         spe = p.get("s_per_epoch")
-        t.add_row(str(j.get("id")), Text(str(j.get("name") or "")), str(j.get("status", "")), _gpus_of(j),
+        t.add_row(str(j.get("id")), Text(safe(j.get("name"))), safe(j.get("status", "")), _gpus_of(j),
                   progress, "-" if spe is None else f"{spe:.1f}", _duration(p.get("eta_s")))
     if not jobs:
         t.add_row("", Text("nothing running", style="dim"), "", "", "", "", "")
@@ -91,8 +91,8 @@ def _queue_table(queued: list[dict[str, Any]]) -> Table:
     t.add_column("STATUS")
     t.add_column("WAITING FOR", ratio=1)
     for j in queued[:QUEUE_HEAD]:
-        t.add_row(str(j.get("id")), Text(str(j.get("name") or "")), str(j.get("status", "")),
-                  Text(str(j.get("waiting_reason") or ""), style="yellow"))
+        t.add_row(str(j.get("id")), Text(safe(j.get("name"))), safe(j.get("status", "")),
+                  Text(safe(j.get("waiting_reason")), style="yellow"))
     if not queued:
         t.add_row("", Text("queue empty", style="dim"), "", "")
     return t
@@ -106,7 +106,7 @@ def render_top(snapshot: dict[str, Any]) -> RenderableType:
     queued = [j for j in jobs if j.get("status") in QUEUED]
     parts: list[RenderableType] = [_gpu_table(gpus), _jobs_table(running), _queue_table(queued)]
     if snapshot.get("error"):
-        parts.insert(0, Panel(Text(str(snapshot["error"]), style="red"), title="daemon"))
+        parts.insert(0, Panel(Text(safe(snapshot["error"]), style="red"), title="daemon"))
     return Group(*parts)
 
 

@@ -6,7 +6,11 @@ With ``cli`` the client submits, cancels and lists through the ``gpusched`` comm
 code 7 with one line on stderr is the retryable answer; a traceback is a failure) instead of the
 ``Client`` library.
 
-Each request is one line of OUT_JSONL: ``{"op", "ok", "id"?, "cls"?, "msg"?}``. ``cls`` is the
+Each request is one line of OUT_JSONL: ``{"op", "ok", "id"?, "cls"?, "msg"?, "token"?}``. Every
+submission carries a unique token as the last argument of its command (``$0`` of ``sh -c``), and
+is sent with an idempotency key that its retries reuse (the CLI retries by itself), so a
+submission whose reply was lost to a kill is queued once: the test counts tokens stored under two
+job ids. ``cls`` is the
 error class: ``DaemonUnavailable`` is the clear, retryable answer a client gets while the daemon
 is down or restarting; ``Conflict`` is an expected refusal (cancel of a job that already
 succeeded, release of a job that is not held); anything else, or a traceback, is a failure.
@@ -41,12 +45,13 @@ def main() -> int:
     sock, out_path, seed, stop_file, marker, workdir, deadline_s = sys.argv[1:8]
     use_cli = sys.argv[8:9] == ["cli"]
     from gpusched.client import Client
-    from gpusched.errors import GpuschedError
+    from gpusched.errors import DaemonUnavailable, GpuschedError
 
     rng = random.Random(int(seed))
     client = Client(sock, timeout=15)
     acked: list[int] = []
     held: list[int] = []
+    count = 0
     deadline = time.monotonic() + float(deadline_s)
     with open(out_path, "a", buffering=1) as out:
         def record(op: str, **kw: object) -> None:
@@ -57,8 +62,10 @@ def main() -> int:
             down = False
             op = ("submit" if r < 0.55 or not acked else "cancel" if r < 0.70 else
                   "release" if r < 0.75 and held else "list" if r < 0.90 else "show")
+            count += 1
+            token = f"tok-{seed}-{count}"
             if use_cli and op in ("submit", "cancel", "list"):
-                down = cli_op(op, rng, acked, sock, marker, workdir, seed, record)
+                down = cli_op(op, rng, acked, sock, marker, workdir, seed, record, token)
                 # a CLI call costs ~0.2 s of CPU: pace it so the daemon's restarts keep up
                 time.sleep(rng.uniform(0.05, 0.1) if down else rng.uniform(0.2, 0.5))
                 continue
@@ -67,15 +74,16 @@ def main() -> int:
                     hold = rng.random() < 0.05
                     body = {
                         "command": ["sh", "-c", f'echo "$GPUSCHED_JOB_ID $GPUSCHED_ATTEMPT" >> '
-                                                f'{marker}; sleep 0.0{rng.randint(1, 9)}'],
+                                                f'{marker}; sleep 0.0{rng.randint(1, 9)}', token],
                         "gpus": {"count": rng.choice((1, 1, 2))}, "workdir": workdir,
                         "hold": hold, "name": f"c{seed}"}
-                    res = checked(client.post("/v1/jobs", body))
+                    # a lost reply is retried with the same idempotency key (for up to 10 s)
+                    res = checked(client.submit("/v1/jobs", body))
                     job_id = int(res["id"])
                     acked.append(job_id)
                     if hold:
                         held.append(job_id)
-                    record("submit", ok=True, id=job_id, hold=hold)
+                    record("submit", ok=True, id=job_id, hold=hold, token=token)
                 elif op == "cancel":
                     job_id = rng.choice(acked[-50:])
                     res = checked(client.post(f"/v1/jobs/{job_id}/cancel"))
@@ -92,8 +100,10 @@ def main() -> int:
                     row = checked(client.get(f"/v1/jobs/{job_id}"))
                     record("show", ok=True, id=job_id, status=row["status"])
             except GpuschedError as err:
-                down = type(err).__name__ == "DaemonUnavailable"
-                record(op, ok=False, cls=type(err).__name__, msg=err.message[:300])
+                # NotConnected and ReplyLost are the client's kinds of DaemonUnavailable
+                down = isinstance(err, DaemonUnavailable)
+                record(op, ok=False, cls="DaemonUnavailable" if down else type(err).__name__,
+                       msg=err.message[:300])
             except TruncatedReply as err:
                 record(op, ok=False, cls="TruncatedReply", msg=str(err))
             except Exception as err:  # a failure of the client library: the test reports it
@@ -107,15 +117,16 @@ CLI_CODES = {"submit": (0,), "cancel": (0, 5), "list": (0,)}  # 5: the job alrea
 
 
 def cli_op(op: str, rng: random.Random, acked: list[int], sock: str, marker: str, workdir: str,
-           seed: str, record: Callable[..., None]) -> bool:
+           seed: str, record: Callable[..., None], token: str) -> bool:
     """One operation through the CLI; returns True when the daemon was unavailable."""
     env = {**os.environ, "GPUSCHED_SOCKET": sock}
     if op == "submit":
         script = f'echo "$GPUSCHED_JOB_ID $GPUSCHED_ATTEMPT" >> {marker}; sleep 0.0{rng.randint(1, 9)}'
         argv = ["submit", "--gpus", str(rng.choice((1, 2))), "--workdir", workdir, "--name",
-                f"c{seed}", "--", "sh", "-c", script]
+                f"c{seed}", "--", "sh", "-c", script, token]
     elif op == "cancel":
-        argv = ["cancel", str(rng.choice(acked[-50:]))]
+        target = rng.choice(acked[-50:])
+        argv = ["cancel", str(target)]
     else:
         argv = ["ls", "--json"]
     try:
@@ -145,7 +156,9 @@ def cli_op(op: str, rng: random.Random, acked: list[int], sock: str, marker: str
             record(op, ok=False, cls="CliBadOutput", msg=r.stdout[-300:])
             return False
         acked.append(job_id)
-        record(op, ok=True, id=job_id, hold=False, via="cli")
+        record(op, ok=True, id=job_id, hold=False, via="cli", token=token)
+    elif op == "cancel":
+        record(op, ok=True, id=target, via="cli", result=r.stdout.strip().split(": ")[-1])
     else:
         record(op, ok=True, via="cli")
     return False

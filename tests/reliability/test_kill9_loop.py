@@ -147,9 +147,20 @@ def test_200_kill9_under_load(state_dir: Path, figures: dict[str, Any],
         jobs = {r[0]: r[1] for r in conn.execute("SELECT id, status FROM jobs")}
         attempts = {(r[0], r[1]): r[2] for r in conn.execute("SELECT job_id, n, reason"
                                                              " FROM attempts")}
+        commands = {r[0]: json.loads(r[1])["command"] for r in conn.execute("SELECT id, spec"
+                                                                             " FROM jobs")}
     finally:
         conn.close()
     missing = sorted(set(acked) - set(jobs))
+    # every submission carries a unique token (its command's last argument) and retries a
+    # lost reply with the same idempotency key: a token under two ids is a double submission
+    by_token: dict[str, list[int]] = {}
+    for job_id, cmd in commands.items():
+        if cmd and cmd[-1].startswith("tok-"):
+            by_token.setdefault(cmd[-1], []).append(job_id)
+    double_submissions = {t: ids for t, ids in by_token.items() if len(ids) > 1}
+    wrong_ack = sorted(r["id"] for r in acked.values()
+                       if r.get("token") and r["id"] not in by_token.get(r["token"], []))
     not_ended = {j: s for j, s in jobs.items()
                  if s not in TERMINAL and not (s == "held" and acked.get(j, {}).get("hold"))}
     lost_status = sorted(j for j, s in jobs.items() if s == "lost")
@@ -174,6 +185,7 @@ def test_200_kill9_under_load(state_dir: Path, figures: dict[str, Any],
 
     summary = (f"reliability: daemon kills survived={kills}, jobs submitted={len(acked)}, "
                f"jobs lost={len(missing)}, double runs={double_runs}, "
+               f"double submissions={len(double_submissions)}, "
                f"client errors={len(errors)} ({'all retryable' if not bad else f'{len(bad)} NOT retryable'}"
                f"; {len(retryable)} retryable, {len(refusals)} expected refusals)")
     with capsys.disabled():  # on the terminal with or without -s
@@ -189,6 +201,10 @@ def test_200_kill9_under_load(state_dir: Path, figures: dict[str, Any],
     assert kills == KILLS
     assert final == [], "\n".join(final[:20])
     assert missing == [], f"acknowledged jobs missing from the store: {missing[:20]}"
+    assert double_submissions == {}, (
+        f"submissions queued twice (same token under two ids): "
+        f"{dict(list(double_submissions.items())[:10])}")
+    assert wrong_ack == [], f"acknowledged ids that are not their submission's job: {wrong_ack}"
     assert not bad, f"clients saw non-retryable errors: {bad[:5]}"
     assert not not_ended, f"jobs that did not end: {dict(list(not_ended.items())[:20])}"
     assert lost_status == [], f"jobs recorded LOST: {lost_status[:20]}"
