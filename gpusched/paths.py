@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 
@@ -51,3 +52,34 @@ def client_socket() -> Path:
     if own.exists() or not SYSTEM_SOCKET.exists():
         return own
     return SYSTEM_SOCKET
+
+
+# -- modes of the state directory (issue 11): only the daemon, and each job's owner for their own
+# job's files, may read what lies there. Directories users must pass through (to reach the
+# socket, their own run directory and log file) are 0711: searchable, not listable.
+STATE_DIR_MODE = 0o711  # state_dir, logs/, runs/, logs/<job>/, runs/<job>/
+PRIVATE_DIR_MODE = 0o700  # backups/
+PRIVATE_FILE_MODE = 0o600  # gpusched.db(-wal, -shm), backups, daemon.lock, logs
+#: the daemon's umask: new files 0600 and new directories 0711 unless a mode is set explicitly
+DAEMON_UMASK = 0o066
+
+
+def ensure_mode(path: Path, mode: int) -> bool:
+    """Give ``path`` exactly ``mode`` (no symlink followed); False where it is missing or not
+    ours to change."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return False
+        if (st.st_mode & 0o7777) != mode:
+            os.chmod(path, mode)
+        return True
+    except OSError:  # gone, or owned by someone else (a daemon that is not root)
+        return False
+
+
+def ensure_dir(path: Path, mode: int) -> Path:
+    """Create ``path`` (and parents) if missing, then give it ``mode`` whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True)
+    ensure_mode(path, mode)
+    return path

@@ -12,6 +12,7 @@ import pwd
 import select
 import signal
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,15 @@ from gpusched.errors import (
     StoreError,
 )
 from gpusched.gpus import Inventory, open_inventory
-from gpusched.models import GpuRequest, JobSpec, JobView
+from gpusched.models import Gpu, GpuRequest, JobSpec, JobView
+from gpusched.paths import (
+    DAEMON_UMASK,
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    STATE_DIR_MODE,
+    ensure_dir,
+    ensure_mode,
+)
 from gpusched.runners.base import Runner
 from gpusched.runners.local import LocalRunner
 from gpusched.server import ApiServer, admin_uids, job_view
@@ -55,8 +64,11 @@ def sd_notify(message: str) -> bool:
 
 def lock_state_dir(state_dir: Path) -> int:
     """One daemon per state directory: an exclusive flock held for the daemon's life."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    ensure_dir(state_dir, STATE_DIR_MODE)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 PRIVATE_FILE_MODE)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # one made 0644 by an older gpusched
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -68,12 +80,56 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def secure_state_dir(settings: Settings) -> None:
+    """Give the state directory its modes (issue 11), fixing what an older gpusched or an
+    admin left wider: the directories users pass through 0711 (not listable), the database,
+    backups, lock and job logs 0600. A job's own run directory belongs to its user and is left
+    alone."""
+    ensure_dir(settings.state_dir, STATE_DIR_MODE)
+    for top in (settings.logs_dir, settings.runs_dir):
+        ensure_dir(top, STATE_DIR_MODE)
+        with contextlib.suppress(OSError):
+            for job in os.scandir(top):
+                if job.is_dir(follow_symlinks=False):
+                    ensure_mode(Path(job.path), STATE_DIR_MODE)
+    with contextlib.suppress(OSError):
+        for job in os.scandir(settings.logs_dir):
+            if not job.is_dir(follow_symlinks=False):
+                continue
+            for f in os.scandir(job.path):
+                st = f.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                    ensure_mode(Path(f.path), st.st_mode & 0o700)
+    ensure_dir(settings.backups_dir, PRIVATE_DIR_MODE)
+    for path in (*settings.backups_dir.glob("gpusched-*.db*"),
+                 *settings.state_dir.glob("gpusched.db*"), settings.state_dir / "daemon.lock"):
+        if path.is_file():
+            ensure_mode(path, PRIVATE_FILE_MODE)
+
+
+def refuse_reset_database(settings: Settings) -> None:
+    """Fail closed on a missing or zero-length database in a state directory that shows earlier
+    jobs (backups, job logs or run directories): starting empty would hide every job and hand
+    out their ids again."""
+    from gpusched.admin import earlier_state, reset_message
+
+    try:
+        what = "empty (0 bytes)" if settings.db_path.stat().st_size == 0 else None
+    except FileNotFoundError:
+        what = "missing"
+    if what is None:
+        return
+    evidence = earlier_state(settings)
+    if evidence:
+        raise CorruptDatabase(reset_message(settings, what, evidence))
+
+
 def make_runners(settings: Settings) -> dict[str, Runner]:
     runners: dict[str, Runner] = {"local": LocalRunner(settings.runs_dir)}
     if settings.docker.enabled:
         from gpusched.runners.docker import ContainerRunner
 
-        runners["docker"] = ContainerRunner(settings.docker,
+        runners["docker"] = ContainerRunner(settings.docker, state_dir=settings.state_dir,
                                             kill_grace_s=settings.docker.stop_grace_s)
     return runners
 
@@ -85,8 +141,17 @@ class Service:
                  runners: dict[str, Runner] | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        for d in (settings.state_dir, settings.logs_dir, settings.runs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(settings)
+        refuse_reset_database(settings)
+        try:
+            if not settings.db_path.exists():  # SQLite gives -wal and -shm the same mode
+                os.close(os.open(settings.db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                 PRIVATE_FILE_MODE))
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise StoreError(f"cannot create the state database {settings.db_path}: "
+                             f"{err}") from err
         try:
             self.store = Store(settings.db_path)
             qc = self.store.quick_check()
@@ -126,12 +191,60 @@ class Service:
         if spec.runner not in self.daemon.runners:
             raise SpecError(f"the {spec.runner} runner is not enabled on this daemon")
         if spec.runner == "docker":
-            policy.validate_docker_spec(spec, self.settings.docker)
+            policy.validate_docker_spec(spec, self.settings.docker, uid=uid, is_admin=self.is_admin(uid))
         elif spec.workdir:
             policy.validate_local_workdir(spec.workdir)
-        n_gpus = len(self.daemon.gpus)
-        if spec.gpus.ids is None and spec.gpus.count > n_gpus and self.daemon.gpus:
-            raise SpecError(f"the job asks for {spec.gpus.count} GPUs; this host has {n_gpus}")
+        self._check_gpus_exist(spec.gpus)
+
+    def _check_gpus_exist(self, req: GpuRequest) -> None:
+        """Refuse a request no GPU of this host can ever meet (a type it lacks, more memory than
+        its largest GPU, a GPU it does not have, more GPUs than it has of that kind), once the
+        inventory is known. Drained and lost GPUs still count: an admin may resume them."""
+        gpus = list(self.daemon.gpus)
+        if not gpus or (req.ids is None and req.count == 0):
+            return
+        have = "this host has " + ", ".join(
+            f"GPU {g.index} ({g.name}, {g.memory_total_mib} MiB)" for g in gpus)
+
+        def fits(g: Gpu) -> str | None:
+            if req.gpu_type is not None and req.gpu_type.lower() not in g.name.lower():
+                return f"GPU {g.index} is a {g.name}, not --gpu-type {req.gpu_type}"
+            if req.mem_mib and g.memory_total_mib < req.mem_mib:
+                return (f"GPU {g.index} ({g.name}) has {g.memory_total_mib} MiB in all, less "
+                        f"than --mem {req.mem_mib} MiB")
+            return None
+
+        if req.ids is not None:
+            for ref in req.ids:
+                key = ref.strip()
+                g = next((g for g in gpus if key == str(g.index)
+                          or key.lower() == g.uuid.lower()), None)
+                if g is None:
+                    raise SpecError(f"GPU {ref} does not exist; {have}")
+                why = fits(g)
+                if why:
+                    raise SpecError(f"{why}; {have}")
+            return
+        typed = [g for g in gpus if req.gpu_type is None
+                 or req.gpu_type.lower() in g.name.lower()]
+        if not typed:
+            raise SpecError(f"no GPU matches --gpu-type {req.gpu_type}; {have}")
+        big = [g for g in typed if g.memory_total_mib >= (req.mem_mib or 0)]
+        if not big:
+            largest = max(typed, key=lambda g: g.memory_total_mib)
+            kind = f" {req.gpu_type}" if req.gpu_type else ""
+            raise SpecError(f"--mem {req.mem_mib} MiB is more than the largest{kind} GPU has "
+                            f"(GPU {largest.index}, {largest.name}: {largest.memory_total_mib} "
+                            f"MiB); {have}")
+        if req.count > len(big):
+            what = f"{req.count} GPUs"
+            if req.gpu_type is not None:
+                what += f" of type {req.gpu_type}"
+            if req.mem_mib:
+                what += f" with {req.mem_mib} MiB each"
+            raise SpecError(f"the job asks for {what}; this host has {len(big)}"
+                            + ("" if len(big) == len(gpus) else " such")
+                            + f" ({have.removeprefix('this host has ')})")
 
     def resolve_gpu(self, ref: str) -> str:
         for g in self.daemon.gpus:
@@ -186,9 +299,10 @@ class Service:
     def _tao_runtime(self, spec: dict[str, Any], gpus: int,
                      medians: dict[tuple[str, int], float | None]) -> float | None:
         """A TAO training stage's expected run time: its epochs × the best median s/epoch its
-        workload had on as many GPUs in the last 30 days (read once per workload)."""
-        from gpusched.parsers import spec_summary
-        from gpusched.progress import stage_fields, workload_of
+        workload had on as many GPUs in the last 30 days (read once per workload). The spec
+        file's facts were recorded at submission: no file of the user's is read here (a FIFO
+        would hang `show` for everyone)."""
+        from gpusched.progress import recorded_spec_facts, workload_of
         from gpusched.throughput import summarize
 
         wl = workload_of(spec)
@@ -197,11 +311,7 @@ class Service:
                 since=self.clock.now() - 30 * 86400, workload=wl)) if s.gpu_count == gpus]
             medians[(wl, gpus)] = min(s.median_s for s in sets) if sets else None
         per_epoch = medians[(wl, gpus)]
-        try:
-            epochs = spec_summary(Path(stage_fields(spec).get("spec", "")).read_text())[
-                "num_epochs"]
-        except (OSError, KeyError):
-            return None
+        epochs = recorded_spec_facts(spec).get("num_epochs")
         return per_epoch * int(epochs) if per_epoch and epochs else None
 
     def spans(self, since: float) -> list[dict[str, Any]]:
@@ -239,6 +349,9 @@ class Service:
     # -- the loop -------------------------------------------------------------------------
 
     def start_server(self) -> None:
+        sock_dir = self.settings.socket.parent
+        if not sock_dir.exists():  # an existing one (/run/gpusched, $XDG_RUNTIME_DIR) is kept
+            ensure_dir(sock_dir, 0o755)
         self.server = ApiServer(self.settings.socket, self)
         threading.Thread(target=self.server.serve_forever, name="api", daemon=True).start()
         if self.settings.metrics.port is not None:
@@ -270,6 +383,8 @@ class Service:
                       id="inventory")
         sched.add_job(self.backup, "interval", seconds=self.settings.backup.interval_s,
                       id="backup")
+        sched.add_job(self.check_socket, "interval",
+                      seconds=self.settings.api.socket_check_interval_s, id="socket")
         sched.start()
         return sched
 
@@ -281,6 +396,9 @@ class Service:
             self.daemon.wake()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # What the daemon creates from here on (job log directories, logs, backups) is private
+        # unless given a mode: files 0600, directories 0711
+        old_umask = os.umask(DAEMON_UMASK)
         self.start_server()
         sched = self._housekeeping()
         try:
@@ -295,10 +413,12 @@ class Service:
                 try:
                     self.daemon.tick(now)
                     self.daemon.tick_error = None
-                    sd_notify("WATCHDOG=1")
                 except Exception as err:  # keep serving; health reports it
                     self.daemon.tick_error = f"tick failed: {err}"
                     log.exception("tick failed")
+                # the loop made progress (steps contain their own failures): feed the watchdog,
+                # which is for a loop that hangs, not for one job's bad data
+                sd_notify("WATCHDOG=1")
                 if once and not self.store.has_work():
                     log.info("--once: no job is queued or running; exiting")
                     break
@@ -319,15 +439,30 @@ class Service:
             self.close()
             for s, h in old.items():
                 signal.signal(s, h)
+            os.umask(old_umask)
             log.info("gpusched daemon stopped; running jobs keep running")
 
     def backup(self) -> None:
         try:
+            ensure_dir(self.settings.backups_dir, PRIVATE_DIR_MODE)
             path = self.store.backup(self.settings.backups_dir, keep=self.settings.backup.keep,
                                      now=self.clock.now())
+            ensure_mode(path, PRIVATE_FILE_MODE)
             log.info("database backed up to %s", path)
         except Exception as err:  # a failed backup must not stop the daemon
             log.error("database backup failed: %s", err)
+
+    def check_socket(self) -> None:
+        """Bring back the API socket if its file was deleted or replaced: without it the daemon
+        runs on, unreachable."""
+        ensure = getattr(self.server, "ensure_socket", None)
+        if ensure is None:
+            return
+        try:
+            if ensure():  # ensure_socket logs the warning itself
+                log.debug("housekeeping recreated the API socket %s", self.settings.socket)
+        except Exception as err:  # housekeeping must not stop the daemon
+            log.error("could not recreate the API socket %s: %s", self.settings.socket, err)
 
     def _stuck(self) -> bool:
         """--once: queued work that no placement can ever start (nothing active either)."""
@@ -340,8 +475,13 @@ class Service:
         the next due housekeeping, whichever comes first."""
         timeout = max(0.0, min(self.settings.scheduler.tick_interval_s,
                                self.daemon.next_due() - self.clock.now()))
-        # select() on a fresh list each time: pidfds come and go, and a reused fd number in a
-        # long-lived epoll set could silently miss a job's end
+        # a fresh poll set each time: pidfds come and go, and a reused fd number in a
+        # long-lived epoll set could silently miss a job's end. poll(), not select(): select
+        # fails outright on an fd number above 1023 (FD_SETSIZE), which a daemon with many API
+        # connections or jobs soon hands out
+        poller = select.poll()
+        for fd in self.daemon.wait_fds():
+            poller.register(fd, select.POLLIN)
         with contextlib.suppress(InterruptedError, OSError):
-            select.select(self.daemon.wait_fds(), [], [], timeout)
+            poller.poll(timeout * 1000)
         self.daemon.drain_wake()
