@@ -6,15 +6,23 @@ wiring that loops, listens on the socket and handles signals is in ``service.py`
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from gpusched.config import Settings
-from gpusched.errors import GpuschedError, LaunchRefused, RunnerError, RunnerUnavailable
+from gpusched.errors import (
+    GpuschedError,
+    LaunchRefused,
+    RunnerError,
+    RunnerUnavailable,
+    StoreError,
+)
 from gpusched.gpus import Inventory, job_of_pid
 from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
 from gpusched.pipeline_runner import PipelineRunner
@@ -32,6 +40,24 @@ S = JobStatus
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
+# After a launch failed for lack of host resources, no launch is tried for this long (each try
+# costs an attempt row and a fork; the resources rarely come back within a tick).
+RESOURCE_BACKOFF_S = 2.0
+# errno values of a host short of resources (file descriptors, processes, memory): a launch that
+# meets one is queued again without using a retry, like a runner that is down
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM,
+                              errno.ENOSPC})
+
+
+def transient(err: BaseException) -> bool:
+    """True for a failure of the host, not of the job (EMFILE, ENFILE, EAGAIN, ENOMEM,
+    ENOSPC), looking through the ``raise ... from`` chain."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class Daemon:
@@ -55,6 +81,10 @@ class Daemon:
         self.last_tick: float | None = None
         self.placed_last_tick = 0
         self.tick_error: str | None = None
+        self.step_errors: dict[str, str] = {}  # step -> why it failed in the last tick
+        self._unfollowable: set[tuple[int, int]] = set()  # attempts whose output cannot be read
+        self._gpu_names: dict[str, str] = {}  # uuid -> model, also for GPUs not yet inventoried
+        self._launch_pause: tuple[float, str] | None = None  # (until, why): host out of fds...
         self.progress = ProgressTracker()
         self.pipelines = PipelineRunner(settings, store)
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
@@ -104,10 +134,43 @@ class Daemon:
     # -- the tick -------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        """Run every step. A step that fails is logged and reported by health; the steps
+        after it still run (one bad job or pipeline must never stop scheduling for everyone:
+        the steps contain failures to the job or pipeline that caused them)."""
         with self.lock:
+            self.step_errors = {}
             for step in self.STEPS:
-                getattr(self, f"step_{step}")(now)
+                try:
+                    getattr(self, f"step_{step}")(now)
+                except Exception as err:
+                    log.exception("tick step %s failed", step)
+                    self.step_errors[step] = f"{type(err).__name__}: {err}"
             self.last_tick = now
+
+    def _contain(self, job_id: int, what: str, call: Callable[[], None], now: float) -> None:
+        """Run one job's part of a step. A store error is transient (the step tries again on
+        the next tick); anything else fails that job, with the reason, and only that job."""
+        try:
+            call()
+        except StoreError as err:
+            log.warning("job %s: could not %s (%s); trying again on the next tick", job_id,
+                        what, err)
+        except Exception as err:
+            log.exception("job %s: %s failed", job_id, what)
+            self._fail_job(job_id, f"internal error while trying to {what}: "
+                                   f"{type(err).__name__}: {err}", now)
+
+    def _fail_job(self, job_id: int, reason: str, now: float) -> None:
+        try:
+            for row in self.store.live_attempts():
+                if row["job_id"] == job_id:
+                    self.store.finish_attempt(job_id, row["n"], to=S.FAILED, now=now,
+                                              ended_at=now, exit_code=None, reason=reason)
+            self.store.transition(job_id, S.FAILED, now, reason=reason,
+                                  allowed={S.QUEUED, S.HELD}, fields={"ended_at": now})
+        except GpuschedError as err:
+            log.error("job %s: could not record its failure (%s): %s", job_id, reason, err)
+        self._queued_cache.pop(job_id, None)
 
     def next_due(self) -> float:
         return min(self._next_inventory, self._next_reconcile)
@@ -132,9 +195,16 @@ class Daemon:
             except RunnerUnavailable as err:
                 self._runner_down(runner.name, str(err), now)
                 continue
+            except Exception as err:  # one attempt's runner trouble stops nobody else
+                log.exception("job %s: polling attempt %s failed", ref.job_id, ref.n)
+                self.step_errors["reap"] = f"job {ref.job_id}: {type(err).__name__}: {err}"
+                continue
             self._runner_up(runner.name, now)
             if outcome is not None:
-                self._record_end(row, ref, runner, outcome, now)
+                def end(row: Row = row, ref: AttemptRef = ref, runner: Runner = runner,
+                        outcome: Outcome = outcome) -> None:
+                    self._record_end(row, ref, runner, outcome, now)
+                self._contain(ref.job_id, "record the end of its attempt", end, now)
                 ended = True
         if ended:
             self._live = self.store.live_attempts()
@@ -165,7 +235,30 @@ class Daemon:
                 self._follow(row, AttemptRef.from_row(row), now)
 
     def _follow(self, row: Row, ref: AttemptRef, now: float) -> None:
-        """Read new epochs of one attempt into the store."""
+        """Read new epochs of one attempt into the store. Epoch timing is information: when
+        an attempt's output cannot be read or recorded the job goes on, its epochs are
+        retried (store errors) or given up for that attempt (anything else, logged once)."""
+        if ref.key in self._unfollowable:
+            return
+        try:
+            self._follow_once(row, ref, now)
+        except StoreError as err:
+            log.warning("job %s: epochs not recorded this time (%s)", ref.job_id, err)
+        except Exception:
+            log.exception("job %s attempt %s: cannot follow its progress; epochs of this "
+                          "attempt are not recorded", ref.job_id, ref.n)
+            self._unfollowable.add(ref.key)
+
+    def gpu_name(self, uuid: str) -> str:
+        """A GPU's model: from the inventory, else as the store last saw it (right after a
+        restart the first tick reads epochs before the inventory step has run)."""
+        if uuid not in self._gpu_names:
+            self._gpu_names.update({g.uuid: g.name for g in self.gpus})
+        if uuid not in self._gpu_names:
+            self._gpu_names.update({r["uuid"]: r["name"] for r in self.store.gpu_rows()})
+        return self._gpu_names.get(uuid, "?")
+
+    def _follow_once(self, row: Row, ref: AttemptRef, now: float) -> None:
         cached = self._specs.get(ref.key)
         if cached is None:
             spec = json.loads(row["job_spec"])
@@ -173,9 +266,8 @@ class Daemon:
         spec, workload = cached
         rows = self.progress.poll(ref, spec, now)
         if rows:
-            names = {g.uuid: g.name for g in self.gpus}
             self.store.record_epochs(ref.job_id, ref.n, rows, gpu_uuids=ref.gpus,
-                                     gpu_models=[names.get(u, "?") for u in ref.gpus],
+                                     gpu_models=[self.gpu_name(u) for u in ref.gpus],
                                      workload=workload)
 
     def progress_of(self, job_id: int, n: int) -> dict[str, Any] | None:
@@ -192,8 +284,6 @@ class Daemon:
                     now: float) -> None:
         job_id, n = ref.job_id, ref.n
         self._follow(row, ref, now)  # the last epochs, before the attempt is closed
-        self.progress.forget(ref.key)
-        self._specs.pop(ref.key, None)
         requeue, consume = False, True
         reason: str | None
         if row.get("requeue_reason") and row["cancel_requested_at"] is None:
@@ -220,10 +310,15 @@ class Daemon:
                 requeue = True
                 reason = f"{reason}; retrying ({row['retries_left'] - 1} retries left)"
         release_now = self.inventory.simulated or not ref.gpus
+        # If this commit fails (state disk full) nothing below runs: the runner keeps the
+        # attempt and reports the same outcome on the next tick, until the end is recorded.
         self.store.finish_attempt(job_id, n, to=to, now=now, ended_at=outcome.ended_at,
                                   exit_code=outcome.exit_code, reason=reason, oom=outcome.oom,
                                   release_now=release_now, requeue=requeue,
                                   consume_retry=consume)
+        self.progress.forget(ref.key)
+        self._specs.pop(ref.key, None)
+        self._unfollowable.discard(ref.key)
         try:
             runner.cleanup(ref)
         except GpuschedError as err:
@@ -240,7 +335,14 @@ class Daemon:
             return None
         from gpusched.stages import judge
 
-        ok, reason, artifacts = judge(spec, outcome.exit_code, ref.log_path)
+        try:
+            ok, reason, artifacts = judge(spec, outcome.exit_code, ref.log_path,
+                                          owner_uid=row.get("owner_uid"))
+        except GpuschedError:
+            raise
+        except Exception as err:  # hostile or broken output fails this stage, nothing else
+            log.exception("job %s: judging the stage's output failed", ref.job_id)
+            return S.FAILED, f"could not judge the stage's output: {type(err).__name__}: {err}"
         self.store.record_artifacts(ref.job_id, ref.n, artifacts, now)
         if outcome.oom:
             reason = "killed: out of memory"
@@ -266,6 +368,9 @@ class Daemon:
                     runner.signal_cancel(ref, kill=True)
             except RunnerUnavailable as err:
                 self._runner_down(runner.name, str(err), now)
+            except Exception as err:  # tried again on the next tick; others go on
+                log.exception("job %s: cancelling failed", ref.job_id)
+                self.step_errors["cancels"] = f"job {ref.job_id}: {type(err).__name__}: {err}"
 
     # -- inventory ------------------------------------------------------------------------
 
@@ -356,11 +461,17 @@ class Daemon:
                     if row["runner"] == runner.name:
                         starting.pop(key)  # cannot decide without the backend
                 continue
+            # it answered: a runner marked down (an outage, another daemon's lease) is back,
+            # even when it has no live attempt whose poll would have said so
+            self._runner_up(runner.name, now)
             for orphan in found:
                 key = (orphan.job_id or -1, orphan.attempt or -1)
-                if key in starting and starting[key]["runner"] == runner.name:
+                if (key in starting and starting[key]["runner"] == runner.name
+                        and orphan.adoptable):
                     self._adopt(starting.pop(key), runner.name, orphan.handle, now)
                     continue
+                # not adoptable (a container created but never started): removed below, and
+                # its attempt, still "starting", is queued again as never started
                 log.warning("removing orphan: %s", orphan.description)
                 if not runner.remove_orphan(orphan):
                     orphan_gpus.update(orphan.gpus)
@@ -380,6 +491,8 @@ class Daemon:
                                       exit_code=None, reason="the daemon stopped before the "
                                       "attempt started; queued again", requeue=True,
                                       consume_retry=False)
+            if maybe is not None:
+                maybe.cleanup(ref)  # the runner may remember an outcome of it
         self.orphan_gpus = orphan_gpus
 
     def _adopt(self, row: Row, runner: str, handle: Any, now: float) -> None:
@@ -457,23 +570,40 @@ class Daemon:
         for r in rows:
             job = cache.get(r["id"])
             if job is None or job.priority != r["priority"]:
+                try:
+                    request = GpuRequest.model_validate_json(r["request"])
+                except ValueError as err:
+                    self._fail_job(r["id"], f"its GPU request cannot be read: {err}", now)
+                    continue
                 job = cache[r["id"]] = QueuedJob(
                     id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
-                    request=GpuRequest.model_validate_json(r["request"]),
-                    est_runtime_s=r["est_runtime_s"])
+                    request=request, est_runtime_s=r["est_runtime_s"])
             jobs.append(job)
         if len(cache) > 4 * PLAN_WINDOW:
             self._queued_cache = {j.id: j for j in jobs}
         result = plan(jobs, self._slots(now), now,
                       foreign_policy=self.settings.gpus.foreign_policy)
         self.waiting = {**result.waiting, **result.impossible}
+        if self._launch_pause is not None:
+            until, why = self._launch_pause
+            if now < until:
+                self.waiting.update({p.job_id: f"launches paused: {why}"
+                                     for p in result.placements})
+                return
+            self._launch_pause = None
         gpus = {g.uuid: g for g in self.gpus}
         for placement in result.placements:
+            if self._launch_pause is not None:
+                break  # the host ran short of resources during this tick
             row = by_id[placement.job_id]
-            self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now)
+
+            def launch(row: Row = row, placement: Any = placement) -> None:
+                self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now)
+            self._contain(row["id"], "launch it", launch, now)
 
     def _resolve_stage(self, job_id: int, spec: JobSpec, now: float) -> JobSpec | None:
         """Hand upstream results (best checkpoint, pruned model) to a stage that needs them."""
+        from gpusched import policy
         from gpusched.errors import SpecError
         from gpusched.stages import resolve
 
@@ -482,8 +612,11 @@ class Daemon:
 
         try:
             resolved = resolve(spec, self.settings, lookup)
-        except SpecError as err:
-            self.store.transition(job_id, S.FAILED, now, reason=err.message,
+            if resolved.runner == "docker":  # rebuilt from the request: check its mounts again
+                resolved = policy.resolve_mounts(resolved, self.settings.docker)
+        except (SpecError, ValueError) as err:  # ValueError: pydantic's ValidationError
+            reason = err.message if isinstance(err, SpecError) else f"bad stage: {err}"
+            self.store.transition(job_id, S.FAILED, now, reason=reason,
                                   allowed={S.QUEUED}, fields={"ended_at": now})
             return None
         self.store.update_spec(job_id, resolved.model_dump_json())
@@ -543,6 +676,16 @@ class Daemon:
             self._runner_down(runner.name, str(err), now)
             return
         except (RunnerError, OSError) as err:
+            if transient(err):  # the host is short of fds/processes/memory: not the job's fault
+                log.warning("job %s: launch failed for lack of resources (%s); queued again",
+                            job_id, err)
+                self._launch_pause = (now + RESOURCE_BACKOFF_S, f"the host is short of "
+                                      f"resources ({err}); trying again shortly")
+                self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
+                                          exit_code=None, reason=f"could not start (host short "
+                                          f"of resources: {err}); queued again", requeue=True,
+                                          consume_retry=False)
+                return
             self.store.finish_attempt(job_id, n, to=S.FAILED, now=now, ended_at=now,
                                       exit_code=None, reason=f"could not start: {err}")
             return
@@ -584,8 +727,10 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         checks: dict[str, dict[str, Any]] = {}
-        checks["daemon"] = {"ok": self.tick_error is None,
-                            "detail": self.tick_error or "tick loop running"}
+        problems = [self.tick_error] if self.tick_error else []
+        problems += [f"step {k} failed: {v}" for k, v in self.step_errors.items()]
+        checks["daemon"] = {"ok": not problems,
+                            "detail": "; ".join(problems) or "tick loop running"}
         try:
             qc = self.store.quick_check()
             checks["store"] = {"ok": qc == "ok", "detail": f"quick_check {qc}"}

@@ -9,8 +9,9 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from gpusched import policy
 from gpusched.config import Settings
-from gpusched.errors import SpecError
+from gpusched.errors import SpecError, StoreError
 from gpusched.models import JobSpec, Mount
 from gpusched.pipelines import (
     BranchResult,
@@ -38,7 +39,8 @@ class PipelineRunner:
 
     def submit(self, pdef: PipelineDef, *, owner_uid: int, owner: str, now: float,
                mounts: list[Mount], env: dict[str, str],
-               validate: Callable[[JobSpec], None] | None = None) -> int:
+               validate: Callable[[JobSpec], None] | None = None,
+               idempotency: tuple[str, str] | None = None) -> int:
         """Queue every stage of round 1. Every stage is validated first, with the same checks
         as `gpusched tao` (``validate``: runner, image allowlist, GPU count...), so nothing is
         stored on bad input."""
@@ -46,13 +48,16 @@ class PipelineRunner:
         plan = expand(pdef)
         fake_ids = {p.key: i + 1 for i, p in enumerate(plan)}
         for p in plan:  # validation pass with stand-in ids
-            spec = build_job(self._request(pdef, p, fake_ids, None, 1, extra), self.settings)
+            spec = build_job(self._request(pdef, p, fake_ids, None, 1, extra), self.settings,
+                             owner_uid=owner_uid)
             if validate is not None:
                 validate(spec)
-        pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner, now=now,
-                                         spec_json=json.dumps({"def": pdef.model_dump(),
-                                                               "extra": extra}))
-        self._submit_plan(pdef, plan, pid, {}, 1, extra, owner_uid, owner, now)
+        with self.store.write():  # the pipeline, its key and every job of round 1, or nothing
+            pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner,
+                                             now=now, idempotency=idempotency,
+                                             spec_json=json.dumps({"def": pdef.model_dump(),
+                                                                   "extra": extra}))
+            self._submit_plan(pdef, plan, pid, {}, 1, extra, owner_uid, owner, now)
         return pid
 
     def _request(self, pdef: PipelineDef, p: Planned, ids: dict[str, int], pid: int | None,
@@ -71,7 +76,10 @@ class PipelineRunner:
                      ids: dict[str, int], round_no: int, extra: dict[str, Any], owner_uid: int,
                      owner: str, now: float) -> None:
         for p in plan:
-            spec = build_job(self._request(pdef, p, ids, pid, round_no, extra), self.settings)
+            spec = build_job(self._request(pdef, p, ids, pid, round_no, extra), self.settings,
+                             owner_uid=owner_uid)
+            if spec.runner == "docker":  # stored resolved, as validate_spec stores a job's
+                spec = policy.resolve_mounts(spec, self.settings.docker)
             ids[p.key] = self.store.submit(spec, owner_uid=owner_uid, owner=owner, now=now)
 
     # -- the gate -------------------------------------------------------------------------
@@ -85,9 +93,14 @@ class PipelineRunner:
                 continue
             try:
                 added |= self._advance(row, jobs, now)
-            except SpecError as err:
-                self.store.update_pipeline(row["id"], now=now, status="failed",
-                                           reason=err.message)
+            except StoreError:
+                raise  # the state disk: nothing is this pipeline's fault; the tick retries
+            except Exception as err:  # one pipeline's bad data fails that pipeline only
+                if not isinstance(err, SpecError):
+                    log.exception("pipeline %s: the gate failed", row["id"])
+                why = err.message if isinstance(err, SpecError) else (
+                    f"the gate could not go on: {type(err).__name__}: {err}")
+                self.store.update_pipeline(row["id"], now=now, status="failed", reason=why)
         return added
 
     def _advance(self, row: Row, jobs: list[Row], now: float) -> bool:
@@ -129,10 +142,12 @@ class PipelineRunner:
                      pdef.name, gate.max_drop, nxt)
             ids = self._trunk_ids(pdef, jobs)
             plan = expand(pdef, thresholds=nxt)
-            self._submit_plan(pdef, plan, row["id"], ids, rounds + 1, data["extra"],
-                              row["owner_uid"], row["owner"], now)
-            self.store.update_pipeline(row["id"], now=now, rounds=rounds + 1,
-                                       summary=json.dumps(self._summary(base_map, branches, None)))
+            with self.store.write():  # a round's jobs and its count, or nothing
+                self._submit_plan(pdef, plan, row["id"], ids, rounds + 1, data["extra"],
+                                  row["owner_uid"], row["owner"], now)
+                self.store.update_pipeline(row["id"], now=now, rounds=rounds + 1,
+                                           summary=json.dumps(self._summary(base_map, branches,
+                                                                            None)))
             return True
         self.store.update_pipeline(
             row["id"], now=now, status="failed",

@@ -60,6 +60,16 @@ class StageDef(BaseModel):
             raise ValueError(f"unknown task {v!r}")
         return v
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | list[float] | None) -> float | list[float] | None:
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("threshold: an empty list fans out into no branch")
+        for t in values:
+            _check_threshold(t, "threshold")
+        return v
+
 
 class GateDef(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +80,33 @@ class GateDef(BaseModel):
     retries: int = Field(default=2, ge=0, le=10)  # rounds of pruning again, lower thresholds
     backoff: float = Field(default=0.5, gt=0, lt=1)  # next threshold = lowest tried × backoff
     retry_thresholds: list[float] | None = None  # or exactly these, one per round
+
+    @field_validator("retry_thresholds")
+    @classmethod
+    def _retry_thresholds(cls, v: list[float] | None) -> list[float] | None:
+        for t in v or []:
+            _check_threshold(t, "gate.retry_thresholds")
+        return v
+
+
+MIN_THRESHOLD = 1e-4  # thresholds are rounded to 4 digits; below this TAO would get 0
+
+
+def _check_threshold(t: float, where: str) -> None:
+    """A pruning threshold TAO accepts: 0 < t < 1 (TAO's -pth)."""
+    if not MIN_THRESHOLD <= t < 1:
+        raise ValueError(f"{where}: {t:g} is not a pruning threshold; it must be at least "
+                         f"{MIN_THRESHOLD:g} and below 1 (0.1 prunes filters whose norm is "
+                         "below a tenth of the largest)")
+
+
+def backoff_thresholds(lowest: float, gate: GateDef) -> list[float]:
+    """The thresholds the gate's backoff would try, one per retry round."""
+    out, t = [], lowest
+    for _ in range(gate.retries):
+        t = round(t * gate.backoff, 4)
+        out.append(t)
+    return out
 
 
 class PipelineDef(BaseModel):
@@ -104,6 +141,16 @@ class PipelineDef(BaseModel):
             for which in (self.gate.candidate, self.gate.baseline):
                 if which not in self.stages or self.stages[which].task != "evaluate":
                     raise ValueError(f"gate: {which!r} must be an evaluate stage")
+            if fanned and self.gate.retry_thresholds is None:
+                raw = self.stages[fanned[0]].threshold
+                lowest = min(raw) if isinstance(raw, list) else 0.1
+                series = backoff_thresholds(lowest, self.gate)
+                if series and series[-1] < MIN_THRESHOLD:
+                    k = next(i for i, t in enumerate(series, 1) if t < MIN_THRESHOLD)
+                    raise ValueError(
+                        f"gate: backoff {self.gate.backoff:g} from threshold {lowest:g} reaches "
+                        f"a threshold of 0 in retry round {k} of {self.gate.retries}; raise "
+                        "gate.backoff, lower gate.retries, or list gate.retry_thresholds")
         return self
 
 
@@ -267,7 +314,10 @@ def gate_decision(baseline_map: float, branches: list[BranchResult], gate: GateD
             return "retry", [gate.retry_thresholds[rounds_done - 1]]
         return "failed", None
     lowest = min(tried) if tried else 0.1
-    return "retry", [round(lowest * gate.backoff, 4)]
+    nxt = round(lowest * gate.backoff, 4)
+    if nxt < MIN_THRESHOLD:  # submission refuses such gates; stored ones stop here
+        return "failed", None
+    return "retry", [nxt]
 
 
 def judge_branch(baseline_map: float, cand_map: float | None, gate: GateDef) -> tuple[

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,32 +18,7 @@ from gpusched.service import Service
 from gpusched.states import JobStatus
 from gpusched.testing.clock import FakeClock
 from gpusched.testing.harness import SIM_GPUS
-
-
-def submit(svc: Service, *cmd: str, **kw: object) -> int:
-    spec = JobSpec(command=list(cmd), workdir=str(svc.settings.state_dir), **kw)  # type: ignore[arg-type]
-    return svc.store.submit(spec, owner_uid=os.getuid(), owner="tester", now=svc.clock.now())
-
-
-def run_until(svc: Service, cond: Callable[[], bool], timeout: float = 15.0,
-              step: float = 0.5) -> None:
-    """Tick (moving the fake clock) until ``cond`` holds; real time only for real processes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        svc.daemon.tick(svc.clock.now())
-        if cond():
-            return
-        time.sleep(0.02)
-        svc.clock.advance(step)  # type: ignore[attr-defined]
-    raise AssertionError(f"condition not reached; jobs: {svc.store.list_jobs()}")
-
-
-def status(svc: Service, job_id: int) -> str:
-    return str(svc.store.get_job(job_id)["status"])
-
-
-def ended(svc: Service, *ids: int) -> Callable[[], bool]:
-    return lambda: all(status(svc, i) in ("succeeded", "failed", "cancelled", "lost") for i in ids)
+from gpusched.testing.ticks import ended, restarted, run_until, status, submit
 
 
 def log_of(svc: Service, job_id: int, n: int | None = None) -> str:
@@ -207,18 +180,6 @@ def test_foreign_memory_keeps_a_job_waiting(service: Service) -> None:
     service.clock.advance(service.settings.gpus.poll_interval_s)
     run_until(service, ended(service, job))
     assert json.loads(service.store.attempt(job, 1)["gpus"]) == [big_gpu]  # type: ignore[index]
-
-
-@contextmanager
-def restarted(svc: Service) -> Iterator[Service]:
-    """What a daemon crash or restart leaves: a new Service on the same state directory."""
-    svc.close()
-    svc2 = Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner(svc.settings.runs_dir)}, clock=svc.clock)
-    try:
-        yield svc2
-    finally:
-        svc2.close()
 
 
 def test_restart_adopts_a_running_job_and_records_its_exit(service: Service) -> None:
