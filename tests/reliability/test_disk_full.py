@@ -6,6 +6,13 @@ a filler file takes every free byte. Proves: ``gpusched submit`` fails with one 
 ``show``, ``health``) keep working; the daemon keeps running and so does the job; once the
 filler is gone the job finishes SUCCEEDED, submissions work again and ``PRAGMA
 integrity_check`` is ok.
+
+The end of a job on a full disk: the shim cannot write its exit file and the daemon cannot
+commit the end. The job must not be recorded ``lost``: the shim exits with the command's
+status, the runner keeps reporting that end until the daemon has committed it, and once space
+is freed the job is recorded ``succeeded`` with exit code 0 (synchronised on states: the job
+waits for a file, the shim's pid leaving /proc means the daemon reaped it inside a tick, and
+``health``, which takes the daemon's lock, returns only once that tick is over).
 """
 
 from __future__ import annotations
@@ -116,3 +123,48 @@ def test_storage_full_message_is_one_clean_line() -> None:
     message = StorageFull().message
     assert "state storage full" in message.lower()
     assert "\n" not in message and "  " not in message, repr(message)
+
+
+@needs_root
+def test_a_job_that_ends_on_a_full_disk_is_recorded_with_its_real_exit_code(
+        small_state_dir: Path, tmp_path: Path) -> None:
+    d = DaemonProcess(small_state_dir)
+    d.log_path = tmp_path / "daemon.log"  # the daemon's log (the journal) is elsewhere
+    go = tmp_path / "go"
+    d.start()
+    filler: Path | None = None
+    try:
+        # silent until told to go: nothing it does needs the full disk
+        r = d.cli("submit", "--workdir", str(tmp_path), "--", "sh", "-c",
+                  f"while [ ! -e {go} ]; do sleep 0.1; done", timeout=30)
+        assert r.returncode == 0, r.stderr
+        job = int(r.stdout)
+        d.wait_status(job, {"running"}, 30)
+        pid = show(d, job)["attempts"][0]["pid"]
+
+        filler = fill_filesystem(small_state_dir)
+        go.touch()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}"):  # gone once the daemon reaped the shim
+            assert time.monotonic() < deadline, f"the shim was never reaped\n{d.log()}"
+            time.sleep(0.05)
+        r = d.cli("health", timeout=30)  # waits for the tick that reaped it to finish
+        assert d.proc is not None and d.proc.poll() is None, d.log()
+        exit_file = small_state_dir / "runs" / str(job) / "1" / "exit"
+        assert not exit_file.exists() or exit_file.read_text() == "", \
+            "the exit file was written: the disk was not full"
+        assert show(d, job)["status"] != "lost"
+
+        filler.unlink()
+        filler = None
+        row = d.wait_status(job, {"succeeded", "failed", "lost", "cancelled"}, 30)
+        assert row["status"] == "succeeded", row
+        assert row["exit_code"] == 0, row
+    finally:
+        if filler is not None:
+            filler.unlink()
+        go.touch()
+        d.stop()
+    db = small_state_dir / "gpusched.db"
+    assert check_invariants(db, drained=True) == []
+    assert "Traceback" not in d.log_path.read_text(errors="replace")
