@@ -45,12 +45,16 @@ class DockerSettings(BaseModel):
     network: str = "bridge"
     shm_size: str = "16G"
     user: str | None = None  # "uid:gid"; None: the submitting user's uid:gid
-    # May root and the admin group choose another container uid/gid than their own (--user)?
-    # Plain users never may: uid 0 in a container with a bind mount is host root.
-    allow_user_override: bool = True
+    # May the admin group choose another container uid/gid than their own (--user)? Root
+    # always may, plain users never: uid 0 in a container with a bind mount is host root, so
+    # turning this on makes the admin group root-equivalent.
+    allow_user_override: bool = False
     ulimits: dict[str, int] = Field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
     log_max_size: str = "50m"
     log_max_file: int = Field(default=3, ge=1)
+    # gpusched's own copy of a container attempt's output (as root, past user quotas): the
+    # rest is dropped with a note, so one job cannot fill the state disk for everyone
+    log_max_bytes: str = "2G"
     stop_grace_s: float = Field(default=10.0, ge=0)
     timeout_s: float = Field(default=30.0, gt=0)
 

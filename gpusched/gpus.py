@@ -9,6 +9,7 @@ NVML cannot read is None, and a GPU that is lost or reports fatal errors comes b
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -374,11 +375,30 @@ def open_inventory(simulate: str | None) -> Inventory:
     return NvmlInventory()
 
 
-def job_of_pid(pid: int) -> int | None:
+def process_uid(pid: int) -> int | None:
+    """The real uid a process runs as (None when it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def job_of_pid(pid: int, owners: dict[int, int] | None = None) -> int | None:
     """The gpusched job a process belongs to, from the GPUSCHED_JOB_ID that gpusched puts in every
     job's environment (local and container alike); None when absent or unreadable.
 
-    Reading another user's environ needs root or the same uid, which the daemon has."""
+    Anyone can put GPUSCHED_JOB_ID in their own environment: with ``owners`` (job id -> the
+    owner's uid, for the jobs that hold GPUs) a process counts as job N's only if it runs as
+    N's owner, so nobody can pass their process off as another user's job (which would drain
+    that job's GPU when it ends, or hide a foreign process). Reading another user's environ
+    needs root or the same uid, which the daemon has."""
+    job = _job_in_environ(pid)
+    if job is None or owners is None:
+        return job
+    return job if owners.get(job) is not None and owners.get(job) == process_uid(pid) else None
+
+
+def _job_in_environ(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read()

@@ -164,15 +164,16 @@ def check_container_user(user: str, settings: DockerSettings, *, uid: int,
     own_gid = (primary is not None) if not want_gid else int(want_gid) in gids
     if int(want_uid) == uid and own_gid:
         return f"{uid}:{want_gid or primary}"
-    if is_admin and settings.allow_user_override:
-        return user
+    if uid == 0 or (is_admin and settings.allow_user_override):
+        return user  # root may; the admin group only where the admin made it root-equivalent
     if is_admin:
         raise SpecError(
             f"container user {user!r} refused: docker.allow_user_override is false on this "
-            f"host, so no one may run a container as another uid/gid than their own; "
+            f"host, so only root may run a container as another uid/gid than their own; "
             f"use {uid}:<gid> with one of your groups: {_group_names(gids)}")
     raise SpecError(
-        f"container user {user!r} refused: only root and the admin group may run a container "
+        f"container user {user!r} refused: only root (and the admin group, where "
+        f"docker.allow_user_override is on) may run a container "
         f"as another uid/gid than their own (a container uid with a bind mount acts on the "
         f"host's files); you (uid {uid}) may use {uid}:<gid> with one of your groups: "
         f"{_group_names(gids)}, or leave --user out")

@@ -37,12 +37,13 @@ class _Tail:
     path: Path
     offset: int = 0
     follower: StatusFollower = field(default_factory=StatusFollower)
+    owner_uid: int | None = None  # read only what this user could read (None: our own file)
 
     def read(self) -> list[str]:
         # the file is in a place the job's user controls: never block on a FIFO, never follow
         # a symlink out of it (safefs)
         try:
-            fd = open_user_file(self.path)
+            fd = open_user_file(self.path, owner_uid=self.owner_uid)
         except OSError:
             return []
         try:
@@ -126,8 +127,11 @@ class ProgressTracker:
     def forget(self, key: tuple[int, int]) -> None:
         self._attempts.pop(key, None)
 
-    def poll(self, ref: AttemptRef, spec: dict[str, Any], now: float) -> list[dict[str, Any]]:
-        """New or changed epoch rows (without GPU columns) since the last poll."""
+    def poll(self, ref: AttemptRef, spec: dict[str, Any], now: float, *,
+             owner_uid: int | None = None) -> list[dict[str, Any]]:
+        """New or changed epoch rows (without GPU columns) since the last poll. The results
+        directory is the job's user's: its files are read only as that user could read them
+        (``owner_uid``), so no job reads another user's status.json through the daemon."""
         st = self._attempts.get(ref.key)
         if st is None:
             stage = stage_fields(spec)
@@ -135,7 +139,8 @@ class ProgressTracker:
                            if stage.get("results_dir") and stage.get("task") in
                            ("train", "retrain") else None)
             st = self._attempts[ref.key] = _Attempt(
-                log=_Tail(ref.log_path), status=_Tail(status_path) if status_path else None)
+                log=_Tail(ref.log_path),
+                status=_Tail(status_path, owner_uid=owner_uid) if status_path else None)
         rows: dict[int, dict[str, Any]] = {}
         stdout_status: list[dict[str, Any]] = []  # TAO-style status lines printed by any job
         for line in st.log.read():

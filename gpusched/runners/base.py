@@ -91,6 +91,9 @@ class Orphan:
     # False when it exists but never started (a container still "created" after a crash
     # between create and start): reconcile removes it and queues the attempt again
     adoptable: bool = True
+    # the uid it runs as, where the runner knows it: a process that only looks like one of our
+    # shims (anyone can copy its command line) must run as the job's user to be adopted
+    uid: int | None = None
 
 
 class Runner(Protocol):

@@ -55,6 +55,7 @@ class ContainerRunner:
         None (tools, tests) takes no lease. The lease is never given back: the daemon's
         containers outlive it, and another daemon must not take them for orphans."""
         self.settings = settings
+        self._log_cap = parse_size_bytes(settings.log_max_bytes)
         self.owner = (None if state_dir is None else
                       {LEASE_HOST: socket.gethostname(), LEASE_DIR: os.path.realpath(state_dir)})
         self._lease_lock = threading.Lock()
@@ -168,11 +169,13 @@ class ContainerRunner:
         from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
         s, spec = self.settings, req.spec
+        user = self._user(req)
         if s.network == "host" and not s.allow_host_network:
             raise LaunchRefused("docker.network is 'host' but allow_host_network is false")
         uuids = [g.uuid for g in req.gpus]
         env = {k: v for k, v in spec.env.items() if k not in _RUNNER_ENV}
         env.update(req.env)  # the daemon's GPUSCHED_* and CUDA_* win over the user's
+        env.pop("GPUSCHED_SIMULATED_HOST_GPUS", None)  # a container sees only its own GPUs
         device_requests = []
         if uuids and not req.simulated:
             device_requests = [DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])]
@@ -195,11 +198,15 @@ class ContainerRunner:
             "environment": env,
             "mounts": [Mount(target=m.target, source=self._mount_source(m.source), type="bind",
                              read_only=m.read_only) for m in spec.mounts],
-            "working_dir": spec.workdir, "user": self._user(req),
+            "working_dir": spec.workdir, "user": user,
             "shm_size": parse_size_bytes(shm) if shm else None,
             "ulimits": [Ulimit(name=k, soft=v, hard=v) for k, v in s.ulimits.items()],
             "network_mode": s.network, "restart_policy": {"Name": "no"},
             "auto_remove": False, "privileged": False,
+            # a setuid binary in the image never raises the job's privileges, and a container
+            # that is not root has no capabilities to use on its bind mounts
+            "security_opt": ["no-new-privileges"],
+            "cap_drop": ["ALL"] if not user.startswith("0:") and user != "0" else None,
             "init": True,  # tini as PID 1 forwards SIGTERM to the job (PID 1 ignores it)
             "log_config": LogConfig(type="json-file", config={
                 "max-size": s.log_max_size, "max-file": str(s.log_max_file)}),
@@ -271,7 +278,8 @@ class ContainerRunner:
         with self._lock:
             f = self._followers.get(cid)
             if (f is None or f.stopped) and not self._closed.is_set():
-                f = LogFollower(cid, log_path, run_dir, lambda: self._docker(True))
+                f = LogFollower(cid, log_path, run_dir, lambda: self._docker(True),
+                                max_bytes=self._log_cap)
                 self._followers[cid] = f
                 f.start()
 
@@ -303,7 +311,8 @@ class ContainerRunner:
         # Ended: the follower's stream ends with the container; then read anything left.
         self._unfollow(c.id, wait=5.0)
         try:
-            LogFollower(c.id, ref.log_path, ref.run_dir, self._docker).drain()
+            LogFollower(c.id, ref.log_path, ref.run_dir, self._docker,
+                        max_bytes=self._log_cap).drain()
         except RunnerUnavailable:
             raise
         except Exception as err:  # the outcome matters more than a missing tail

@@ -60,7 +60,7 @@ class LogFollower:
     SAVE_EVERY_S = 0.2
 
     def __init__(self, cid: str, log_path: Path, run_dir: Path,
-                 client_fn: Callable[[], DockerClient]) -> None:
+                 client_fn: Callable[[], DockerClient], max_bytes: int = 1 << 62) -> None:
         self.cid, self.log_path, self.run_dir = cid, Path(log_path), Path(run_dir)
         self.cursor_path, self._client_fn = self.run_dir / "log.cursor", client_fn
         self._lock, self._wake, self.stopped = threading.Lock(), threading.Event(), False
@@ -70,6 +70,8 @@ class LogFollower:
         self._ns: int | None = None
         self._count = self._offset = 0
         self._saved_at = 0.0
+        self.max_bytes = max_bytes
+        self._capped = False
 
     def _open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +88,7 @@ class LogFollower:
         self._fh = open(self.log_path, "ab")  # noqa: SIM115 -- lives as long as the follower
         if size > self._offset:  # written after the last cursor save: Docker sends it again
             self._fh.truncate(self._offset)
+        self._capped = self._offset >= self.max_bytes  # an earlier follower cut it already
         self._save()
 
     def _save(self) -> None:
@@ -120,6 +123,13 @@ class LogFollower:
                             skip -= ns == resume_ns
                             continue
                         resume_ns = None
+                    if self._offset + len(data) > self.max_bytes:  # the disk is everyone's
+                        if self._capped:
+                            continue
+                        self._capped = True
+                        data = data[:max(0, self.max_bytes - self._offset)] + (
+                            f"\n[gpusched: output past {self.max_bytes} bytes not kept; see "
+                            "docker.log_max_bytes]\n".encode())
                     self._fh.write(data)
                     self._fh.flush()  # `gpusched logs -f` sees each line at once
                     self._offset += len(data)

@@ -79,6 +79,13 @@ def _session_leader(pid: int) -> bool:
     return fields is not None and int(fields[2]) == pid and int(fields[3]) == pid
 
 
+def _uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def alive(pid: int | None, start: int | None) -> bool:
     """True if ``pid`` runs and is the very process that started at ``start`` (not a zombie)."""
     if not pid:
@@ -298,26 +305,29 @@ class LocalRunner:
                 code = 128 - rc  # the shim itself was killed before it could write
                 return self._ended(key, code, now, reason=f"the shim ended without an exit "
                                    f"status ({describe_exit(code)})", note=why)
-            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
+            return self._ended(key, code, self._end_time(exit_file, ref, now), reason=why)
+        # Adopted after a restart (not our child). The exit file is the job user's to write:
+        # trust it only once the shim, the very process we started, is gone, or a running job
+        # could declare itself finished and free its GPU for someone else.
+        if ref.pid and alive(ref.pid, ref.pid_start):
+            self._watch(key, ref.pid)  # wake on its exit too
+            return None
         code, why = read_exit(exit_file)
         if code is not None:
-            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
-        if ref.pid and alive(ref.pid, ref.pid_start):
-            self._watch(key, ref.pid)  # adopted after a restart: wake on its exit too
-            return None
-        code, why = read_exit(exit_file)  # it may have finished between the two looks
-        if code is not None:
-            return self._ended(key, code, self._mtime(exit_file, now), reason=why)
+            return self._ended(key, code, self._end_time(exit_file, ref, now), reason=why)
         return self._end(key, Outcome(
             exit_code=None, ended_at=now, lost=True,
             reason=f"the job's process is gone and left no exit status{f' ({why})' if why else ''}"))
 
     @staticmethod
-    def _mtime(path: Path, default: float) -> float:
+    def _end_time(path: Path, ref: AttemptRef, now: float) -> float:
+        """When the shim wrote the exit file (the job may have ended while the daemon was
+        down), kept between the attempt's start and now: the file is the user's to touch."""
         try:
-            return os.stat(path, follow_symlinks=False).st_mtime
+            mtime = os.stat(path, follow_symlinks=False).st_mtime
         except OSError:
-            return default
+            return now
+        return min(max(mtime, ref.started_at), now)
 
     def _ended(self, key: tuple[int, int], code: int, ended_at: float,
                reason: str | None = None, note: str | None = None) -> Outcome:
@@ -382,7 +392,8 @@ class LocalRunner:
                 continue
             if (job_id, n) not in live:
                 found.append(Orphan(f"local shim pid {pid} of job {job_id} attempt {n}",
-                                    job_id=job_id, attempt=n, handle=(pid, proc_start_time(pid))))
+                                    job_id=job_id, attempt=n, handle=(pid, proc_start_time(pid)),
+                                    uid=_uid(pid)))
         return found
 
     def remove_orphan(self, orphan: Orphan) -> bool:

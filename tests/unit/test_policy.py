@@ -166,23 +166,26 @@ def test_plain_user_may_be_themself_with_one_of_their_groups(
 def test_plain_user_cannot_choose_another_uid_or_gid(
         roots: dict[str, Path], groups: None, user: str) -> None:
     with pytest.raises(SpecError, match=(
-            rf"container user '{user}' refused: only root and the admin group may run a "
-            r"container as another uid/gid.*you \(uid 1000\) may use 1000:<gid> with one of "
+            rf"container user '{user}' refused: only root \(and the admin group, where "
+            r"docker.allow_user_override is on\) may run a container as another uid/gid.*"
+            r"you \(uid 1000\) may use 1000:<gid> with one of "
             r"your groups: 27.*1000")):
         validate_docker_spec(spec(user=user), settings(roots), **PLAIN)
     # the check does not depend on the override switch: plain users never may
-    with pytest.raises(SpecError, match="only root and the admin group"):
+    with pytest.raises(SpecError, match=r"only root \(and the admin group"):
         validate_docker_spec(spec(user=user), settings(roots, allow_user_override=True), **PLAIN)
 
 
 def test_admin_may_choose_another_user_only_while_the_override_is_on(
         roots: dict[str, Path], groups: None) -> None:
     s = spec(user="0:0")
-    validate_docker_spec(s, settings(roots), uid=1000, is_admin=True)
+    validate_docker_spec(s, settings(roots, allow_user_override=True), uid=1000, is_admin=True)
     assert s.user == "0:0"
     with pytest.raises(SpecError, match=r"'0:0' refused: docker.allow_user_override is false"):
-        validate_docker_spec(spec(user="0:0"), settings(roots, allow_user_override=False),
-                             uid=1000, is_admin=True)
+        validate_docker_spec(spec(user="0:0"), settings(roots), uid=1000, is_admin=True)
+    as_root = spec(user="1000:1000")  # root always may (the override is off by default)
+    validate_docker_spec(as_root, settings(roots), uid=0, is_admin=True)
+    assert as_root.user == "1000:1000"
     ok = spec(user="1000:27")  # being oneself needs no override
     validate_docker_spec(ok, settings(roots, allow_user_override=False), uid=1000, is_admin=True)
     assert ok.user == "1000:27"

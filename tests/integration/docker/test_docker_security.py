@@ -1,6 +1,6 @@
 """Issue 11: an adversary with two real accounts against the root daemon and a real dockerd.
 
-1. the container user: only root and the admin group may run a container as another uid/gid;
+1. the container user: only root (and the admin group, where allowed) may run a container as another uid/gid;
 2. a mount source swapped for a symlink between submission and launch is refused at launch;
 3. a container created but never started (kill -9 between create and start) is run again,
    once, instead of being adopted as running forever;
@@ -89,7 +89,8 @@ class SecDaemon:
         os.chmod(self.state, 0o755)  # like /var/lib/gpusched: users reach the socket
         self.d = DaemonProcess(self.state, env={
             **docker_env(dockerd, mount_root or self.state, instance),
-            "GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP})
+            "GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP,
+            "GPUSCHED_DOCKER__LOG_MAX_BYTES": "1M"})
 
     def close(self, client: docker.DockerClient) -> None:
         self.d.stop()
@@ -130,7 +131,7 @@ def test_plain_user_cannot_run_a_container_as_another_uid(
                     "--mount", f"{data}:/data", "--", "sh", "-c", "id -u")
         assert r.returncode == 2, (user, r.stdout, r.stderr)
         assert f"container user '{user}' refused" in r.stderr, r.stderr
-        assert "only root and the admin group" in r.stderr, r.stderr
+        assert "only root (and the admin group, where" in r.stderr, r.stderr
         assert f"you (uid {u1.pw_uid}) may use {u1.pw_uid}:<gid>" in r.stderr, r.stderr
     assert _jobs(secd) == []
     r = as_user(secd, u1, "submit", "--image", IMAGE, "--user", f"{u1.pw_uid}:{u1.pw_gid}",
@@ -143,13 +144,32 @@ def test_plain_user_cannot_run_a_container_as_another_uid(
     assert (st.st_uid, st.st_gid) == (u1.pw_uid, u1.pw_gid)
 
 
-def test_admin_may_choose_the_container_user(secd: DaemonProcess, users: Users) -> None:
-    """docker.allow_user_override (default true): the admin group may run as another uid."""
+def test_root_may_choose_the_container_user_the_admin_group_only_when_allowed(
+        secd: DaemonProcess, users: Users) -> None:
+    """docker.allow_user_override (default false) would make the admin group root-equivalent:
+    off, only root may run a container as another uid; its capabilities stay (it is root)."""
     r = as_user(secd, users["gsadmin1"], "submit", "--image", IMAGE, "--user", "0:0", "--",
+                "true")
+    assert r.returncode != 0 and "docker.allow_user_override is false" in r.stderr, r.stderr
+    r = as_user(secd, None, "submit", "--image", IMAGE, "--user", "0:0", "--",
                 "sh", "-c", "id -u")
     assert r.returncode == 0, r.stderr
     j = secd.wait_status(int(r.stdout), TERMINAL)
     assert j["status"] == "succeeded" and secd.cli("logs", str(j["id"])).stdout == "0\n"
+
+
+def test_containers_get_no_new_privileges_and_no_capabilities(
+        secd: DaemonProcess, users: Users) -> None:
+    """A setuid binary in the image must not raise a job's privileges, and a container that
+    is not root keeps no capability in its bounding set to use on its bind mounts."""
+    r = as_user(secd, users["gsuser1"], "submit", "--image", IMAGE, "--", "grep", "-E",
+                "^(NoNewPrivs|CapBnd):", "/proc/self/status")
+    assert r.returncode == 0, r.stderr
+    j = secd.wait_status(int(r.stdout), TERMINAL)
+    assert j["status"] == "succeeded", j
+    fields = dict(line.split(":\t") for line in secd.cli("logs", str(j["id"])).stdout.split("\n")
+                  if line)
+    assert fields == {"NoNewPrivs": "1", "CapBnd": "0000000000000000"}, fields
 
 
 @pytest.mark.parametrize("command", ["submit", "tao"])
@@ -175,7 +195,7 @@ def test_tao_mounts_docker_user_is_checked_by_the_daemon(
     r = as_user(secd, u1, *args, env={"HOME": str(home)})
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "container user '0:0' refused" in r.stderr, r.stderr
-    assert "only root and the admin group" in r.stderr, r.stderr
+    assert "only root (and the admin group, where" in r.stderr, r.stderr
     assert _jobs(secd) == []
 
 
@@ -494,3 +514,18 @@ def test_daemon_refused_by_a_lease_works_once_the_lease_is_removed(
     finally:
         b.close(dclient)
         a.close(dclient)
+
+
+def test_a_containers_output_is_kept_only_up_to_the_cap(secd: DaemonProcess,
+                                                        users: Users) -> None:
+    """gpusched copies a container's output as root, past user quotas: one chatty job must
+    not fill the state disk for everyone (docker.log_max_bytes, 1 MiB here)."""
+    r = as_user(secd, users["gsuser1"], "submit", "--image", IMAGE, "--", "sh", "-c",
+                "yes 0123456789 | head -c 3000000; echo done >&2")
+    assert r.returncode == 0, r.stderr
+    j = secd.wait_status(int(r.stdout), TERMINAL, timeout=60)
+    assert j["status"] == "succeeded", j
+    log = Path(j["attempts"][0]["log_path"]).read_bytes()
+    note = b"\n[gpusched: output past 1048576 bytes not kept; see docker.log_max_bytes]\n"
+    assert log.endswith(note) and len(log) == (1 << 20) + len(note), (len(log), log[-200:])
+    assert log.startswith(b"0123456789\n0123456789\n")
