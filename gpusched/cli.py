@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -216,15 +217,38 @@ def tao(
                                              "default: ~/.tao_mounts.json.")] = [],  # noqa: B006
     env: Annotated[list[str], typer.Option("--env", "-e", help="K=V (repeatable).")] = [],  # noqa: B006
     hold: Annotated[bool, typer.Option("--hold", help="Queue held.")] = False,
-    retries: Annotated[int, typer.Option(help="Run again on failure.")] = 0,
+    retries: Annotated[int, typer.Option(help="Run again on failure (a train continues from "
+                                         "its latest checkpoint).")] = 0,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a spec value: "
+                                            "training_config.num_epochs=10 (repeatable); the "
+                                            "stage runs a derived copy of the spec.")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option("--resume", help="train/retrain: continue from the "
+                                         "latest checkpoint of the results dir.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Move another run's output in "
+                                            "the results dir aside first.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue a TAO stage with TAO's own flags: `gpusched tao ssd train -e SPEC -r RESULTS
-    --gpus 2 -k KEY` (swap `tao model` for `gpusched tao`). Prints the job id."""
-    from gpusched.tao import parse_tao_argv
+    --gpus 2 -k KEY` (swap `tao model` for `gpusched tao`; `gpusched tao model ssd ...` works
+    too). Prints the job id."""
+    from gpusched.tao import parse_tao_command
 
     try:
-        stage = parse_tao_argv(argv)
+        cmd = parse_tao_command(argv)
+        for note in cmd.notes:
+            typer.echo(f"gpusched: {render.safe(note)}", err=True)
+        on = _tao_pin(on, cmd.pin)
+        stage = cmd.stage
+        if resume and not stage.resume:
+            if stage.task not in ("train", "retrain") or stage.initial_epoch is not None:
+                raise SpecError("--resume is for train/retrain without --initial_epoch "
+                                "(gpusched finds the latest checkpoint)")
+            stage = stage.model_copy(update={"resume": True})
+        extra = _tao_overrides(stage, [*set_, *cmd.sets])
+        if extra:
+            stage = stage.model_copy(update={"spec": extra["spec"]})
+        if (overwrite or cmd.overwrite) and not stage.resume:
+            _tao_move_aside(stage)
         req: dict[str, Any] = {
             "stage": stage.model_dump(mode="json", exclude_defaults=True) | {
                 "task": stage.task}, "name": name, "priority": priority,
@@ -232,6 +256,8 @@ def tao(
             "gpu_type": gpu_type, "runner": runner, "image": image, "hold": hold,
             "retries": retries, "env": _env_pairs(env),
             "after": [int(a) for a in after.split(",") if a.strip()] if after else []}
+        if extra:
+            req["spec_original"], req["overrides"] = extra["original"], extra["overrides"]
         if mem:
             from gpusched.units import parse_size_mib
 
@@ -250,6 +276,81 @@ def tao(
     except GpuschedError as err:
         _fail(err)
     render.emit_json(result) if as_json else typer.echo(result["id"])
+
+
+def _tao_pin(on: str | None, pin: list[int] | None) -> str | None:
+    """``--on``, or the GPUs a notebook's ``--gpu_index`` named."""
+    if pin is None:
+        return on
+    want = ",".join(map(str, pin))
+    if on is not None and [x.strip() for x in on.split(",")] != want.split(","):
+        raise SpecError(f"--on {on} and --gpu_index {' '.join(map(str, pin))} disagree: give "
+                        "one of them")
+    return on or want
+
+
+def _tao_overrides(stage: Any, items: list[str]) -> dict[str, Any] | None:
+    """``--set``: the spec with the overrides applied, written beside it as the user
+    (``<spec>.gpusched-<hash>.txt``, content-addressed, so the same overrides reuse it)."""
+    import hashlib
+
+    from gpusched.specedit import apply_overrides, parse_set
+
+    if not items:
+        return None
+    if not stage.spec:
+        raise SpecError(f"--set needs a spec file (-e); ssd {stage.task} was given none")
+    overrides = parse_set(items)
+    src = Path(stage.spec)
+    try:
+        text = src.read_text()
+    except OSError as err:
+        raise SpecError(f"--set: cannot read the spec {src}: {err.strerror or err}") from err
+    derived = apply_overrides(text, overrides)
+    digest = hashlib.sha256(derived.encode()).hexdigest()[:10]
+    stem = src.name[:-4] if src.name.endswith(".txt") else src.name
+    dirs = [src.parent] + ([Path(stage.results_dir)] if stage.results_dir else [])
+    for d in dirs:
+        dst = d / f"{stem}.gpusched-{digest}.txt"
+        try:
+            if not (dst.is_file() and dst.read_text() == derived):
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = d / f".{dst.name}.{os.getpid()}.tmp"
+                tmp.write_text(derived)
+                os.replace(tmp, dst)
+        except OSError:
+            continue
+        typer.echo(f"gpusched: spec with {', '.join(f'{k}={v}' for k, v in overrides.items())}"
+                   f": {dst}", err=True)
+        return {"spec": str(dst), "original": str(src), "overrides": overrides}
+    raise SpecError(f"--set: cannot write the derived spec beside {src} or in the results dir")
+
+
+def _tao_move_aside(stage: Any) -> None:
+    """``--overwrite``: move another run's output in the results dir into
+    ``<results>/.gpusched-old-<time>/``, here, as the user (the daemon never moves or deletes
+    users' files)."""
+    from gpusched.stages import movable_output
+
+    if not stage.results_dir or not Path(stage.results_dir).is_dir():
+        return
+    res = Path(stage.results_dir)
+    names = movable_output(stage.task, sorted(os.listdir(res)))
+    if not names:
+        return
+    old = res / f".gpusched-old-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while old.exists():
+        n += 1
+        old = res / f".gpusched-old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    try:
+        old.mkdir()
+        for name in names:
+            os.rename(res / name, old / name)
+    except OSError as err:
+        raise SpecError(f"--overwrite: cannot move the old run aside in {res}: "
+                        f"{err.strerror or err}") from err
+    typer.echo(f"gpusched: moved {', '.join(names)} aside into {old}", err=True)
 
 
 def _parse_duration(text: str) -> float:
@@ -351,7 +452,10 @@ def logs(job_id: int,
             chunk = client.get(f"/v1/jobs/{job_id}/log{q}")
             if attempt is None and chunk["attempt"]:
                 attempt = chunk["attempt"]
-            sys.stdout.write(chunk["data"])
+            # an admin reading another user's log gets no terminal escapes of that user's
+            # making (lines and tabs stay); one's own output is printed as it is
+            data = chunk["data"] if chunk.get("mine", True) else render.safe_log(chunk["data"])
+            sys.stdout.write(data)
             sys.stdout.flush()
             offset = chunk["offset"]
             if chunk["data"]:
@@ -590,6 +694,9 @@ def pipeline_run(
     mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] for container "
                                              "stages; default: ~/.tao_mounts.json.")] = [],  # noqa: B006
     env: Annotated[list[str], typer.Option("--env", "-e", help="K=V for every stage.")] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Move an earlier run's output in the stages' results directories "
+        "aside (into <dir>/.gpusched-old-<time>/) instead of refusing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue a whole pipeline and return at once (prints its id); see `pipeline status`."""
@@ -600,8 +707,16 @@ def pipeline_run(
             definition = tomllib.loads(file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise SpecError(f"cannot read pipeline {file}: {err}") from err
+        base_dir = str(file.resolve().parent)
+        definition = _derive_pipeline_specs(definition, base_dir)
+        if overwrite:
+            from gpusched.pipelines import expand, load
+
+            for planned in expand(load(definition, base_dir)):
+                _tao_move_aside(SimpleNamespace(task=planned.fields["task"],
+                                                results_dir=planned.fields.get("results_dir")))
         body: dict[str, Any] = {"definition": definition,
-                                "base_dir": str(file.resolve().parent), "env": _env_pairs(env)}
+                                "base_dir": base_dir, "env": _env_pairs(env)}
         if mount:
             body["mounts"] = [_mount(m) for m in mount]
         elif (Path.home() / ".tao_mounts.json").exists():
@@ -618,6 +733,29 @@ def pipeline_run(
                    f"{len(result['jobs'])} stage(s): `gpusched pipeline status {result['id']}`")
 
 
+def _derive_pipeline_specs(definition: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    """Stages with ``overrides``: edit their specs here, as the user (the daemon never reads
+    or writes the user's files for this), write each edited spec beside its original, and
+    send the definition pointing at the edited files."""
+    from gpusched.pipelines import derive_specs
+
+    definition, files = derive_specs(definition, base_dir,
+                                     lambda path: Path(path).read_text())
+    for path, text in files.items():
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            if target.exists() and target.read_text() == text:
+                continue  # the same edits as last time: the name is the content's hash
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise SpecError(f"cannot write the edited spec {path}: {err.strerror or err}"
+                            ) from err
+    return definition
+
+
 @pipeline_app.command("status")
 def pipeline_status(ref: Annotated[str, typer.Argument(help="Pipeline id or name.")],
                     as_json: JsonOpt = False) -> None:
@@ -631,6 +769,22 @@ def pipeline_status(ref: Annotated[str, typer.Argument(help="Pipeline id or name
         return
     typer.echo(render.pipeline_detail(data))
     raise typer.Exit(0 if data["status"] in ("running", "succeeded") else 1)
+
+
+@pipeline_app.command("result")
+def pipeline_result(ref: Annotated[str, typer.Argument(help="Pipeline id or name.")]) -> None:
+    """Print the file to deploy: the retrained best checkpoint of the branch the gate chose
+    (`model=$(gpusched pipeline result NAME)`). Exit 1, saying why on stderr, if there is
+    none yet or none at all."""
+    try:
+        data = _client().get(f"/v1/pipelines/{ref}")
+    except GpuschedError as err:
+        _fail(err)
+    model, why = render.pipeline_model(data)
+    if model is None:
+        typer.echo(f"gpusched: {why}", err=True)
+        raise typer.Exit(1)
+    typer.echo(render.safe(model))
 
 
 @pipeline_app.command("ls")

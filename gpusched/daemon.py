@@ -264,7 +264,7 @@ class Daemon:
             spec = json.loads(row["job_spec"])
             cached = self._specs[ref.key] = (spec, workload_of(spec))
         spec, workload = cached
-        rows = self.progress.poll(ref, spec, now)
+        rows = self.progress.poll(ref, spec, now, owner_uid=row.get("owner_uid"))
         if rows:
             self.store.record_epochs(ref.job_id, ref.n, rows, gpu_uuids=ref.gpus,
                                      gpu_models=[self.gpu_name(u) for u in ref.gpus],
@@ -381,8 +381,9 @@ class Daemon:
         self.refresh_inventory(now)
 
     def refresh_inventory(self, now: float) -> None:
+        owners = self.store.allocation_owners()
         try:
-            gpus = self.inventory.snapshot(job_of_pid)
+            gpus = self.inventory.snapshot(lambda pid: job_of_pid(pid, owners))
         except GpuschedError as err:
             log.error("GPU inventory failed: %s", err)
             return
@@ -467,7 +468,7 @@ class Daemon:
             for orphan in found:
                 key = (orphan.job_id or -1, orphan.attempt or -1)
                 if (key in starting and starting[key]["runner"] == runner.name
-                        and orphan.adoptable):
+                        and orphan.adoptable and self._runs_as_owner(orphan, starting[key])):
                     self._adopt(starting.pop(key), runner.name, orphan.handle, now)
                     continue
                 # not adoptable (a container created but never started): removed below, and
@@ -494,6 +495,18 @@ class Daemon:
             if maybe is not None:
                 maybe.cleanup(ref)  # the runner may remember an outcome of it
         self.orphan_gpus = orphan_gpus
+
+    @staticmethod
+    def _runs_as_owner(orphan: Any, row: Row) -> bool:
+        """A found attempt runs as its job's user (as the daemon itself when not root)."""
+        if orphan.uid is None:
+            return True  # the runner cannot tell (containers: Docker runs them as asked)
+        expected = row.get("owner_uid") if os.geteuid() == 0 else os.geteuid()
+        if orphan.uid != expected:
+            log.warning("not adopting %s: it runs as uid %s, the job's user is uid %s",
+                        orphan.description, orphan.uid, expected)
+            return False
+        return True
 
     def _adopt(self, row: Row, runner: str, handle: Any, now: float) -> None:
         job_id, n = row["job_id"], row["n"]
@@ -614,6 +627,8 @@ class Daemon:
             resolved = resolve(spec, self.settings, lookup)
             if resolved.runner == "docker":  # rebuilt from the request: check its mounts again
                 resolved = policy.resolve_mounts(resolved, self.settings.docker)
+                # and keep the container user as checked and spelled (uid:gid) at submission
+                resolved = resolved.model_copy(update={"user": spec.user})
         except (SpecError, ValueError) as err:  # ValueError: pydantic's ValidationError
             reason = err.message if isinstance(err, SpecError) else f"bad stage: {err}"
             self.store.transition(job_id, S.FAILED, now, reason=reason,
@@ -629,7 +644,7 @@ class Daemon:
 
     def job_env(self, job_id: int, n: int, gpus: tuple[Gpu, ...]) -> dict[str, str]:
         uuids = ",".join(g.uuid for g in gpus)
-        return {
+        env = {
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": uuids,
             "GPUSCHED_JOB_ID": str(job_id),
@@ -637,6 +652,13 @@ class Daemon:
             "GPUSCHED_GPUS": uuids,
             "GPUSCHED_GPU_NAMES": ",".join(g.name for g in gpus),
         }
+        if self.inventory.simulated:
+            # what `nvidia-smi -L` would list on this simulated host, in index order, for
+            # programs that look at the host's GPUs themselves (TAO's entrypoint does; the
+            # fake TAO reads this). Containers get only their own GPUs (the runner's env).
+            env["GPUSCHED_SIMULATED_HOST_GPUS"] = ",".join(
+                f"{g.uuid}={g.name}" for g in sorted(self.gpus, key=lambda g: g.index))
+        return env
 
     def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float) -> None:
         job_id = row["id"]
@@ -657,6 +679,25 @@ class Daemon:
         if n is None:
             return
         log_path, run_dir = self.paths(job_id, n)
+        if spec.kind.startswith("tao:"):
+            # the GPUs are known now: TAO's --gpu_index (host indices for a host TAO, which
+            # sets CUDA_VISIBLE_DEVICES itself), and a retried train resumes from its latest
+            # checkpoint
+            from gpusched.errors import SpecError
+            from gpusched.stages import for_launch
+
+            try:
+                launched_as = for_launch(spec, attempt=n, gpu_indices=[g.index for g in gpus],
+                                         owner_uid=row["owner_uid"])
+                if launched_as.command != spec.command:  # `show` lists what really ran
+                    self.store.update_attempt(job_id, n,
+                                              command=json.dumps(launched_as.command))
+                spec = launched_as
+            except (SpecError, ValueError) as err:
+                reason = err.message if isinstance(err, SpecError) else f"bad stage: {err}"
+                self.store.finish_attempt(job_id, n, to=S.FAILED, now=now, ended_at=now,
+                                          exit_code=None, reason=f"could not start: {reason}")
+                return
         req = LaunchRequest(job_id=job_id, attempt=n, spec=spec, gpus=gpus,
                             simulated=self.inventory.simulated, env=self.job_env(job_id, n, gpus),
                             log_path=Path(log_path), run_dir=Path(run_dir),

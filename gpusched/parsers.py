@@ -40,6 +40,7 @@ __all__ = [
     "best_checkpoint",
     "checkpoint_epochs",
     "epochs_from_status",
+    "evaluate_map",
     "final_status",
     "parse_epoch_line",
     "parse_evaluate_table",
@@ -54,6 +55,7 @@ __all__ = [
     "spec_summary",
     "split_lines",
     "timedelta_seconds",
+    "training_rows",
     "workload_key",
 ]
 
@@ -138,11 +140,23 @@ def split_lines(buffer: str) -> tuple[list[str], str]:
 class StatusFollower:
     """Incremental reader of a growing status.json: feed chunks, get complete parsed records."""
 
+    #: longest partial line held back; past it the line is dropped up to its newline (a job
+    #: printing without newlines must not grow the daemon's memory, or slow each pass)
+    MAX_PENDING = 64 * 1024
+
     def __init__(self) -> None:
         self._rest = ""
+        self._skipping = False  # dropping an over-long line until its newline
 
     def feed_lines(self, chunk: str) -> list[str]:
+        if self._skipping:
+            end = chunk.find("\n")
+            if end < 0:
+                return []
+            chunk, self._skipping = chunk[end + 1:], False
         lines, self._rest = split_lines(self._rest + chunk)
+        if len(self._rest) > self.MAX_PENDING:
+            self._rest, self._skipping = "", True
         return lines
 
     def feed(self, chunk: str) -> list[dict[str, Any]]:
@@ -265,6 +279,22 @@ def final_status(records: Iterable[dict[str, Any]]) -> tuple[str | None, str | N
     return status, message, kpi
 
 
+def evaluate_map(records: Iterable[dict[str, Any]]) -> float | None:
+    """Evaluate's mAP at full precision: the float kpi ``mAP`` of the ``SUCCESS`` line that
+    ends the last evaluation in the file (TAO 5 evaluate.py: ``s_logger.kpi.update({'mAP':
+    float(...)})`` before "Evaluation finished successfully."). Without ``-r`` evaluate appends
+    to the status.json next to the model, which other runs may share: only lines after the last
+    ``STARTED`` count. None when that run has no SUCCESS with a number (read the table then)."""
+    found: float | None = None
+    for rec in records:
+        status = rec.get("status")
+        if status == "STARTED":
+            found = None
+        elif status == "SUCCESS" and isinstance(rec.get("kpi"), dict):
+            found = _num(rec["kpi"].get("mAP"))
+    return found
+
+
 def parse_epoch_line(line: str) -> dict[str, Any] | None:
     """gpusched's own progress line ``GPUSCHED_EPOCH {"epoch": 3, ...}``; only epoch required."""
     text = line.strip()
@@ -316,6 +346,34 @@ def parse_training_csv(text: str) -> list[CsvRow]:
                            map=_num(values.get("mAP")), validation_loss=_num(values.get("validation_loss")),
                            ap=ap))
     return rows
+
+
+def training_rows(csv_rows: Iterable[CsvRow], status_epochs: Iterable[EpochRecord]) -> list[CsvRow]:
+    """The training CSV's rows united, by epoch, with status.json's epoch lines.
+
+    A resumed TAO train starts a new CSV holding only the epochs from ``--initial_epoch`` on,
+    while status.json is appended across runs (NVIDIA/tao_tensorflow1_backend,
+    nvidia_tao_tf1/cv/ssd/scripts/train.py: ``CSVLogger(append=False)``, ``StatusLogger(append=
+    True)``), so the epochs before the resume, and their mAP, are only in status.json. A CSV
+    value wins where both have one (it belongs to the current run); status.json fills the gaps.
+    Feed ``epochs_from_status(records)`` (it keeps the latest line per epoch)."""
+    by_epoch: dict[int, CsvRow] = {}
+    for er in status_epochs:
+        by_epoch[er.epoch] = CsvRow(epoch=er.epoch, loss=er.loss, lr=er.lr, map=er.map,
+                                    validation_loss=er.validation_loss)
+    for row in csv_rows:
+        old = by_epoch.get(row.epoch)
+        if old is None:
+            by_epoch[row.epoch] = row
+            continue
+        by_epoch[row.epoch] = CsvRow(
+            epoch=row.epoch,
+            loss=row.loss if row.loss is not None else old.loss,
+            lr=row.lr if row.lr is not None else old.lr,
+            map=row.map if row.map is not None else old.map,
+            validation_loss=row.validation_loss if row.validation_loss is not None else old.validation_loss,
+            ap=row.ap or old.ap)
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -190,8 +190,13 @@ def _spec_int(fields: dict[str, str], key: str) -> int | None:
 
 
 def spec_summary(text: str) -> dict[str, Any]:
-    """The spec facts gpusched plans with: num_epochs, checkpoint_interval (default 10),
-    validation_period (default 10), batch_size_per_gpu, arch, nlayers, network, backbone."""
+    """The spec facts gpusched plans with: num_epochs, checkpoint_interval, validation_period,
+    batch_size_per_gpu, arch, nlayers, network, backbone.
+
+    As TAO 5 reads them (NVIDIA/tao_tensorflow1_backend, nvidia_tao_tf1/cv/ssd/scripts/train.py
+    and spec_loader.py; proto3, so an absent number is 0): ``checkpoint_interval`` absent or 0
+    means every epoch (``checkpoint_interval or 1``); ``validation_period`` absent or 0 is None,
+    a spec TAO's validator refuses (``validation_period_during_training should > 0``)."""
     fields = read_spec_fields(text)
     network = "dssd" if any(k.startswith("dssd_config.") for k in fields) else "ssd"
     arch = fields.get(f"{network}_config.arch")
@@ -201,8 +206,8 @@ def spec_summary(text: str) -> dict[str, Any]:
     backbone = None if arch is None else f"{arch}{nlayers}" if nlayers is not None else arch
     return {
         "num_epochs": _spec_int(fields, "training_config.num_epochs"),
-        "checkpoint_interval": ckpt if ckpt else 10,
-        "validation_period": val if val else 10,
+        "checkpoint_interval": ckpt if ckpt else 1,
+        "validation_period": val if val else None,
         "batch_size_per_gpu": _spec_int(fields, "training_config.batch_size_per_gpu"),
         "arch": arch,
         "nlayers": nlayers,

@@ -22,9 +22,11 @@ from gpusched.pipelines import (
     fan_stage,
     gate_decision,
     judge_branch,
+    model_ref,
 )
 from gpusched.stages import StageRequest, build_job
 from gpusched.store import Row, Store
+from gpusched.throughput import gpu_set_key
 
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
@@ -152,8 +154,7 @@ class PipelineRunner:
         self.store.update_pipeline(
             row["id"], now=now, status="failed",
             summary=json.dumps(self._summary(base_map, branches, None)),
-            reason=f"no pruned model within gate.max_drop = {gate.max_drop:g} mAP of the "
-                   f"unpruned model after {rounds} round(s)")
+            reason=_gate_failure(branches, gate.max_drop, rounds))
         return False
 
     def _trunk_ids(self, pdef: PipelineDef, jobs: list[Row]) -> dict[str, int]:
@@ -180,8 +181,9 @@ class PipelineRunner:
             info = json.loads(j["spec"])["stage"]["request"]["branch"]
             if info["branch"]:
                 groups.setdefault((info["round"], info["branch"]), {})[info["stage"]] = j
+        cand_ref = model_ref(pdef.stages[gate.candidate].model)
         out = []
-        for (round_no, _label), stages in sorted(groups.items()):
+        for (round_no, label), stages in sorted(groups.items()):
             value = json.loads(next(iter(stages.values()))["spec"])["stage"]["request"][
                 "branch"]["value"]
             cand = stages.get(gate.candidate)
@@ -192,20 +194,75 @@ class PipelineRunner:
                 for a in self.store.artifacts(j["id"]):
                     if a["kind"] == "pruned_model":
                         size = a["metrics"].get("size_mib")
-            secs = [e["seconds"] for j in stages.values() if j["kind"] in ("tao:train",
-                                                                          "tao:retrain")
-                    for e in self.store.epochs(job_id=j["id"])
-                    if e["seconds"] and e["epoch"] > 1 and not e["validated"]]
-            bad = next((j for j in stages.values() if j["status"] != "succeeded"), None)
-            status = "succeeded" if bad is None else f"{bad['name']} {bad['status']}: {bad['reason']}"
+            secs, models = self._epoch_time([j for j in stages.values()
+                                             if j["kind"] in ("tao:train", "tao:retrain")])
+            # the root cause is the first stage (in submission order) that did not succeed:
+            # its dependants only say "dependency job N failed"
+            bad_stage, bad = next(((s, j) for s, j in sorted(stages.items(),
+                                                             key=lambda sj: sj[1]["id"])
+                                   if j["status"] != "succeeded"), (None, None))
+            failed_stage = None
+            if bad_stage is not None and bad is not None:
+                failed_stage = f"{bad_stage}[{label}]"
+                status = f"{failed_stage} {bad['status']}: {bad['reason'] or 'no reason given'}"
+            elif cand_map is None:
+                failed_stage = f"{gate.candidate}[{label}]"
+                status = f"{failed_stage} recorded no mAP"
+            else:
+                status = "succeeded"
+            model = None
+            if cand_ref and cand_ref[1] in stages:
+                model = next((a["path"] for a in self.store.artifacts(stages[cand_ref[1]]["id"])
+                              if a["kind"] == cand_ref[0]), None)
             out.append(BranchResult(threshold=value, size_mib=size, map=cand_map, drop=drop,
-                                    passed=passed, s_per_epoch=statistics.median(secs)
-                                    if secs else None, round=round_no, status=status))
+                                    passed=passed, s_per_epoch=secs, round=round_no,
+                                    status=status, gpu_models=models,
+                                    gpus=gpu_set_key(models) if models else None, model=model,
+                                    failed_stage=failed_stage))
         return out
+
+    def _epoch_time(self, jobs: list[Row]) -> tuple[float | None, list[str] | None]:
+        """Median s/epoch of the training in ``jobs`` and the GPU set it ran on: that of the
+        latest attempt, whose epochs are the only ones counted (a retry on other GPUs would
+        otherwise blend two speeds under one name)."""
+        rows = [e for j in jobs for e in self.store.epochs(job_id=j["id"])
+                if e["seconds"] and e["epoch"] > 1 and not e["validated"]]
+        if not rows:
+            return None, None
+        last = max(rows, key=lambda e: (e["job_id"], e["attempt"], e["epoch"]))
+        models = _models(last)
+        same = [e["seconds"] for e in rows if _models(e) == models]
+        return statistics.median(same), models or None
 
     @staticmethod
     def _summary(base_map: float, branches: list[BranchResult],
                  best: BranchResult | None) -> dict[str, Any]:
         return {"baseline_map": base_map,
                 "branches": [b.__dict__ for b in branches],
-                "result": best.__dict__ if best else None}
+                "result": best.__dict__ if best else None,
+                "model": best.model if best else None}
+
+
+def _gate_failure(branches: list[BranchResult], max_drop: float, rounds: int) -> str:
+    """Why no branch passed: the stages that failed, by name and with their reasons, and the
+    gate only for the branches it judged."""
+    def listed(bs: list[BranchResult]) -> str:
+        return "; ".join(b.status for b in bs[:3]) + (
+            f"; and {len(bs) - 3} more" if len(bs) > 3 else "")
+
+    last = [b for b in branches if b.round == rounds]
+    if last and all(b.failed_stage for b in last):
+        return f"no branch could be judged in round {rounds}: {listed(last)}"
+    why = (f"no pruned model within gate.max_drop = {max_drop:g} mAP of the unpruned model "
+           f"after {rounds} round(s)")
+    failed = [b for b in branches if b.failed_stage]
+    return f"{why}; failed: {listed(failed)}" if failed else why
+
+
+def _models(epoch: Row) -> list[str]:
+    raw = epoch.get("gpu_models")
+    try:
+        models = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return []
+    return [str(m) for m in models] if isinstance(models, list) else []

@@ -11,7 +11,9 @@ times. The result is the smallest model that passes.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +54,11 @@ class StageDef(BaseModel):
     on: list[str] | None = None
     gpu_type: str | None = None
     priority: int = 0
+    # spec edits ("training_config.num_epochs" = 10): the CLI applies them as the user, writes
+    # the derived spec beside the original and sends ``spec`` pointing at it; the original
+    # path is kept in ``spec_original`` so the record says what was derived from what
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    spec_original: str | None = None
 
     @field_validator("task")
     @classmethod
@@ -69,6 +76,17 @@ class StageDef(BaseModel):
         for t in values:
             _check_threshold(t, "threshold")
         return v
+
+    @model_validator(mode="after")
+    def _overrides(self) -> StageDef:
+        if self.overrides and self.spec is None:
+            raise ValueError("overrides edit the stage's spec; give the stage a spec")
+        if self.overrides and self.spec_original is None:
+            # only the CLI can read the user's spec; a definition that reaches the daemon with
+            # overrides it never applied would silently run the unedited spec
+            raise ValueError("overrides were not applied to the spec: queue the pipeline with "
+                             "`gpusched pipeline run`, which writes the edited spec file")
+        return self
 
 
 class GateDef(BaseModel):
@@ -163,6 +181,11 @@ def _ref(value: str | None) -> tuple[str, str] | None:
     return None
 
 
+def model_ref(value: str | None) -> tuple[str, str] | None:
+    """``"best_checkpoint:retrain"`` -> ("best_checkpoint", "retrain"); a path -> None."""
+    return _ref(value)
+
+
 def _ancestors(stages: dict[str, StageDef], name: str) -> set[str]:
     seen: set[str] = set()
     todo = list(stages[name].needs)
@@ -205,6 +228,64 @@ def load(data: dict[str, Any], base_dir: str) -> PipelineDef:
         return PipelineDef.model_validate(data)
     except ValueError as err:
         raise SpecError(f"bad pipeline: {err}") from err
+
+
+def derived_spec_path(original: str, text: str) -> str:
+    """Where an edited spec goes: beside the original (so the mounts that show the original
+    show it too), named after the original and the edited text's hash, so the same edits
+    give the same file and different edits never overwrite each other."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    stem = original[:-4] if original.endswith(".txt") else original
+    return f"{stem}.gpusched-{digest}.txt"  # as `gpusched tao --set` names it
+
+
+def derive_specs(data: dict[str, Any], base_dir: str,
+                 read: Callable[[str], str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Apply each stage's ``overrides`` to its spec: the definition to send (those stages'
+    ``spec`` pointing at the edited file, ``spec_original`` at the original) and the files to
+    write ({path: text}). ``read`` reads a spec as the user; nothing is written here."""
+    from gpusched.specedit import apply_overrides
+
+    data = dict(data)
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return data, {}
+    workdir = str(data.get("workdir") or base_dir)
+    if not posixpath.isabs(workdir):
+        workdir = posixpath.normpath(posixpath.join(base_dir, workdir))
+    out_stages: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for name, st in stages.items():
+        if not isinstance(st, dict) or not st.get("overrides"):
+            out_stages[name] = st
+            continue
+        where = f"stage {name!r}"
+        if "spec_original" in st:
+            raise SpecError(f"{where}: spec_original is gpusched's record of an edited spec; "
+                            "give spec and overrides only")
+        overrides, spec = st["overrides"], st.get("spec")
+        if not isinstance(overrides, dict):
+            raise SpecError(f'{where}: overrides must be a table, e.g. overrides = '
+                            '{ "training_config.num_epochs" = 10 }')
+        if not isinstance(spec, str) or not spec:
+            raise SpecError(f"{where}: overrides edit the stage's spec; give the stage a spec")
+        if "{threshold}" in spec:
+            raise SpecError(f"{where}: overrides need one spec file, not one per branch "
+                            f"({spec!r} names {{threshold}})")
+        original = spec if posixpath.isabs(spec) else posixpath.normpath(
+            posixpath.join(workdir, spec))
+        try:
+            text = apply_overrides(read(original), overrides)
+        except OSError as err:
+            raise SpecError(f"{where}: cannot read its spec {original}: "
+                            f"{err.strerror or err}") from err
+        except SpecError as err:
+            raise SpecError(f"{where}: overrides for {original}: {err.message}") from err
+        derived = derived_spec_path(original, text)
+        files[derived] = text
+        out_stages[name] = {**st, "spec": derived, "spec_original": original}
+    data["stages"] = out_stages
+    return data, files
 
 
 @dataclass
@@ -299,7 +380,11 @@ class BranchResult:
     passed: bool
     s_per_epoch: float | None
     round: int
-    status: str  # succeeded, or why not
+    status: str  # succeeded, or "STAGE failed: reason" for the first stage that did not succeed
+    gpu_models: list[str] | None = None  # the GPU set the branch's training ran on
+    gpus: str | None = None  # that set in words: "RTX 2070", "2× RTX A4000"
+    model: str | None = None  # the file to deploy: what the candidate evaluation judged
+    failed_stage: str | None = None  # "retrain[threshold=0.2]" when status is not succeeded
 
 
 def gate_decision(baseline_map: float, branches: list[BranchResult], gate: GateDef,
@@ -307,6 +392,10 @@ def gate_decision(baseline_map: float, branches: list[BranchResult], gate: GateD
     """('passed', None) | ('retry', next thresholds) | ('failed', None)."""
     if any(b.passed for b in branches):
         return "passed", None
+    if branches and all(b.failed_stage for b in branches):
+        # nothing was judged: a stage failed in every branch, and pruning less would run
+        # into the same failure (the job's own retries are where transient errors go)
+        return "failed", None
     if rounds_done > gate.retries:
         return "failed", None
     if gate.retry_thresholds is not None:

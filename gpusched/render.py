@@ -32,6 +32,13 @@ def safe(value: Any) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+def safe_log(text: str) -> str:
+    """``safe`` for a log shown to someone else: lines and tabs stay, every other control
+    character is escaped."""
+    return "\n".join("\t".join(safe(part) for part in line.split("\t"))
+                     for line in text.split("\n"))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[safe(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
@@ -94,11 +101,29 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
             "-" if j["status"] not in ("queued", "held") else _want(j["request"]))
         cmd = ("(hidden)" if j.get("redacted") and not j.get("command")
                else safe(" ".join(j.get("command") or [])))
-        rows.append([j["id"], safe(j.get("name"))[:24], j["status"], gpus, j["owner"],
+        rows.append([j["id"], short_name(safe(j.get("name"))), j["status"], gpus, j["owner"],
                      ago(j["submitted_at"]), progress_text(j.get("progress")) or _outcome(j),
                      cmd[:50] + ("…" if len(cmd) > 50 else "")])
     return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "PROGRESS/RESULT",
                   "COMMAND"], rows)
+
+
+NAME_WIDTH = 40
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """A job name cut to ``width`` without losing what tells names apart: a pipeline stage's
+    name (``ssd_resnet18_kitti/retrain[threshold=0.2]``) keeps its stage and branch whole and
+    gives up the start of the pipeline's name (``ssd_re…/retrain[threshold=0.2]``); other
+    names keep their start and their end."""
+    if len(name) <= width:
+        return name
+    prefix, sep, stage = name.partition("/")
+    if sep and len(stage) + 2 <= width:
+        room = width - len(stage) - 2
+        return (prefix[:room] + "…/" if room else "…/") + stage
+    keep = width - 1
+    return name[:keep - keep // 2] + "…" + name[len(name) - keep // 2:]
 
 
 def progress_text(p: dict[str, Any] | None) -> str:
@@ -132,7 +157,10 @@ def job_detail(j: dict[str, Any]) -> str:
              + f": {safe(j['status'])}"]
     command = ("(hidden: not your job)" if j.get("redacted") and not j.get("command")
                else " ".join(j.get("command") or []))
-    field = [("owner", j["owner"]), ("command", command),
+    ran = next((a.get("command") for a in reversed(j.get("attempts") or [])
+                if a.get("n") == j.get("attempt")), None)
+    ran_as = " ".join(json.loads(ran)) if ran else None  # chosen at launch (TAO's --gpu_index)
+    field = [("owner", j["owner"]), ("command", command), ("ran as", ran_as),
              ("runner", j["runner"]), ("gpus wanted", _want(j["request"]).strip("()")),
              ("gpus", ", ".join(f"{i} ({u})" for i, u in zip(j.get("gpu_indices") or [],
                                                              j["gpus"], strict=False))),
@@ -179,9 +207,7 @@ def pipeline_summary(summary: dict[str, Any]) -> str:
                      b["round"], "" if b["size_mib"] is None else f"{b['size_mib']:.1f}",
                      "" if b["map"] is None else f"{b['map']:.4f}",
                      "" if b["drop"] is None else f"{b['drop'] * 100:.2f}",
-                     "" if b["s_per_epoch"] is None else f"{b['s_per_epoch']:.3g}",
-                     "pass" if b["passed"] else ("fail" if b["status"] == "succeeded"
-                                                 else b["status"][:60])])
+                     _s_per_epoch(b), _gate_cell(b)])
     out = [f"unpruned mAP {base:.4f}",
            table(["THRESHOLD", "ROUND", "SIZE MiB", "mAP", "DROP (pts)", "S/EPOCH", "GATE"],
                  rows)]
@@ -191,7 +217,29 @@ def pipeline_summary(summary: dict[str, Any]) -> str:
                    f"{best['size_mib']:.1f} MiB, mAP {best['map']:.4f} "
                    f"({abs(best['drop']) * 100:.2f} points "
                    f"{'below' if best['drop'] >= 0 else 'above'} the unpruned model)")
+        if best.get("model"):
+            out.append(f"model: {safe(best['model'])}")
     return "\n".join(out)
+
+
+def _s_per_epoch(b: dict[str, Any]) -> str:
+    """'41.2 (RTX 2070)': the branch's training speed and the GPU set it was measured on."""
+    if b["s_per_epoch"] is None:
+        return ""
+    return f"{b['s_per_epoch']:.3g}" + (f" ({b['gpus']})" if b.get("gpus") else "")
+
+
+GATE_CELL = 90
+
+
+def _gate_cell(b: dict[str, Any]) -> str:
+    """pass, fail (judged and too far below), or the stage that failed and why."""
+    if b["passed"]:
+        return "pass"
+    if b["status"] == "succeeded":
+        return "fail"
+    text = b["status"]
+    return text if len(text) <= GATE_CELL else text[:GATE_CELL - 1] + "…"
 
 
 def pipeline_detail(p: dict[str, Any]) -> str:
@@ -210,3 +258,28 @@ def pipeline_detail(p: dict[str, Any]) -> str:
         lines.append("")
         lines.append(pipeline_summary(p["summary"]))
     return "\n".join(lines)
+
+
+def pipeline_model(p: dict[str, Any]) -> tuple[str | None, str]:
+    """The file a pipeline chose (its summary's ``model``), or None and why there is none."""
+    who = f"pipeline {p['id']} ({safe(p['name'])})"
+    if p.get("redacted"):
+        return None, f"{who} is not yours: its result is hidden"
+    if p["status"] == "running":
+        return None, (f"{who} is still running" + (f" (round {p['rounds']})"
+                                                  if p["rounds"] > 1 else "")
+                      + f": no result yet; see `gpusched pipeline status {p['id']}`")
+    summary = p.get("summary") or {}
+    if p["status"] != "succeeded":
+        return None, f"{who} {safe(p['status'])}: {safe(p.get('reason') or 'no reason given')}"
+    if not summary:
+        return None, (f"{who} has no gate, so it chose no model; see the stages' artifacts "
+                      f"in `gpusched pipeline status {p['id']}`")
+    best = summary.get("result")
+    if not best:
+        return None, f"{who}: no branch passed the gate"
+    model = summary.get("model") or best.get("model")
+    if not model:
+        return None, (f"{who}: the chosen branch (threshold {best['threshold']:g}) recorded "
+                      "no checkpoint to deploy")
+    return str(model), ""

@@ -511,7 +511,7 @@ class Handler(BaseHTTPRequestHandler):
         done = att["state"] == "ended" and len(data) < LOG_CHUNK
         return 200, {"data": data.decode(errors="replace"), "offset": offset + len(data),
                      "attempt": n, "done": done, "status": row["status"],
-                     "path": att["log_path"]}
+                     "path": att["log_path"], "mine": row["owner_uid"] == uid}
 
     def do_action(self, uid: int, query: dict[str, str], id: str, action: str) -> tuple[int, Any]:
         svc = self.server.service

@@ -9,6 +9,7 @@ launcher exits 0 on failure, and an interrupted run can exit 0 with FAILURE in s
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import posixpath
 from collections.abc import Callable
@@ -30,10 +31,27 @@ from gpusched.safefs import (
     read_user_file,
     user_file_size,
 )
-from gpusched.tao import REF_KINDS, REF_ROOT, TAO_ENV, TaoStage, stage_argv, status_json_path
+from gpusched.tao import (
+    REF_KINDS,
+    REF_ROOT,
+    TAO_ENV,
+    TaoStage,
+    export_output_file,
+    prune_output_file,
+    set_flag,
+    set_gpu_index,
+    stage_argv,
+    status_json_path,
+    to_container,
+)
 
 REF_PREFIX = "@"
 CSV_GLOB = "*training_log*.csv"
+#: bytes of a model file searched for its QAT layers (Keras writes model_config first)
+QAT_PROBE_BYTES = 16 * 1024 * 1024
+_QAT_MARKS = (b'"class_name": "QDQ"', b'"class_name": "QuantizedConv2D"',
+              b'"class_name": "QuantizedDepthwiseConv2D"',
+              b'"class_name": "QuantizedConv2DTranspose"')
 
 
 class StageRequest(BaseModel):
@@ -58,6 +76,10 @@ class StageRequest(BaseModel):
     retries: int = Field(default=0, ge=0, le=100)
     pipeline_id: int | None = None
     branch: dict[str, Any] | None = None  # pipeline bookkeeping: stage, branch, value, round
+    # `--set` / pipeline `overrides`: the spec the user named and what was changed in it
+    # (stage.spec is then the derived file written beside it, as the user)
+    spec_original: str | None = None
+    overrides: dict[str, Any] | None = None
 
 
 def parse_ref(value: str | None) -> tuple[str, int] | None:
@@ -75,6 +97,11 @@ def _stage_with(stage: dict[str, Any], resolved: dict[str, str]) -> TaoStage:
 
 
 def read_spec_file(path: str, owner_uid: int | None) -> dict[str, Any]:
+    """The spec file's facts (see ``_read_spec``)."""
+    return _read_spec(path, owner_uid)[0]
+
+
+def _read_spec(path: str, owner_uid: int | None) -> tuple[dict[str, Any], bool]:
     """The spec file's facts, read once at submission: through safefs (never a FIFO, never a
     user's symlink) and, with ``owner_uid``, only if that user could read it themselves (the
     daemon reads as root on the submitter's behalf)."""
@@ -86,17 +113,119 @@ def read_spec_file(path: str, owner_uid: int | None) -> dict[str, Any]:
         raise SpecError(f"spec file refused: {err}") from None
     except OSError as err:
         raise SpecError(f"cannot read spec file {path}: {err.strerror or err}") from None
-    return parsers.spec_facts(data.decode(errors="replace"))
+    text = data.decode(errors="replace")
+    qat = parsers.read_spec_fields(text).get("training_config.enable_qat")
+    return parsers.spec_facts(text), qat is not None and qat.lower() in ("true", "t", "1")
+
+
+def previous_output(task: str, names: list[str], weights: list[str]) -> list[str]:
+    """What another run left in a results directory (entry names of the directory and of its
+    ``weights/``), worded for a message; [] when there is none. Hidden entries (where
+    ``--overwrite`` moved an old run) do not count."""
+    found: list[str] = []
+    visible = [n for n in names if not n.startswith(".")]
+    if "status.json" in visible:
+        found.append("status.json")
+    if task in ("train", "retrain"):
+        ckpts = parsers.checkpoint_epochs(weights)
+        if ckpts:
+            found.append(f"weights/ ({len(ckpts)} checkpoint{'s' * (len(ckpts) > 1)}, up to "
+                         f"epoch {max(ckpts)})")
+        found += [n for n in visible if fnmatch.fnmatchcase(n, CSV_GLOB)]
+    if task == "inference":
+        found += [n + "/" for n in ("labels", "images_annotated") if n in visible]
+    return found
+
+
+def movable_output(task: str, names: list[str]) -> list[str]:
+    """The entries that ``--overwrite`` moves aside (the CLI, as the user)."""
+    keep = {"status.json", "weights", "events"} if task in ("train", "retrain") else {
+        "status.json", "labels", "images_annotated"}
+    return [n for n in names if not n.startswith(".") and (
+        n in keep or (task in ("train", "retrain") and fnmatch.fnmatchcase(n, CSV_GLOB)))]
+
+
+def _check_results_dir(stage: TaoStage, owner_uid: int | None) -> None:
+    if not stage.results_dir or stage.results_dir.startswith(REF_ROOT):
+        return
+    res = Path(stage.results_dir)
+    names = list_user_dir(res, owner_uid=owner_uid) or []
+    weights = list_user_dir(res / "weights", owner_uid=owner_uid) or [] if "weights" in names \
+        else []
+    if stage.resume:
+        if not parsers.checkpoint_epochs(weights):
+            raise SpecError(f"--resume: {res}/weights holds no checkpoint to resume from")
+        return
+    found = previous_output(stage.task, names, weights)
+    if found:
+        raise SpecError(f"{res} holds another run's output ({', '.join(found)}); gpusched never "
+                        f"reads a previous run's results as this one's: give another -r, or "
+                        f"--overwrite to move them aside (into {res}/.gpusched-old-<time>/)"
+                        + (", or --resume to continue that run" if stage.task in (
+                            "train", "retrain") and "weights/" in " ".join(found) else ""))
+
+
+def model_is_qat(path: str, owner_uid: int | None) -> bool | None:
+    """Whether a model file holds QAT layers (TAO's check_for_quantized_layers: QDQ,
+    QuantizedConv2D...), from the class names in the Keras model_config of an .hdf5; the fake
+    TAO's JSON header says it with ``qat``. None when it cannot tell (an encrypted .tlt)."""
+    try:
+        data = read_user_bytes(path, max_bytes=QAT_PROBE_BYTES, owner_uid=owner_uid)
+    except OSError:
+        return None
+    if data.startswith(b"{"):
+        try:
+            header = json.loads(data.split(b"\n", 1)[0])
+        except ValueError:
+            header = None
+        if isinstance(header, dict) and header.get("fake_tao_model"):
+            return bool(header.get("qat", False))
+    if not data.startswith(b"\x89HDF"):
+        return None
+    if any(mark in data for mark in _QAT_MARKS):
+        return True
+    return False if b'"class_name": "Conv2D"' in data else None
+
+
+def _check_qat(stage: TaoStage, qat_spec: bool, owner_uid: int | None) -> None:
+    """TAO's train refuses, after minutes of start-up, a model whose QAT-ness differs from
+    ``training_config.enable_qat`` when it loads the model as it is: a pruned model (retrain)
+    or a checkpoint it resumes from (train.py, "QAT training is enabled but the pretrained
+    model is not a QAT model"). Pretrained weights are only copied into a model built from
+    the spec, so plain train is not checked."""
+    if stage.task not in ("train", "retrain") or not stage.model or stage.model.startswith(
+            REF_ROOT):
+        return
+    if stage.task == "train" and not (stage.initial_epoch or 0) > 1:
+        return
+    qat_model = model_is_qat(stage.model, owner_uid)
+    if qat_model is None or qat_model == qat_spec:
+        return
+    if qat_spec:
+        raise SpecError(f"the spec enables QAT (training_config.enable_qat: true) but -m "
+                        f"{stage.model} is not a QAT model: TAO would refuse it after start-up. "
+                        "Give a QAT model, or --set training_config.enable_qat=false")
+    raise SpecError(f"-m {stage.model} is a QAT model but the spec has QAT off "
+                    "(training_config.enable_qat: false): TAO would refuse it after start-up. "
+                    "Give a non-QAT model, or --set training_config.enable_qat=true")
 
 
 def build_job(req: StageRequest, settings: Settings,
               resolved: dict[str, str] | None = None, *, owner_uid: int | None = None,
-              spec_facts: dict[str, Any] | None = None) -> JobSpec:
+              spec_facts: dict[str, Any] | None = None,
+              check_results: bool | None = None) -> JobSpec:
     """The JobSpec of a stage. Unresolved references stay as placeholders in the command and
     are resolved at launch (``resolve``). Validates before anything is queued.
 
     The spec file is read here, once (as ``owner_uid`` would read it), and what gpusched
-    plans with is recorded in ``stage.spec_facts``; ``spec_facts`` passes earlier ones on."""
+    plans with is recorded in ``stage.spec_facts``; ``spec_facts`` passes earlier ones on.
+
+    At submission (``check_results``, default: when nothing is ``resolved``) a results
+    directory holding another run's output is refused, and so is a QAT mismatch between the
+    spec and the model; ``resolve`` at launch does not check again (the stage's own earlier
+    attempts write there)."""
+    if check_results is None:
+        check_results = not resolved
     refs = {k: v for k, v in req.stage.items() if isinstance(v, str) and parse_ref(v)}
     placeholders = {k: f"{REF_ROOT}{v[1:].replace(':', '/')}" for k, v in refs.items()}
     stage = _stage_with(req.stage, {**placeholders, **(resolved or {})})
@@ -108,11 +237,16 @@ def build_job(req: StageRequest, settings: Settings,
                    for r in settings.docker.mount_roots):
             raise SpecError(f"{path} is outside the allowed roots "
                             f"({', '.join(settings.docker.mount_roots)}; docker.mount_roots)")
+    qat_spec: bool | None = None
     if stage.spec and spec_facts is None:
-        spec_facts = read_spec_file(stage.spec, owner_uid)
+        spec_facts, qat_spec = _read_spec(stage.spec, owner_uid)
     if stage.model and not stage.model.startswith(REF_ROOT) and not os.path.exists(
             stage.model) and not resolved:
         raise SpecError(f"model {stage.model} does not exist")
+    if check_results:
+        _check_results_dir(stage, owner_uid)
+        if qat_spec is not None:
+            _check_qat(stage, qat_spec, owner_uid)
     gpus = GpuRequest(count=stage.gpus, ids=tuple(req.on) if req.on else None,
                       gpu_type=req.gpu_type, mem_mib=req.mem_mib)
     if req.on and len(req.on) != stage.gpus:
@@ -124,7 +258,9 @@ def build_job(req: StageRequest, settings: Settings,
         kind=f"tao:{stage.task}", pipeline_id=req.pipeline_id,
         stage={"request": req.model_dump(mode="json"), "stage": stage.model_dump(mode="json"),
                "refs": refs, "branch": req.branch,
-               **({"spec_facts": spec_facts} if spec_facts is not None else {})})
+               **({"spec_facts": spec_facts} if spec_facts is not None else {}),
+               **({"spec_original": req.spec_original, "overrides": req.overrides}
+                  if req.spec_original or req.overrides else {})})
     if runner == "docker":
         mounts = req.mounts
         try:
@@ -167,9 +303,48 @@ def resolve(spec: JobSpec, settings: Settings,
         resolved[field] = art["path"]
     req = StageRequest.model_validate(info["request"])
     req.stage = {k: v for k, v in req.stage.items() if k not in refs}
-    built = build_job(req, settings, resolved, spec_facts=info.get("spec_facts"))
+    built = build_job(req, settings, resolved, spec_facts=info.get("spec_facts"),
+                      check_results=False)
     stage_info = {**(built.stage or {}), "refs": refs, "resolved": resolved}
     return built.model_copy(update={"stage": stage_info, "after": spec.after})
+
+
+def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
+               owner_uid: int | None) -> JobSpec:
+    """The stage's command for this attempt, once its GPUs are known (called after the claim,
+    before the runner starts it; the stored spec is not changed).
+
+    * ``--gpu_index``: the local runner gets the allocated GPUs' host indices (TAO's
+      entrypoint checks them against ``nvidia-smi -L`` and sets CUDA_VISIBLE_DEVICES to them,
+      replacing gpusched's; with CUDA_DEVICE_ORDER=PCI_BUS_ID they name the same GPUs); a
+      container sees only its GPUs and gets 0..N-1.
+    * A train/retrain attempt after the first, or one submitted with ``--resume``, continues
+      from the latest checkpoint in ``results_dir/weights`` (listed through safefs as
+      ``owner_uid``): ``-m <checkpoint> --initial_epoch K+1``. TAO's ``--initial_epoch`` is
+      1-based (default 1; Keras gets ``initial_epoch - 1``), so after checkpoint epoch K the
+      first epoch trained is K+1. Without a checkpoint the attempt starts over as submitted.
+
+    Plain jobs come back unchanged. Cheap: one directory listing at most."""
+    info = spec.stage or {}
+    if not spec.kind.startswith("tao:") or "stage" not in info:
+        return spec
+    stage = TaoStage.model_validate(info["stage"])
+    indices = list(gpu_indices) if spec.runner == "local" else list(range(len(gpu_indices)))
+    command = set_gpu_index(spec.command, indices) if indices else list(spec.command)
+    launch: dict[str, Any] = {"attempt": attempt, "gpu_index": indices}
+    if stage.task in ("train", "retrain") and stage.results_dir and (
+            attempt > 1 or stage.resume):
+        weights = Path(stage.results_dir) / "weights"
+        ckpts = parsers.checkpoint_epochs(
+            str(weights / n) for n in list_user_dir(weights, owner_uid=owner_uid) or []
+            if not n.startswith("."))
+        if ckpts:
+            epoch = max(ckpts)
+            path = ckpts[epoch]
+            shown = path if spec.runner == "local" else to_container(path, spec.mounts)
+            command = set_flag(set_flag(command, "-m", shown), "--initial_epoch", str(epoch + 1))
+            launch.update({"resumed_from": path, "initial_epoch": epoch + 1})
+    return spec.model_copy(update={"command": command, "stage": {**info, "launch": launch}})
 
 
 def _read(path: str | Path | None, limit: int = 32 * 1024 * 1024,
@@ -190,11 +365,15 @@ def judge(spec: JobSpec, exit_code: int | None, log_path: Path, *,
     records = [r for r in map(parsers.parse_status_line,
                               _read(status_json_path(stage), owner_uid=owner_uid).splitlines())
                if r]
-    final, message, kpi = parsers.final_status(records)
+    # status.json is appended: evaluate's next to the model may hold earlier evaluations, so
+    # the verdict and kpi are the last run's (from its STARTED line); epochs are all kept
+    started = [i for i, r in enumerate(records) if r.get("status") == "STARTED"
+               and "epoch" not in r]
+    final, message, kpi = parsers.final_status(records[started[-1]:] if started else records)
     facts = (spec.stage or {}).get("spec_facts")
     if not isinstance(facts, dict):  # stored before stages recorded their spec's facts
         facts = (read_spec_facts(stage.spec, owner_uid) if stage.spec else None) or {}
-    artifacts = collect(stage, log_text, kpi, facts, owner_uid=owner_uid)
+    artifacts = collect(stage, log_text, kpi, facts, owner_uid=owner_uid, records=records)
     reason = None
     if exit_code != 0:
         reason = f"exit code {exit_code}" + (f" (TAO: {message})" if message else "")
@@ -222,9 +401,12 @@ def expected_missing(stage: TaoStage, artifacts: list[dict[str, Any]]) -> str | 
 
 def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any],
             facts: dict[str, Any] | None = None, *,
-            owner_uid: int | None = None) -> list[dict[str, Any]]:
+            owner_uid: int | None = None,
+            records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """What the stage produced, as artifact rows (host paths). ``facts``: the spec file's, as
-    recorded at submission. The results are the user's: listed and read through safefs."""
+    recorded at submission. The results are the user's: listed and read through safefs.
+    ``records``: status.json's; its epoch lines hold the mAP of epochs that a resumed run's
+    CSV (restarted at the resume epoch) no longer has."""
     out: list[dict[str, Any]] = []
 
     def size_mib(path: str) -> float | None:
@@ -240,7 +422,11 @@ def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any],
         csv_name = next((n for n in names(res) if fnmatch.fnmatchcase(n, CSV_GLOB)), None)
         rows = parsers.parse_training_csv(_read(res / csv_name, owner_uid=owner_uid)) if (
             csv_name) else []
-        maps = {r.epoch: r.map for r in rows}
+        in_csv = {r.epoch for r in rows if r.map is not None}
+        rows = [parsers.CsvRow(epoch=e.epoch, map=e.map)
+                for e in parsers.epochs_from_status(records or [])
+                if e.map is not None and e.epoch not in in_csv] + rows
+        maps = {r.epoch: r.map for r in rows if r.map is not None}
         for epoch, path in sorted(ckpts.items()):
             out.append({"kind": "checkpoint", "path": path, "epoch": epoch,
                         "metrics": {"mAP": maps.get(epoch)}})
@@ -261,14 +447,18 @@ def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any],
             out.append({"kind": "evaluation", "path": stage.model, "metrics": {
                 "mAP": m if m is not None else table.map if table else None,
                 "ap": table.ap if table else {}}})
-    elif stage.task == "prune" and stage.output and size_mib(stage.output) is not None:
-        out.append({"kind": "pruned_model", "path": stage.output, "metrics": {
-            "threshold": stage.threshold, "size_mib": kpi.get("size", size_mib(stage.output)),
-            "file_mib": size_mib(stage.output),
+    elif stage.task == "prune" and stage.output and size_mib(
+            pruned := _saved_as(stage.output, prune_output_file(stage.output),
+                                owner_uid)) is not None:
+        out.append({"kind": "pruned_model", "path": pruned, "metrics": {
+            "threshold": stage.threshold, "size_mib": kpi.get("size", size_mib(pruned)),
+            "file_mib": size_mib(pruned),
             "pruning_ratio": kpi.get("pruning_ratio", parsers.parse_prune_ratio(log_text)),
             "param_count_m": kpi.get("param_count")}})
     elif stage.task == "export" and stage.model:
-        onnx = stage.output or posixpath.splitext(stage.model)[0] + ".onnx"
+        onnx = export_output_file(stage) or ""
+        if stage.output:
+            onnx = _saved_as(stage.output, onnx, owner_uid)
         if size_mib(onnx) is not None:
             out.append({"kind": "exported_model", "path": onnx,
                         "metrics": {"size_mib": size_mib(onnx)}})
@@ -276,6 +466,14 @@ def collect(stage: TaoStage, log_text: str, kpi: dict[str, Any],
         n = sum(1 for name in names(Path(stage.results_dir) / "labels") if name.endswith(".txt"))
         out.append({"kind": "inference", "path": stage.results_dir, "metrics": {"images": n}})
     return out
+
+
+def _saved_as(given: str, suffixed: str, owner_uid: int | None) -> str:
+    """The file TAO saved for ``-o given``: TAO 5 appends the suffix (``pruned`` ->
+    ``pruned.hdf5``); the name as given when only that exists (older TAO)."""
+    if given == suffixed or user_file_size(suffixed, owner_uid=owner_uid) is not None:
+        return suffixed
+    return given if user_file_size(given, owner_uid=owner_uid) is not None else suffixed
 
 
 def _size_mib(path: str, owner_uid: int | None = None) -> float | None:

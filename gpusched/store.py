@@ -185,8 +185,14 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    """An attempt remembers the command it ran when that differs from the job's (a TAO stage's
+    --gpu_index and resume flags are chosen at launch)."""
+    db["attempts"].add_column("command", str)  # type: ignore[union-attr]
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -597,6 +603,11 @@ class Store:
                              " AND status IN ('starting', 'running', 'unknown')",
                              (reason, now, job_id))
                 self._event(conn, job_id, now, None, "requeue", reason, "daemon")
+
+    def allocation_owners(self) -> dict[int, int]:
+        """job id -> owner uid, for the jobs that hold (or are releasing) GPUs."""
+        return {r["id"]: r["owner_uid"] for r in self.query(
+            "SELECT DISTINCT j.id, j.owner_uid FROM allocations a JOIN jobs j ON j.id = a.job_id")}
 
     def allocations(self) -> list[Row]:
         return self.query("SELECT * FROM allocations ORDER BY gpu_uuid")

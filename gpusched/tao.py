@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import posixpath
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,7 +42,8 @@ class TaoStage(BaseModel):
     results_dir: str | None = None  # -r (train, evaluate, inference), --results_dir (prune)
     key: str | None = None  # -k
     model: str | None = None  # -m: weights, a checkpoint, or the pruned model for retrain
-    initial_epoch: int | None = Field(default=None, ge=0)
+    initial_epoch: int | None = Field(default=None, ge=0)  # TAO's is 1-based (default 1)
+    resume: bool = False  # gpusched: continue from the latest checkpoint of results_dir
     output: str | None = None  # -o
     gpus: int = Field(default=1, ge=1, le=64)
     use_amp: bool = False
@@ -80,6 +83,11 @@ class TaoStage(BaseModel):
                              f"takes --gpus 1 (got {self.gpus})")
         if self.use_amp and self.task not in ("train", "retrain"):
             raise ValueError("--use_amp is a train option")
+        if self.resume and self.task not in ("train", "retrain"):
+            raise ValueError("--resume is a train option")
+        if self.resume and self.initial_epoch is not None:
+            raise ValueError("give --resume (gpusched finds the latest checkpoint) or -m CKPT "
+                             "--initial_epoch K, not both")
         return self
 
     @property
@@ -97,28 +105,74 @@ class _Parser(argparse.ArgumentParser):
         raise SpecError(f"gpusched tao: {message}")
 
 
+#: gpusched's own options of ``gpusched tao``: given after ``ssd`` they are a misplaced option,
+#: not a TAO flag (TAO would reject them after minutes of start-up, or take ``--on`` for nothing)
+GPUSCHED_OPTIONS = ("--on", "--name", "--priority", "--image", "--mount", "--after", "--hold",
+                    "--runner", "--gpu-type", "--mem", "--retries", "--env", "--json")
+
+
+@dataclass
+class TaoCommand:
+    """A parsed ``gpusched tao`` command line: the stage and what goes around it."""
+
+    stage: TaoStage
+    pin: list[int] | None = None  # from a notebook's --gpu_index: host indices to pin
+    notes: list[str] = dc_field(default_factory=list)  # said on stderr, not errors
+    sets: list[str] = dc_field(default_factory=list)  # --set PATH=VALUE given after the task
+    overwrite: bool = False
+
+
 def parse_tao_argv(argv: list[str]) -> TaoStage:
     """``ssd train -e SPEC -r RES --gpus 2 -k KEY`` (TAO's own flags) -> a validated stage."""
-    if len(argv) < 2:
+    return parse_tao_command(argv).stage
+
+
+def _misplaced(rest: list[str], task: str) -> None:
+    for arg in rest:
+        opt = arg.split("=", 1)[0]
+        if opt in GPUSCHED_OPTIONS:
+            shown = arg if "=" in arg or opt in ("--hold", "--json") else f"{opt} X"
+            raise SpecError(f"{opt} is a gpusched option, not a TAO flag: put it before the "
+                            f"network, e.g. `gpusched tao {shown} ssd {task} ...`")
+
+
+def parse_tao_command(argv: list[str]) -> TaoCommand:
+    """TAO's command line as users have it: ``ssd train ...`` (TAO 3/4) or ``model ssd train
+    ...`` (TAO 5), with TAO's short or long flags. A notebook's ``--gpus 2 --gpu_index 0 1``
+    becomes a pinned request with a note; gpusched options given after the task are refused
+    with a hint that names the right place."""
+    args = list(argv)
+    if args[:1] == ["tao"]:
+        args = args[1:]
+    if args[:1] == ["model"]:  # TAO 5: tao model ssd train
+        args = args[1:]
+    if len(args) < 2:
         raise SpecError("usage: gpusched tao ssd TASK [TAO flags...], e.g. "
                         "gpusched tao ssd train -e spec.txt -r results --gpus 2")
-    network, task, rest = argv[0], argv[1], argv[2:]
+    network, task, rest = args[0], args[1], args[2:]
     if network not in NETWORKS:
         raise SpecError(f"unknown network {network!r}: gpusched runs {', '.join(NETWORKS)}")
     if task not in TASKS:
         raise SpecError(f"unknown task {task!r} for ssd: use one of {', '.join(TASKS)}")
-    p = _Parser(prog=f"gpusched tao ssd {task}", add_help=False)
-    p.add_argument("-e", "--experiment_spec_file", dest="spec")
+    _misplaced(rest, task)
+    p = _Parser(prog=f"gpusched tao ssd {task}", add_help=False, allow_abbrev=False)
+    # TAO's names per task (tao_tensorflow1_backend): train -e/--experiment_spec_file,
+    # -m/--resume_model_weights; evaluate and export -e/--experiment_spec, evaluate
+    # -m/--model_path, prune and export -m/--model. All are accepted for every task.
+    p.add_argument("-e", "--experiment_spec_file", "--experiment_spec", dest="spec")
     p.add_argument("-r", "--results_dir", dest="results_dir")
     p.add_argument("-k", "--key", dest="key")
-    p.add_argument("-m", "--model", dest="model")
+    p.add_argument("-m", "--model", "--model_path", "--resume_model_weights", dest="model")
     p.add_argument("-o", "--output_file", dest="output")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int)
     p.add_argument("--gpu_index", type=int, nargs="+")
     p.add_argument("--use_amp", action="store_true")
     p.add_argument("--log_file")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--overwrite", action="store_true")
     if task in ("train", "retrain"):
         p.add_argument("--initial_epoch", type=int)
+        p.add_argument("--resume", action="store_true")
     if task == "prune":
         p.add_argument("-n", "--normalizer", default="max")
         p.add_argument("-eq", "--equalization_criterion", dest="equalization", default="union")
@@ -133,18 +187,35 @@ def parse_tao_argv(argv: list[str]) -> TaoStage:
         p.add_argument("-t", "--threshold", dest="box_threshold", type=float, default=0.3)
     ns = p.parse_args(rest)
     fields = {k: v for k, v in vars(ns).items() if v is not None and k not in
-              ("gpu_index", "log_file")}
+              ("gpu_index", "log_file", "sets", "overwrite", "gpus")}
+    notes: list[str] = []
+    pin: list[int] | None = None
+    gpus = ns.gpus
     if ns.gpu_index:
-        raise SpecError("--gpu_index is chosen by gpusched: give --gpus N (any N GPUs), or pin "
-                        "GPUs with `gpusched tao --on 0,1 ssd ...`")
+        pin = list(ns.gpu_index)
+        if gpus is None:
+            gpus = len(pin)
+        if len(pin) != gpus:
+            raise SpecError(f"--gpus {gpus} with --gpu_index {' '.join(map(str, pin))}: give "
+                            "as many indices as GPUs, or only --gpus N (any N GPUs)")
+        if len(set(pin)) != len(pin):
+            raise SpecError(f"--gpu_index {' '.join(map(str, pin))} names a GPU twice")
+        on = ",".join(map(str, pin))
+        notes.append(f"note: --gpu_index {' '.join(map(str, pin))} is read as a pinned request "
+                     f"(gpusched tao --on {on} ...): the stage waits for GPUs {on}; give only "
+                     f"--gpus {gpus} to take any {gpus} free GPU(s)")
+    if gpus is not None:
+        fields["gpus"] = gpus
     for key in ("spec", "results_dir", "model", "output", "images"):
         if key in fields:
             fields[key] = posixpath.abspath(fields[key]) if not posixpath.isabs(
                 fields[key]) else fields[key]
     try:
-        return TaoStage(task=task, **fields)  # type: ignore[arg-type]
+        stage = TaoStage(task=task, **fields)  # type: ignore[arg-type]
     except ValueError as err:
         raise SpecError(f"gpusched tao ssd {task}: {_first_error(err)}") from err
+    return TaoCommand(stage=stage, pin=pin, notes=notes, sets=list(ns.sets),
+                      overwrite=bool(ns.overwrite))
 
 
 def _first_error(err: ValueError) -> str:
@@ -172,10 +243,14 @@ def to_container(path: str, mounts: list[Mount]) -> str:
 
 
 def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
-               entrypoint: list[str] | None = None) -> list[str]:
+               entrypoint: list[str] | None = None,
+               gpu_indices: list[int] | None = None) -> list[str]:
     """The command that runs the stage: ``ssd <task> ... --gpus N --gpu_index 0..N-1``.
 
-    ``mounts`` None means host paths are used as they are (the local runner)."""
+    ``mounts`` None means host paths are used as they are (the local runner). The GPU indices
+    are only known at launch: ``stages.for_launch`` rewrites ``--gpu_index`` then (host
+    indices for the local runner, whose TAO entrypoint replaces CUDA_VISIBLE_DEVICES with
+    them; 0..N-1 in a container that sees only its GPUs)."""
     def c(path: str | None) -> str:
         assert path is not None
         if mounts is None or path.startswith(REF_ROOT):  # a reference is resolved at launch
@@ -187,12 +262,14 @@ def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
         argv += ["-e", c(stage.spec)]
     if stage.task in ("train", "retrain", "evaluate", "inference") and stage.results_dir:
         argv += ["-r", c(stage.results_dir)]
-    if stage.task == "prune" and stage.results_dir:
+    if stage.task in ("prune", "export") and stage.results_dir:
         argv += ["--results_dir", c(stage.results_dir)]
     if stage.model:
         argv += ["-m", c(stage.model)]
     if stage.output:
-        argv += ["-o", c(stage.output)]
+        # TAO 5's prune saves "-o x" as x.hdf5 and then looks for x, failing: name the file
+        out = prune_output_file(stage.output) if stage.task == "prune" else stage.output
+        argv += ["-o", c(out)]
     if stage.key:
         argv += ["-k", stage.key]
     if stage.initial_epoch is not None:
@@ -208,10 +285,58 @@ def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
         argv += ["-i", c(stage.images), "-t", str(stage.box_threshold)]
     if stage.use_amp:
         argv.append("--use_amp")
-    argv += ["--gpus", str(stage.gpus), "--gpu_index", *[str(i) for i in range(stage.gpus)]]
+    indices = gpu_indices if gpu_indices is not None else list(range(stage.gpus))
+    argv += ["--gpus", str(stage.gpus), "--gpu_index", *[str(i) for i in indices]]
     return argv
 
 
+def set_gpu_index(argv: list[str], indices: list[int]) -> list[str]:
+    """``argv`` with the values of its ``--gpu_index`` replaced (appended when absent)."""
+    out = list(argv)
+    if "--gpu_index" not in out:
+        return [*out, "--gpu_index", *map(str, indices)]
+    i = out.index("--gpu_index") + 1
+    j = i
+    while j < len(out) and out[j].isdigit():
+        j += 1
+    out[i:j] = [str(x) for x in indices]
+    return out
+
+
+def set_flag(argv: list[str], flag: str, value: str, *, before: str = "--gpus") -> list[str]:
+    """``argv`` with ``flag value`` set: the value replaced where the flag is, else inserted
+    before ``before`` (the entrypoint's own flags come last)."""
+    out = list(argv)
+    if flag in out:
+        i = out.index(flag)
+        if i + 1 < len(out):
+            out[i + 1] = value
+            return out
+    at = out.index(before) if before in out else len(out)
+    out[at:at] = [flag, value]
+    return out
+
+
+def prune_output_file(output: str) -> str:
+    """Where TAO 5's prune saves ``-o``: ``.hdf5`` is appended when missing."""
+    return output if output.endswith(".hdf5") else f"{output}.hdf5"
+
+
+def export_output_file(stage: TaoStage) -> str | None:
+    """Where export saves the model: ``-o``, default ``<model>.onnx``; ``.onnx`` is appended
+    when ``onnx`` is nowhere in the name (TAO's own test, ``if not backend in output_file``)."""
+    if not stage.model:
+        return None
+    out = stage.output or posixpath.splitext(stage.model)[0] + ".onnx"
+    return out if "onnx" in out else f"{out}.onnx"
+
+
 def status_json_path(stage: TaoStage) -> str | None:
-    """Where TAO appends the stage's status.json (host path)."""
-    return posixpath.join(stage.results_dir, "status.json") if stage.results_dir else None
+    """Where TAO appends the stage's status.json (host path): in ``-r``/``--results_dir``;
+    evaluate without ``-r`` writes it next to the model; export and prune without
+    ``--results_dir`` write none."""
+    if stage.results_dir:
+        return posixpath.join(stage.results_dir, "status.json")
+    if stage.task == "evaluate" and stage.model and not stage.model.startswith(REF_ROOT):
+        return posixpath.join(posixpath.dirname(stage.model), "status.json")
+    return None

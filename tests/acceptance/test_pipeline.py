@@ -102,10 +102,25 @@ def stage_of(job: dict[str, Any]) -> str:
     return job["name"].split("/", 1)[1]
 
 
-def test_example_pipeline_end_to_end(tao_daemon: DaemonProcess, root: Path) -> None:
-    d = tao_daemon
-    # 0.6 prunes too much to stay within max_drop: the gate must tell the branches apart
-    p = run_pipeline(d, example_pipeline(root, threshold="[0.1, 0.3, 0.6]"))
+@pytest.fixture(scope="module")
+def example_run() -> Iterator[tuple[DaemonProcess, dict[str, Any]]]:
+    """The example pipeline, run once for the tests that read its outcome."""
+    root = short_tmpdir("gse")
+    d = DaemonProcess(root / "state", env=fake_tao_env()).start()
+    try:
+        # 0.6 prunes too much to stay within max_drop: the gate must tell the branches apart
+        path = example_pipeline(root, threshold="[0.1, 0.3, 0.6]")
+        p = run_pipeline(d, path)
+        p["toml"] = str(path)  # for the tests that run it again
+        yield d, p
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_example_pipeline_end_to_end(example_run: tuple[DaemonProcess, dict[str, Any]]
+                                     ) -> None:
+    d, p = example_run
     jobs = {stage_of(j): j for j in p["jobs"]}
     assert p["status"] == "succeeded", (p["reason"], {k: (j["status"], j["reason"])
                                                       for k, j in jobs.items()})
@@ -169,6 +184,58 @@ def test_example_pipeline_end_to_end(tao_daemon: DaemonProcess, root: Path) -> N
     for col in ("THRESHOLD", "SIZE", "mAP", "DROP"):
         assert col in header, header
     assert f"result: the pruned model at threshold {smallest[1]}" in r.stdout
+
+
+def chosen_threshold(p: dict[str, Any]) -> str:
+    return f"{p['summary']['result']['threshold']:g}"
+
+
+def test_the_result_names_the_file_to_deploy(example_run: tuple[DaemonProcess, dict[str, Any]]
+                                             ) -> None:
+    """The chosen branch's retrained best checkpoint: in the summary, in `pipeline status`
+    (table and --json) and alone on stdout from `pipeline result` (by name or id)."""
+    d, p = example_run
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    chosen = artifact(d, jobs[f"retrain[threshold={chosen_threshold(p)}]"]["id"],
+                      "best_checkpoint")
+    assert status(d, p["id"])["summary"]["model"] == chosen["path"]
+    assert p["summary"]["result"]["model"] == chosen["path"]
+    r = d.cli("pipeline", "status", NAME)
+    assert f"\nmodel: {chosen['path']}\n" in r.stdout + "\n", r.stdout
+    for ref in (NAME, str(p["id"])):
+        res = d.cli("pipeline", "result", ref)
+        assert (res.returncode, res.stdout, res.stderr) == (0, chosen["path"] + "\n", "")
+
+
+def test_s_per_epoch_names_the_gpu_set_of_each_branch(
+        example_run: tuple[DaemonProcess, dict[str, Any]]) -> None:
+    d, p = example_run
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    names = {g["uuid"]: g["name"] for g in json.loads(d.cli("gpus", "--json").stdout)}
+    r = d.cli("pipeline", "status", str(p["id"]))
+    branches = {f"{b['threshold']:g}": b for b in p["summary"]["branches"]}
+    rows = {ln.split()[0]: ln for ln in r.stdout.splitlines()
+            if ln.split() and ln.split()[0] in branches}
+    assert sorted(rows) == sorted(branches), r.stdout
+    for v, b in branches.items():
+        ran_on = [names[u] for u in show(d, jobs[f"retrain[threshold={v}]"]["id"])["gpus"]]
+        assert len(ran_on) == 1  # retrain has gpus = 1
+        assert b["gpus"] == ran_on[0] and b["gpu_models"] == ran_on
+        assert f"{b['s_per_epoch']:.3g} ({ran_on[0]})" in rows[v], rows[v]
+
+
+def test_ls_tells_the_branches_apart(example_run: tuple[DaemonProcess, dict[str, Any]]
+                                     ) -> None:
+    d, p = example_run
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    r = d.cli("ls", "--all")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["ID", "NAME"]
+    shown = {int(ln.split()[0]): ln.split()[1] for ln in lines[1:]}
+    for key, j in jobs.items():
+        assert shown[j["id"]].endswith(f"/{key}"), (key, shown[j["id"]])
+    assert len(set(shown.values())) == len(jobs)
 
 
 def test_a_failing_stage_fails_its_dependants(tao_daemon: DaemonProcess, root: Path) -> None:
@@ -312,3 +379,135 @@ def test_a_docker_stage_with_a_reference_can_be_queued(root: Path) -> None:
     resolved = resolve(job, settings, lambda job_id, kind: {"path": str(ckpt)})
     assert flag(resolved.command, "-m") == "/workspace/weights/ssd_resnet18_epoch_010.hdf5"
     assert flag(resolved.command, "-e") == "/workspace/spec.txt"
+
+
+# -- failed branches, results, spec overrides -------------------------------------------------
+
+
+def test_a_failed_retrain_is_reported_with_its_reason(tao_daemon: DaemonProcess,
+                                                      root: Path) -> None:
+    """Every retrain fails (train has 5 epochs, so only the 10-epoch retrains reach epoch 8):
+    the branches and the pipeline say which stage failed and why, not "not within
+    gate.max_drop", and no further round prunes into the same failure."""
+    d = tao_daemon
+    path = example_pipeline(root, train_epochs=5, threshold="[0.1, 0.2]")
+    p = run_pipeline(d, path, "GPUSCHED_FAKE_TAO_FAIL=train:error@8")
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    assert jobs["train"]["status"] == "succeeded"
+    assert jobs["retrain[threshold=0.1]"]["status"] == "failed"
+    assert p["status"] == "failed", p
+    assert p["rounds"] == 1, p["reason"]
+    assert "max_drop" not in p["reason"], p["reason"]
+    for v in ("0.1", "0.2"):
+        assert f"retrain[threshold={v}] failed:" in p["reason"], p["reason"]
+    assert "injected failure at epoch 8" in p["reason"], p["reason"]
+
+    branches = {f"{b['threshold']:g}": b for b in p["summary"]["branches"]}
+    for v in ("0.1", "0.2"):
+        b = branches[v]
+        assert b["passed"] is False and b["map"] is None
+        assert b["failed_stage"] == f"retrain[threshold={v}]"
+        assert b["status"].startswith(f"retrain[threshold={v}] failed: "), b["status"]
+        assert "injected failure" in b["status"], b["status"]
+    r = d.cli("pipeline", "status", str(p["id"]))
+    assert r.returncode == 1
+    gate_rows = [ln for ln in r.stdout.splitlines() if ln.startswith(("0.1 ", "0.2 "))]
+    assert len(gate_rows) == 2, r.stdout
+    for ln in gate_rows:
+        assert "retrain[threshold=" in ln and "failed: exit code 255" in ln, ln
+
+    res = d.cli("pipeline", "result", str(p["id"]))
+    assert res.returncode == 1 and res.stdout == ""
+    assert f"pipeline {p['id']} ({NAME}) failed: no branch could be judged" in res.stderr, (
+        res.stderr)
+
+
+def test_pipeline_result_says_why_there_is_none(tao_daemon: DaemonProcess, root: Path) -> None:
+    d = tao_daemon
+    r = d.cli("pipeline", "result", "nope")
+    assert r.returncode != 0 and r.stdout == "" and "no pipeline 'nope'" in r.stderr
+    path = example_pipeline(root)
+    r = d.cli("pipeline", "run", str(path), "-e", "GPUSCHED_FAKE_TAO_SCALE=1")
+    assert r.returncode == 0, r.stderr
+    res = d.cli("pipeline", "result", NAME)
+    assert res.returncode == 1 and res.stdout == ""
+    assert "is still running: no result yet" in res.stderr, res.stderr
+
+
+def _db_pipeline_def(d: DaemonProcess, pid: int) -> dict[str, Any]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{d.state_dir / 'gpusched.db'}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT spec FROM pipelines WHERE id = ?", (pid,)).fetchone()
+    finally:
+        conn.close()
+    return json.loads(row[0])["def"]
+
+
+def test_stage_overrides_edit_a_derived_spec(tao_daemon: DaemonProcess, root: Path) -> None:
+    """`overrides` in a [stages.X] table: the CLI writes the edited spec beside the original,
+    the stage runs with it, the original stays as it was, and the pipeline records both."""
+    d = tao_daemon
+    path = example_pipeline(root, threshold="[0.1]")
+    overrides = ('overrides = { "training_config.num_epochs" = 4, '
+                 '"training_config.checkpoint_interval" = 2, '
+                 '"eval_config.validation_period_during_training" = 2 }')
+    text = path.read_text().replace('[stages.retrain]\n', f'[stages.retrain]\n{overrides}\n')
+    path.write_text(text)
+    original = root / "specs" / "ssd_retrain_resnet18_kitti.txt"
+    before = original.read_text()
+    p = run_pipeline(d, path)
+    jobs = {stage_of(j): j for j in p["jobs"]}
+    retrain = show(d, jobs["retrain[threshold=0.1]"]["id"])
+    assert retrain["status"] == "succeeded", retrain["reason"]
+    derived = Path(flag(retrain["command"], "-e"))
+    assert derived.parent == original.parent and derived != original
+    assert derived.name.startswith("ssd_retrain_resnet18_kitti.gpusched-")
+    assert original.read_text() == before
+    edited = derived.read_text()
+    assert re.search(r"(?m)^\s*num_epochs\s*:\s*4\s*$", edited), edited
+    assert re.search(r"(?m)^\s*checkpoint_interval\s*:\s*2\s*$", edited), edited
+    # the retrain ran the edited spec: 4 epochs, checkpoints at 2 and 4
+    best = artifact(d, retrain["id"], "best_checkpoint")
+    assert best["epoch"] in (2, 4), best
+    ckpts = sorted(a["epoch"] for a in artifacts(d, retrain["id"]) if a["kind"] == "checkpoint")
+    assert ckpts == [2, 4], ckpts
+    # stages without overrides keep their spec; the evaluation of the retrained model too
+    ev = show(d, jobs["evaluate_retrained[threshold=0.1]"]["id"])
+    assert flag(ev["command"], "-e") == str(original)
+    # the pipeline's record: the edited file, the original and the edits
+    st = _db_pipeline_def(d, p["id"])["stages"]["retrain"]
+    assert st["spec"] == str(derived) and st["spec_original"] == str(original)
+    assert st["overrides"] == {"training_config.num_epochs": 4,
+                               "training_config.checkpoint_interval": 2,
+                               "eval_config.validation_period_during_training": 2}
+
+
+def test_a_bad_override_is_refused_with_nothing_queued(tao_daemon: DaemonProcess,
+                                                       root: Path) -> None:
+    d = tao_daemon
+    path = one_stage_pipeline(root, "", 'overrides = { "training_config.num_epoch" = 4 }')
+    r = d.cli("pipeline", "run", str(path))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "stage 'train'" in r.stderr and "num_epoch" in r.stderr, r.stderr
+    assert "num_epochs" in r.stderr, r.stderr  # the nearest field
+    assert json.loads(d.cli("pipeline", "ls", "--json").stdout) == []
+    assert list((root / "specs").iterdir()) == [root / "specs" / "train.txt"]
+
+
+def test_running_a_pipeline_again_needs_overwrite(example_run: tuple[DaemonProcess,
+                                                                     dict[str, Any]]) -> None:
+    """The stages' results directories hold the first run's output: a second run is refused
+    before anything is queued, and `--overwrite` moves the old output aside (issue 13, 3)."""
+    d, p = example_run
+    before = len(d.client().get("/v1/jobs?all=1"))
+    r = d.cli("pipeline", "run", p["toml"])
+    assert r.returncode != 0 and "--overwrite" in r.stderr, (r.stdout, r.stderr)
+    assert len(d.client().get("/v1/jobs?all=1")) == before
+    r = d.cli("pipeline", "run", p["toml"], "--overwrite", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "aside into" in r.stderr
+    again = json.loads(r.stdout)
+    for j in again["jobs"]:
+        d.cli("cancel", str(j["id"]))

@@ -107,12 +107,12 @@ def test_judging_does_not_follow_a_status_json_symlink_out_of_the_results(root: 
     results = root / "results"
     results.mkdir()
     os.chmod(results, 0o1777)  # a directory its user controls
+    job = build_job(train(root, spec), settings(root))  # before the run writes (issue 13, 3)
     outside = root / "outside.json"
     outside.write_text('{"status": "FAILURE", "message": "outside"}\n')
     (results / "status.json").symlink_to(outside)
     log = root / "log"
     log.write_text("Execution status: PASS\n")
-    job = build_job(train(root, spec), settings(root))
     ok, reason, artifacts = judge(job, 0, log)
     assert not ok
     assert "outside" not in (reason or "")

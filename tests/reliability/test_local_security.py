@@ -230,26 +230,30 @@ def test_a_status_json_symlink_to_a_root_only_file_is_not_read(
     os.chmod(secret, 0o600)
     home = owned_dir(shared_dir / "u1", u1)
     results = owned_dir(home / "results", u1)
-    link = results / "status.json"
-    link.symlink_to(secret)
-    os.lchown(link, u1.pw_uid, u1.pw_gid)
     spec = train_spec(home / "spec.txt", u1)
-    go = shared_dir / "go"
-    # the "TAO" of this daemon: one epoch line of gpusched's own on stdout, then wait
+    go, planted = shared_dir / "go", shared_dir / "planted"
+    # the "TAO" of this daemon: once the trap is set, one epoch line of gpusched's own on
+    # stdout, then wait
     script = shared_dir / "fake-train.sh"
-    script.write_text("echo 'GPUSCHED_EPOCH {\"epoch\": 1, \"max_epoch\": 3, \"seconds\": 2.0}'\n"
+    script.write_text(f"while [ ! -e {planted} ]; do sleep 0.1; done\n"
+                      "echo 'GPUSCHED_EPOCH {\"epoch\": 1, \"max_epoch\": 3, \"seconds\": 2.0}'\n"
                       f"while [ ! -e {go} ]; do sleep 0.1; done\n")
     os.chmod(script, 0o755)
     with tao_root_daemon(shared_dir, ["/bin/sh", str(script)]) as d:
-        _status_symlink_scenario(d, u1, home, results, spec, go)
+        _status_symlink_scenario(d, u1, home, results, spec, go, planted, secret)
 
 
 def _status_symlink_scenario(d: DaemonProcess, u1: pwd.struct_passwd, home: Path, results: Path,
-                             spec: Path, go: Path) -> None:
+                             spec: Path, go: Path, planted: Path, secret: Path) -> None:
     try:
         r = as_user(d, u1, "tao", "ssd", "train", "-e", str(spec), "-r", str(results), cwd=home)
         assert r.returncode == 0, r.stderr
         job = int(r.stdout)
+        # after submission (which refuses a results dir that already holds a status.json)
+        link = results / "status.json"
+        link.symlink_to(secret)
+        os.lchown(link, u1.pw_uid, u1.pw_gid)
+        planted.touch()
         # the log and status.json are read in the same progress pass: once the log's epoch
         # shows, status.json was tried too
         row = wait_for(d, job, lambda r: (r.get("progress") or {}).get("epoch") is not None,

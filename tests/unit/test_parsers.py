@@ -278,7 +278,7 @@ def test_spec_summary() -> None:
         "num_epochs": 80, "checkpoint_interval": 10, "validation_period": 5, "batch_size_per_gpu": 16,
         "arch": "resnet", "nlayers": 18, "network": "ssd", "backbone": "resnet18"}
     empty = spec_summary("")
-    assert empty["checkpoint_interval"] == 10 and empty["validation_period"] == 10
+    assert empty["checkpoint_interval"] == 1 and empty["validation_period"] is None  # as TAO reads them
     assert empty["num_epochs"] is None and empty["backbone"] is None
 
 
