@@ -57,6 +57,14 @@ class Conflict(GpuschedError):
     http_status = 409
 
 
+class DuplicateSubmission(Conflict):
+    """This idempotency key was used already (a retry that raced its first try)."""
+
+    def __init__(self, message: str | None = None, *, pipeline_id: int | None = None) -> None:
+        super().__init__(message)
+        self.pipeline_id = pipeline_id
+
+
 class StoreError(GpuschedError):
     """The state database failed."""
 

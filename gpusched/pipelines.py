@@ -73,6 +73,9 @@ class StageDef(BaseModel):
         values = v if isinstance(v, list) else [] if v is None else [v]
         if isinstance(v, list) and not v:
             raise ValueError("threshold: an empty list fans out into no branch")
+        if isinstance(v, list) and len(v) > MAX_BRANCHES:
+            raise ValueError(f"threshold: {len(v)} values; a pipeline fans out into at most "
+                             f"{MAX_BRANCHES} branches (submit another pipeline for more)")
         for t in values:
             _check_threshold(t, "threshold")
         return v
@@ -108,6 +111,7 @@ class GateDef(BaseModel):
 
 
 MIN_THRESHOLD = 1e-4  # thresholds are rounded to 4 digits; below this TAO would get 0
+MAX_BRANCHES = 32  # one submission must stay small: it is built and committed in one go
 
 
 def _check_threshold(t: float, where: str) -> None:

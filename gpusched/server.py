@@ -28,7 +28,14 @@ from urllib.parse import parse_qs, urlparse
 from pydantic import BaseModel, Field, ValidationError
 
 from gpusched.clock import iso
-from gpusched.errors import Conflict, GpuschedError, NotFound, PermissionDenied, SpecError
+from gpusched.errors import (
+    Conflict,
+    DuplicateSubmission,
+    GpuschedError,
+    NotFound,
+    PermissionDenied,
+    SpecError,
+)
 from gpusched.models import GpuRequest, JobSpec, JobView, Mount
 from gpusched.states import JobStatus
 from gpusched.store import Row
@@ -407,13 +414,20 @@ class Handler(BaseHTTPRequestHandler):
         idem = self._idempotency(raw)
         body = PipelineBody.model_validate(raw)
         pdef = load(body.definition, body.base_dir)
-        with svc.daemon.lock:  # the check and the record are one step for this daemon
-            if (prev := self._repeat(uid, idem)) is not None:
-                return 200, self._pipeline(uid, prev["pipeline_id"])
+        if (prev := self._repeat(uid, idem)) is not None:
+            return 200, self._pipeline(uid, prev["pipeline_id"])
+        # No daemon lock here: building and checking the stages takes time and must not stop
+        # the tick. The pipeline, its key and its jobs commit in one transaction, and a retry
+        # that raced its first try finds the key inside it (DuplicateSubmission).
+        try:
             pid = svc.daemon.pipelines.submit(pdef, owner_uid=uid, owner=user_name(uid),
                                               now=svc.clock.now(), mounts=body.mounts,
                                               env=body.env, idempotency=idem,
                                               validate=lambda s: svc.validate_spec(s, uid))
+        except DuplicateSubmission as dup:
+            if dup.pipeline_id is None:
+                raise
+            return 200, self._pipeline(uid, dup.pipeline_id)
         svc.daemon.wake()
         return 201, self._pipeline(uid, pid)
 

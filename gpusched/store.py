@@ -19,7 +19,15 @@ from typing import Any
 
 import sqlite_utils
 
-from gpusched.errors import Conflict, CorruptDatabase, NotFound, SpecError, StorageFull, StoreError
+from gpusched.errors import (
+    Conflict,
+    CorruptDatabase,
+    DuplicateSubmission,
+    NotFound,
+    SpecError,
+    StorageFull,
+    StoreError,
+)
 from gpusched.models import JobSpec
 from gpusched.states import ACTIVE, ALLOWED_FROM, JobStatus
 
@@ -747,6 +755,10 @@ class Store:
         """``idempotency`` (key, fingerprint) records the client's key with the pipeline, in
         the same transaction."""
         with self.write() as conn:
+            if idempotency is not None:
+                prev = self._submission(conn, owner_uid, idempotency[0])
+                if prev is not None:  # its first try won the race: everything rolls back
+                    raise DuplicateSubmission(pipeline_id=prev["pipeline_id"])
             cur = conn.execute(
                 "INSERT INTO pipelines (name, owner_uid, owner, spec, status, created_at,"
                 " updated_at) VALUES (?,?,?,?,?,?,?)",

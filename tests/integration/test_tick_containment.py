@@ -106,6 +106,7 @@ def _pipeline(threshold: object, **gate: object) -> dict[str, object]:
     ([0.0003, 0.2], {"backoff": 0.1, "retries": 3}, "reaches a threshold of 0 in retry round"),
     ([0.0, 0.2], {}, "threshold: 0 is not a pruning threshold"),
     ([], {}, "an empty list fans out into no branch"),
+    ([round(0.01 * i, 2) for i in range(1, 34)], {}, "at most 32 branches"),
 ])
 def test_gate_ranges_are_checked_at_submission(threshold: object, gate: dict[str, object],
                                                needle: str) -> None:

@@ -293,3 +293,16 @@ def test_spec_facts_and_the_workload_key() -> None:
     assert workload_key(facts) == f"ssd/resnet18/bs16/spec:{facts['digest']}"
     assert workload_key(spec_facts("")).startswith("ssd/?/bs?/spec:")
     assert workload_key({}) == "ssd/?/bs?/spec:?"
+
+
+def test_a_line_without_end_is_held_back_only_up_to_a_cap() -> None:
+    """A job printing without newlines must not grow the daemon's memory: past the cap the
+    partial line is dropped up to its newline, and the lines after it are read as usual."""
+    from gpusched.parsers import StatusFollower
+
+    f = StatusFollower()
+    for _ in range(50):  # 50 × 4 KiB: over the 64 KiB cap
+        assert f.feed_lines("a" * 4096) == []
+    assert len(f.pending) <= StatusFollower.MAX_PENDING
+    assert f.feed_lines("still the same line\nnext\nlast") == ["next"]
+    assert f.pending == "last"
