@@ -292,8 +292,7 @@ def _tao_pin(on: str | None, pin: list[int] | None) -> str | None:
 def _tao_overrides(stage: Any, items: list[str]) -> dict[str, Any] | None:
     """``--set``: the spec with the overrides applied, written beside it as the user
     (``<spec>.gpusched-<hash>.txt``, content-addressed, so the same overrides reuse it)."""
-    import hashlib
-
+    from gpusched.pipelines import derived_spec_path
     from gpusched.specedit import apply_overrides, parse_set
 
     if not items:
@@ -307,11 +306,9 @@ def _tao_overrides(stage: Any, items: list[str]) -> dict[str, Any] | None:
     except OSError as err:
         raise SpecError(f"--set: cannot read the spec {src}: {err.strerror or err}") from err
     derived = apply_overrides(text, overrides)
-    digest = hashlib.sha256(derived.encode()).hexdigest()[:10]
-    stem = src.name[:-4] if src.name.endswith(".txt") else src.name
     dirs = [src.parent] + ([Path(stage.results_dir)] if stage.results_dir else [])
     for d in dirs:
-        dst = d / f"{stem}.gpusched-{digest}.txt"
+        dst = Path(derived_spec_path(str(d / src.name), derived))  # as pipeline overrides
         try:
             if not (dst.is_file() and dst.read_text() == derived):
                 d.mkdir(parents=True, exist_ok=True)
