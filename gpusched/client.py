@@ -8,7 +8,9 @@ Content-Length and closes nothing mid-reply.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -50,6 +52,17 @@ class Client:
                                 f"{path}): {start}")
         return NotConnected(f"cannot connect to the gpusched daemon on {path} ({err})")
 
+    def _check_server(self, sock: socket.socket) -> None:
+        """The daemon is root (the system service) or ourselves (a personal one): anyone else
+        listening on the path (a socket configured in a directory others can write) would get
+        our jobs, their environment and our identity's requests."""
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid not in (0, os.getuid()):
+            raise GpuschedError(
+                f"{self.socket_path} is served by uid {uid}, neither root nor you: refusing to "
+                "talk to it (check GPUSCHED_SOCKET / the socket setting)")
+
     def _exchange(self, method: str, path: str, payload: bytes | None,
                   headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         head = f"{method} {path} HTTP/1.1\r\nHost: gpusched\r\nConnection: close\r\n"
@@ -63,6 +76,7 @@ class Client:
                 sock.connect(self.socket_path)
             except OSError as err:
                 raise self._not_running(err) from err
+            self._check_server(sock)
             try:
                 sock.sendall(head.encode() + b"\r\n" + (payload or b""))
             except BrokenPipeError:

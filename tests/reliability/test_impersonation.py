@@ -13,6 +13,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,30 @@ def test_an_admin_reading_another_users_log_gets_no_terminal_escapes(
     assert own == "a\x1b]0;pwned\x07b\tc\n"  # one's own output, as it is
     seen = as_user(d, admin, "logs", str(job)).stdout
     assert seen == "a\\x1b]0;pwned\\x07b\tc\n", seen
+
+
+def test_the_cli_talks_only_to_a_daemon_of_root_or_its_own_user(
+        users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
+    """A socket configured in a directory others can write: another user could listen there
+    first and collect the jobs (with their environment) sent to it. The CLI refuses."""
+    u1, u2 = users["gsuser1"], users["gsuser2"]
+    path = shared_dir / "fake.sock"
+    fake = subprocess.Popen([*user_argv(u2), sys.executable, "-c",
+                             "import os,socket,sys,time; s=socket.socket(socket.AF_UNIX);"
+                             f"s.bind({str(path)!r}); os.chmod({str(path)!r}, 0o666);"
+                             "s.listen(8); print('up', flush=True);"
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "up"
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("GPUSCHED_")},
+               "GPUSCHED_SOCKET": str(path), "GPUSCHED_CONFIG": "/dev/null", "HOME": "/tmp"}
+        r = subprocess.run([*user_argv(u1), sys.executable, "-m", "gpusched.cli", "submit",
+                            "--env", "TOKEN=s3cr3t", "--", "true"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, r
+        assert f"served by uid {u2.pw_uid}, neither root nor you" in r.stderr, r.stderr
+    finally:
+        fake.kill()
+        fake.wait()
+        if fake.stdout:
+            fake.stdout.close()
