@@ -335,6 +335,10 @@ def _tao_move_aside(stage: Any) -> None:
     names = movable_output(stage.task, sorted(os.listdir(res)))
     if not names:
         return
+    for used in (getattr(stage, "model", None), getattr(stage, "spec", None)):
+        if used and any(Path(used).is_relative_to(res / n) for n in names):
+            raise SpecError(f"--overwrite would move {used} aside, which this stage uses: "
+                            "copy it elsewhere first, or give another -r")
     old = res / f".gpusched-old-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 0
     while old.exists():
@@ -707,11 +711,16 @@ def pipeline_run(
         base_dir = str(file.resolve().parent)
         definition = _derive_pipeline_specs(definition, base_dir)
         if overwrite:
-            from gpusched.pipelines import expand, load
+            from gpusched.pipelines import expand, load, retry_round_thresholds
 
-            for planned in expand(load(definition, base_dir)):
-                _tao_move_aside(SimpleNamespace(task=planned.fields["task"],
-                                                results_dir=planned.fields.get("results_dir")))
+            pdef = load(definition, base_dir)
+            rounds = [None, *([v] for v in retry_round_thresholds(pdef))]  # and the gate's
+            for values in rounds:
+                for planned in expand(pdef, thresholds=values):
+                    _tao_move_aside(SimpleNamespace(
+                        task=planned.fields["task"], model=planned.fields.get("model"),
+                        spec=planned.fields.get("spec"),
+                        results_dir=planned.fields.get("results_dir")))
         body: dict[str, Any] = {"definition": definition,
                                 "base_dir": base_dir, "env": _env_pairs(env)}
         if mount:

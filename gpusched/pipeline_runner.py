@@ -23,6 +23,7 @@ from gpusched.pipelines import (
     gate_decision,
     judge_branch,
     model_ref,
+    retry_round_thresholds,
 )
 from gpusched.stages import StageRequest, build_job
 from gpusched.store import Row, Store
@@ -54,6 +55,13 @@ class PipelineRunner:
                              owner_uid=owner_uid)
             if validate is not None:
                 validate(spec)
+        # the gate's later rounds are built from the tick, hours later: check their stages
+        # (results directories free, paths allowed) now, while the user is there to hear it
+        for value in retry_round_thresholds(pdef):
+            for p in expand(pdef, thresholds=[value]):
+                fake_ids.setdefault(p.key, len(fake_ids) + 1)
+                build_job(self._request(pdef, p, fake_ids, None, 2, extra), self.settings,
+                          owner_uid=owner_uid)
         with self.store.write():  # the pipeline, its key and every job of round 1, or nothing
             pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner,
                                              now=now, idempotency=idempotency,

@@ -122,6 +122,18 @@ def _check_threshold(t: float, where: str) -> None:
                          "below a tenth of the largest)")
 
 
+def retry_round_thresholds(p: PipelineDef) -> list[float]:
+    """The thresholds the gate's retry rounds would try, in order, at most (the gate stops
+    earlier when a branch passes): what submission checks and ``--overwrite`` clears too."""
+    fan = next((n for n, s in p.stages.items() if isinstance(s.threshold, list)), None)
+    if p.gate is None or fan is None:
+        return []
+    if p.gate.retry_thresholds is not None:
+        return list(p.gate.retry_thresholds[:p.gate.retries])
+    raw = p.stages[fan].threshold
+    return backoff_thresholds(min(raw) if isinstance(raw, list) else 0.1, p.gate)
+
+
 def backoff_thresholds(lowest: float, gate: GateDef) -> list[float]:
     """The thresholds the gate's backoff would try, one per retry round."""
     out, t = [], lowest

@@ -124,7 +124,9 @@ def previous_output(task: str, names: list[str], weights: list[str]) -> list[str
     ``--overwrite`` moved an old run) do not count."""
     found: list[str] = []
     visible = [n for n in names if not n.startswith(".")]
-    if "status.json" in visible:
+    # evaluate may share a dir (TAO's notebooks give it train's -r): it writes a STARTED line
+    # and is judged only from its own lines after it; the others could take a train's verdict
+    if "status.json" in visible and task != "evaluate":
         found.append("status.json")
     if task in ("train", "retrain"):
         ckpts = parsers.checkpoint_epochs(weights)
@@ -139,8 +141,9 @@ def previous_output(task: str, names: list[str], weights: list[str]) -> list[str
 
 def movable_output(task: str, names: list[str]) -> list[str]:
     """The entries that ``--overwrite`` moves aside (the CLI, as the user)."""
-    keep = {"status.json", "weights", "events"} if task in ("train", "retrain") else {
-        "status.json", "labels", "images_annotated"}
+    keep = ({"status.json", "weights", "events"} if task in ("train", "retrain") else
+            {"labels", "images_annotated"} if task == "evaluate" else
+            {"status.json", "labels", "images_annotated"})
     return [n for n in names if not n.startswith(".") and (
         n in keep or (task in ("train", "retrain") and fnmatch.fnmatchcase(n, CSV_GLOB)))]
 
@@ -152,6 +155,10 @@ def _check_results_dir(stage: TaoStage, owner_uid: int | None) -> None:
     names = list_user_dir(res, owner_uid=owner_uid) or []
     weights = list_user_dir(res / "weights", owner_uid=owner_uid) or [] if "weights" in names \
         else []
+    manual_resume = (stage.task in ("train", "retrain") and (stage.initial_epoch or 1) > 1
+                     and bool(stage.model) and is_under(str(stage.model), str(res / "weights")))
+    if manual_resume:
+        return  # TAO's own resume: -m a checkpoint of this dir, --initial_epoch K+1
     if stage.resume:
         if not parsers.checkpoint_epochs(weights):
             raise SpecError(f"--resume: {res}/weights holds no checkpoint to resume from")
@@ -341,10 +348,22 @@ def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
         if ckpts:
             epoch = max(ckpts)
             path = ckpts[epoch]
-            shown = path if spec.runner == "local" else to_container(path, spec.mounts)
+            # in a container: under the command's own -r (its mounts' sources are stored
+            # resolved while results_dir is as given, so translating the host path can miss)
+            shown = path if spec.runner == "local" else posixpath.join(
+                _flag_value(spec.command, "-r") or to_container(stage.results_dir, spec.mounts),
+                "weights", posixpath.basename(path))
             command = set_flag(set_flag(command, "-m", shown), "--initial_epoch", str(epoch + 1))
             launch.update({"resumed_from": path, "initial_epoch": epoch + 1})
     return spec.model_copy(update={"command": command, "stage": {**info, "launch": launch}})
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value after ``flag`` in a command (the stage's own argv)."""
+    for i, a in enumerate(argv[:-1]):
+        if a == flag:
+            return argv[i + 1]
+    return None
 
 
 def _read(path: str | Path | None, limit: int = 32 * 1024 * 1024,

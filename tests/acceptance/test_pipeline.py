@@ -505,9 +505,15 @@ def test_running_a_pipeline_again_needs_overwrite(example_run: tuple[DaemonProce
     r = d.cli("pipeline", "run", p["toml"])
     assert r.returncode != 0 and "--overwrite" in r.stderr, (r.stdout, r.stderr)
     assert len(d.client().get("/v1/jobs?all=1")) == before
+    # a gate round of a later run would write where an earlier run's round wrote: that too is
+    # refused now, not hours later from the tick
+    later = Path(p["toml"]).parent / "experiment_dir_retrain" / "pth0.05"
+    later.mkdir(parents=True)
+    (later / "status.json").write_text("{}\n")
     r = d.cli("pipeline", "run", p["toml"], "--overwrite", "--json")
     assert r.returncode == 0, r.stderr
     assert "aside into" in r.stderr
+    assert not (later / "status.json").exists()  # moved aside with the rest
     again = json.loads(r.stdout)
     for j in again["jobs"]:
         d.cli("cancel", str(j["id"]))

@@ -326,3 +326,57 @@ def test_a_notebooks_gpu_index_is_sent_as_on(root: Path, sent: list[dict[str, An
     assert r.exit_code == 0, r.output
     assert sent[0]["on"] == ["0", "1"] and sent[0]["stage"]["gpus"] == 2
     assert "--on 0,1" in r.output  # the note (stderr is mixed into output here)
+
+
+# -- what a review found -------------------------------------------------------------------
+
+
+def test_a_container_retry_resumes_through_a_symlinked_mount(root: Path) -> None:
+    """~/tao-experiments -> /big/disk: the stored mounts' sources are resolved, -r is as
+    given; the resumed checkpoint is named under the command's own -r."""
+    from gpusched import policy
+
+    (root / "real").mkdir()
+    (root / "link").symlink_to(root / "real")
+    (root / "link" / "spec.txt").write_text(EXAMPLE_SPEC.read_text())
+    req = StageRequest(stage={"task": "train", "spec": str(root / "link" / "spec.txt"),
+                              "results_dir": str(root / "link" / "results")},
+                       runner="docker", mounts=[Mount(source=str(root / "link"),
+                                                      target="/workspace")])
+    job = policy.resolve_mounts(build_job(req, settings(root, "docker")), DockerSettings(
+        mount_roots=[str(root)]))
+    assert job.mounts[0].source == str(root / "real")
+    model(root / "real" / "results" / "weights" / "ssd_resnet18_epoch_010.hdf5", epoch=10)
+    again = for_launch(job, attempt=2, gpu_indices=[0], owner_uid=None)
+    assert flag(again.command, "-m") == ["/workspace/results/weights/ssd_resnet18_epoch_010.hdf5"]
+    assert flag(again.command, "--initial_epoch") == ["11"]
+
+
+def test_taos_own_manual_resume_is_not_refused(root: Path) -> None:
+    """TAO's documented resume: -m R/weights/..._epoch_070.hdf5 --initial_epoch 71 -r R."""
+    ckpt = model(root / "results" / "weights" / "ssd_resnet18_epoch_070.hdf5", epoch=70)
+    (root / "results" / "status.json").write_text("{}\n")
+    job = build_job(train_req(root, model=str(ckpt), initial_epoch=71), settings(root))
+    assert flag(job.command, "--initial_epoch") == ["71"]
+
+
+def test_evaluate_may_share_the_train_dir_as_taos_notebooks_do(root: Path) -> None:
+    ckpt = model(root / "results" / "weights" / "ssd_resnet18_epoch_010.hdf5", epoch=10)
+    (root / "results" / "status.json").write_text("{}\n")
+    build_job(StageRequest(stage={"task": "evaluate", "spec": str(root / "spec.txt"),
+                                  "model": str(ckpt), "results_dir": str(root / "results")}),
+              settings(root))
+    with pytest.raises(SpecError, match="holds another run's output"):  # prune would misjudge
+        build_job(StageRequest(stage={"task": "prune", "model": str(ckpt),
+                                      "output": str(root / "p.hdf5"),
+                                      "results_dir": str(root / "results")}), settings(root))
+
+
+def test_overwrite_never_moves_the_model_the_stage_uses(root: Path) -> None:
+    from gpusched.cli import app
+
+    ckpt = model(root / "results" / "weights" / "ssd_resnet18_epoch_010.hdf5", epoch=10)
+    r = CliRunner().invoke(app, ["tao", "ssd", "train", "-e", str(root / "spec.txt"), "-r",
+                                 str(root / "results"), "-m", str(ckpt), "--overwrite"])
+    assert r.exit_code != 0 and "would move" in r.output, r.output
+    assert ckpt.exists()

@@ -219,3 +219,18 @@ def test_derived_specs_are_named_like_gpusched_tao_set() -> None:
     digest = hashlib.sha256(b"x").hexdigest()[:10]
     assert derived_spec_path("/a/b.txt", "x") == f"/a/b.gpusched-{digest}.txt"
     assert derived_spec_path("/a/b.spec", "x") == f"/a/b.spec.gpusched-{digest}.txt"
+
+
+def test_the_gates_later_rounds_are_known_at_submission() -> None:
+    from gpusched.pipelines import PipelineDef, retry_round_thresholds
+
+    def pdef(**gate: object) -> PipelineDef:
+        return PipelineDef.model_validate({
+            "name": "p", "workdir": "/tmp", "gate": {"candidate": "e2", "baseline": "e1", **gate},
+            "stages": {"t": {"task": "train", "spec": "s"},
+                       "e1": {"task": "evaluate", "spec": "s", "needs": ["t"]},
+                       "p": {"task": "prune", "threshold": [0.2, 0.4], "needs": ["t"]},
+                       "e2": {"task": "evaluate", "spec": "s", "needs": ["p"]}}})
+
+    assert retry_round_thresholds(pdef(retries=2, backoff=0.5)) == [0.1, 0.05]
+    assert retry_round_thresholds(pdef(retries=1, retry_thresholds=[0.15, 0.1])) == [0.15]
