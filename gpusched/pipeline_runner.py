@@ -57,11 +57,20 @@ class PipelineRunner:
                 validate(spec)
         # the gate's later rounds are built from the tick, hours later: check their stages
         # (results directories free, paths allowed) now, while the user is there to hear it
-        for value in retry_round_thresholds(pdef):
-            for p in expand(pdef, thresholds=[value]):
-                fake_ids.setdefault(p.key, len(fake_ids) + 1)
-                build_job(self._request(pdef, p, fake_ids, None, 2, extra), self.settings,
-                          owner_uid=owner_uid)
+        later = [p for value in retry_round_thresholds(pdef)
+                 for p in expand(pdef, thresholds=[value])]
+        for p in later:
+            fake_ids.setdefault(p.key, len(fake_ids) + 1)
+            build_job(self._request(pdef, p, fake_ids, None, 2, extra), self.settings,
+                      owner_uid=owner_uid)
+        writers: dict[str, str] = {}  # two stages writing one directory mix their results
+        for p in [*plan, *later]:
+            where = p.fields.get("results_dir") if p.fields.get("task") != "evaluate" else None
+            if where in writers and writers[where] != p.key:
+                raise SpecError(f"stages {writers[where]} and {p.key} both write {where}: give "
+                                "each its own results directory (e.g. with {threshold})")
+            if where:
+                writers[where] = p.key
         with self.store.write():  # the pipeline, its key and every job of round 1, or nothing
             pid = self.store.create_pipeline(pdef.name, owner_uid=owner_uid, owner=owner,
                                              now=now, idempotency=idempotency,

@@ -188,6 +188,12 @@ class Service:
         """Refuse what must never be stored: runner off, paths and images out of policy."""
         from gpusched import policy
 
+        results = ((spec.stage or {}).get("stage") or {}).get("results_dir")
+        if results and spec.kind.startswith("tao:") and spec.kind != "tao:evaluate":
+            other = self.store.active_results_dirs().get(results)
+            if other is not None:  # two runs writing one directory mix their checkpoints
+                raise SpecError(f"{results} is the results directory of job {other}, which has "
+                                "not ended: give this stage its own -r")
         if spec.runner not in self.daemon.runners:
             raise SpecError(f"the {spec.runner} runner is not enabled on this daemon")
         if spec.runner == "docker":

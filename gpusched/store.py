@@ -612,6 +612,15 @@ class Store:
                              (reason, now, job_id))
                 self._event(conn, job_id, now, None, "requeue", reason, "daemon")
 
+    def active_results_dirs(self) -> dict[str, int]:
+        """results_dir -> job id, for the TAO stages not yet ended that write one (evaluate,
+        which may share a directory, left out)."""
+        rows = self.query(
+            "SELECT id, json_extract(spec, '$.stage.stage.results_dir') AS d FROM jobs"
+            " WHERE status IN ('queued', 'held', 'starting', 'running', 'unknown')"
+            " AND kind LIKE 'tao:%' AND kind != 'tao:evaluate' ORDER BY id")
+        return {r["d"]: r["id"] for r in rows if r["d"]}
+
     def allocation_owners(self) -> dict[int, int]:
         """job id -> owner uid, for the jobs that hold (or are releasing) GPUs."""
         return {r["id"]: r["owner_uid"] for r in self.query(

@@ -380,3 +380,36 @@ def test_overwrite_never_moves_the_model_the_stage_uses(root: Path) -> None:
                                  str(root / "results"), "-m", str(ckpt), "--overwrite"])
     assert r.exit_code != 0 and "would move" in r.output, r.output
     assert ckpt.exists()
+
+
+def test_two_stages_never_write_one_results_dir_at_once(root: Path, service: Any) -> None:
+    """The first is still queued, so the directory is empty yet: the second is refused all
+    the same (they would mix their checkpoints, and a retry would resume the other's)."""
+    req = StageRequest(stage={"task": "train", "spec": str(root / "spec.txt"),
+                              "results_dir": str(root / "results")}, runner="local", hold=True)
+    first = build_job(req, service.settings)
+    service.validate_spec(first, os.getuid())
+    job = service.store.submit(first, owner_uid=os.getuid(), owner="t", now=0.0)
+    second = build_job(req, service.settings)
+    with pytest.raises(SpecError, match=f"results directory of job {job}, which has not ended"):
+        service.validate_spec(second, os.getuid())
+    ev = build_job(StageRequest(stage={"task": "evaluate", "spec": str(root / "spec.txt"),
+                                       "model": str(model(root / "m.hdf5")),
+                                       "results_dir": str(root / "results")}, runner="local"),
+                   service.settings)
+    service.validate_spec(ev, os.getuid())  # evaluate may share it
+
+
+def test_pipeline_branches_that_would_share_a_results_dir_are_refused(root: Path,
+                                                                       service: Any) -> None:
+    from gpusched.pipelines import load
+
+    pdef = load({"name": "p", "runner": "local", "stages": {
+        "train": {"task": "train", "spec": "spec.txt", "results": "unpruned"},
+        "prune": {"task": "prune", "threshold": [0.1, 0.2], "needs": ["train"],
+                  "model": "best_checkpoint:train", "output": "pruned/p{threshold}.hdf5",
+                  "results": "pruned"}}}, str(root))
+    with pytest.raises(SpecError, match=r"both write .*/pruned: give each its own"):
+        service.daemon.pipelines.submit(pdef, owner_uid=os.getuid(), owner="t", now=0.0,
+                                        mounts=[], env={})
+    assert service.store.pipelines() == []
