@@ -9,7 +9,6 @@ NVML cannot read is None, and a GPU that is lost or reports fatal errors comes b
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any, Literal, Protocol, cast
 
 from gpusched.errors import ConfigError, NvmlUnavailable, SpecError
 from gpusched.models import Gpu, GpuProcess, parse_size_mib
+from gpusched.paths import process_uid
 
 log = logging.getLogger(__name__)
 
@@ -373,14 +373,6 @@ def open_inventory(simulate: str | None) -> Inventory:
     if simulate:
         return SimulatedInventory(simulate)
     return NvmlInventory()
-
-
-def process_uid(pid: int) -> int | None:
-    """The real uid a process runs as (None when it is gone)."""
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
 
 
 def job_of_pid(pid: int, owners: dict[int, int] | None = None) -> int | None:

@@ -83,3 +83,11 @@ def ensure_dir(path: Path, mode: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     ensure_mode(path, mode)
     return path
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid a process runs as (None when it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None

@@ -163,9 +163,10 @@ def _read(fd: int, max_bytes: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def list_user_dir(path: str | os.PathLike[str] | None, *,
-                  owner_uid: int | None = None) -> list[str] | None:
-    """The entry names of a directory reached safely, or None (missing, refused)."""
+def list_user_dir(path: str | os.PathLike[str] | None, *, owner_uid: int | None = None,
+                  max_entries: int = 10_000) -> list[str] | None:
+    """The entry names of a directory reached safely, or None (missing, refused); at most
+    ``max_entries`` of them (the daemon lists results directories inside its tick)."""
     if not path:
         return None
     try:
@@ -175,7 +176,13 @@ def list_user_dir(path: str | os.PathLike[str] | None, *,
     try:
         if owner_uid is not None and not _Access(owner_uid).allows(os.fstat(fd), 4):
             return None
-        return sorted(os.listdir(fd))
+        names = []
+        with os.scandir(fd) as entries:  # a user's directory may hold millions of entries
+            for entry in entries:
+                names.append(entry.name)
+                if len(names) >= max_entries:
+                    break
+        return sorted(names)
     except OSError:
         return None
     finally:

@@ -247,9 +247,10 @@ def build_job(req: StageRequest, settings: Settings,
     qat_spec: bool | None = None
     if stage.spec and spec_facts is None:
         spec_facts, qat_spec = _read_spec(stage.spec, owner_uid)
-    if stage.model and not stage.model.startswith(REF_ROOT) and not os.path.exists(
-            stage.model) and not resolved:
-        raise SpecError(f"model {stage.model} does not exist")
+    if stage.model and not stage.model.startswith(REF_ROOT) and not resolved and \
+            user_file_size(stage.model, owner_uid=owner_uid) is None:
+        # as the submitter could see it: root's answer would tell what exists in others' dirs
+        raise SpecError(f"model {stage.model} does not exist (or is not a file you can read)")
     if check_results:
         _check_results_dir(stage, owner_uid)
         if qat_spec is not None:

@@ -67,15 +67,8 @@ def users() -> Iterator[dict[str, pwd.struct_passwd]]:
 @pytest.fixture
 def root_daemon(users: dict[str, pwd.struct_passwd]) -> Iterator[DaemonProcess]:
     """The real daemon as root, with gsrel-admin as its admin group."""
-    state = short_tmpdir("gsusers")
-    os.chmod(state, 0o755)  # like /var/lib/gpusched
-    d = DaemonProcess(state, env={"GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP})
-    d.start()
-    try:
+    with real.root_daemon() as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import subprocess
 from pathlib import Path
 
 from gpusched.errors import LaunchRefused, RunnerError
+from gpusched.paths import process_uid
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
 from gpusched.safefs import UnsafeFile, open_user_file
 
@@ -77,13 +78,6 @@ def _session_leader(pid: int) -> bool:
     """A shim runs in its own session (start_new_session): pid == pgid == sid."""
     fields = _stat(pid)
     return fields is not None and int(fields[2]) == pid and int(fields[3]) == pid
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
 
 
 def alive(pid: int | None, start: int | None) -> bool:
@@ -393,7 +387,7 @@ class LocalRunner:
             if (job_id, n) not in live:
                 found.append(Orphan(f"local shim pid {pid} of job {job_id} attempt {n}",
                                     job_id=job_id, attempt=n, handle=(pid, proc_start_time(pid)),
-                                    uid=_uid(pid)))
+                                    uid=process_uid(pid)))
         return found
 
     def remove_orphan(self, orphan: Orphan) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpusched.testing.harness import DaemonProcess
+from gpusched.testing.harness import DaemonProcess, short_tmpdir
 
 USERS = ("gsuser1", "gsuser2", "gsadmin1")
 ADMIN_GROUP = "gsrel-admin"
@@ -51,6 +51,21 @@ def real_users() -> Iterator[dict[str, pwd.struct_passwd]]:
             _run("userdel", name)
         if created_group:
             _run("groupdel", ADMIN_GROUP)
+
+
+@contextmanager
+def root_daemon(env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
+    """The real daemon as root (state dir 0755, like /var/lib/gpusched), with ADMIN_GROUP as
+    its admin group and ``env`` on top; stopped and removed afterwards."""
+    state = short_tmpdir("gsusers")
+    os.chmod(state, 0o755)
+    d = DaemonProcess(state, env={"GPUSCHED_API__ADMIN_GROUP": ADMIN_GROUP, **(env or {})})
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def user_argv(user: pwd.struct_passwd | None) -> list[str]:

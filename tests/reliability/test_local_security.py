@@ -20,7 +20,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import stat
 import subprocess
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 
 from gpusched.testing import users as real
-from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, fake_tao_env
 from gpusched.testing.users import as_user
 from gpusched.testing.users import available as users_available
 
@@ -93,19 +92,11 @@ def train_spec(dst: Path, user: pwd.struct_passwd, num_epochs: int = 3) -> Path:
 @contextlib.contextmanager
 def tao_root_daemon(shared_dir: Path, command: list[str] | None = None) -> Iterator[DaemonProcess]:
     """The root daemon running TAO stages as local processes: the fake TAO, or ``command``."""
-    state = short_tmpdir("gsusers")
-    os.chmod(state, 0o755)
-    env = {"GPUSCHED_API__ADMIN_GROUP": real.ADMIN_GROUP,
-           **fake_tao_env(mount_roots=[str(shared_dir)])}
+    env = fake_tao_env(mount_roots=[str(shared_dir)])
     if command is not None:
         env["GPUSCHED_TAO__LOCAL_COMMAND"] = json.dumps(command)
-    d = DaemonProcess(state, env=env)
-    d.start()
-    try:
+    with real.root_daemon(env) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 # -- A: the working directory is entered as the job's user -----------------------------------

@@ -166,3 +166,15 @@ def test_with_owner_uid_only_what_that_user_could_read(open_dir: Path) -> None:
     assert list_user_dir(closed, owner_uid=OTHER) is None
     assert list_user_dir(closed) == ["f"]
     assert read_user_file(closed / "f", max_bytes=10, owner_uid=0) == b"x"
+
+
+def test_a_listing_stops_at_its_cap(tmp_path: Path) -> None:
+    """The daemon lists a user's weights/ inside its tick: a directory of millions of entries
+    must not stall it."""
+    from gpusched.safefs import list_user_dir
+
+    for i in range(30):
+        (tmp_path / f"f{i:02d}").touch()
+    assert len(list_user_dir(tmp_path) or []) == 30
+    capped = list_user_dir(tmp_path, max_entries=7)
+    assert capped is not None and len(capped) == 7 and capped == sorted(capped)
