@@ -15,6 +15,7 @@ from gpusched.service import Service
 from gpusched.testing import users as real
 from gpusched.testing.clock import FakeClock
 from gpusched.testing.harness import SIM_GPUS, DaemonProcess, short_tmpdir
+from gpusched.testing.users import UNAVAILABLE
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def daemon(state_dir: Path) -> Iterator[DaemonProcess]:
 def users() -> Iterator[dict[str, pwd.struct_passwd]]:
     """gsuser1, gsuser2 and gsadmin1 (in group gsrel-admin), created for the run."""
     if not real.available():
-        pytest.skip("needs root with useradd, groupadd and setpriv to act as real users")
+        pytest.skip(UNAVAILABLE)
     with real.real_users() as found:
         yield found
 

@@ -6,6 +6,7 @@ users are ``gsuser1``, ``gsuser2`` (plain) and ``gsadmin1`` (member of ``gsrel-a
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -22,8 +23,25 @@ ADMIN_GROUP = "gsrel-admin"
 TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
 
 
+@functools.cache
+def checkout_reachable() -> bool:
+    """Can another user run this gpusched? Not from a checkout under a 0700 directory (as
+    ``mktemp -d`` makes). Asked the way the tests will use it: as nobody, through setpriv."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return False
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c", "import gpusched.cli"], capture_output=True,
+                       timeout=60, cwd="/")
+    return r.returncode == 0
+
+
 def available() -> bool:
-    return os.geteuid() == 0 and all(shutil.which(t) for t in TOOLS)
+    return os.geteuid() == 0 and all(shutil.which(t) for t in TOOLS) and checkout_reachable()
+
+
+#: why ``available()`` is False, for skip reasons
+UNAVAILABLE = ("needs root with useradd, groupadd and setpriv, and a checkout other users can "
+               "read (not under a 0700 directory such as mktemp -d's) to act as real users")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

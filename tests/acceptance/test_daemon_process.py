@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpusched.testing.harness import DaemonProcess, short_tmpdir
+from gpusched.testing.users import checkout_reachable
 
 pytestmark = pytest.mark.acceptance
 
@@ -227,7 +228,8 @@ def test_raw_http_over_the_socket(daemon: DaemonProcess) -> None:
     assert json.loads(daemon.cli("ls", "--all", "--json").stdout) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+@pytest.mark.skipif(os.geteuid() != 0 or not checkout_reachable(),
+                    reason="needs root, and a checkout other users can read, to act as a second user")
 def test_another_user_cannot_touch_my_job(daemon: DaemonProcess) -> None:
     job = submit(daemon, "--hold", "--", "true")
     setpriv = shutil.which("setpriv")

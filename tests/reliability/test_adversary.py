@@ -22,11 +22,11 @@ import pytest
 
 from gpusched.testing.faults import check_invariants
 from gpusched.testing.harness import DaemonProcess
-from gpusched.testing.users import as_user, user_argv
+from gpusched.testing.users import UNAVAILABLE, as_user, user_argv
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 ENDED = {"succeeded", "failed", "cancelled", "lost"}
 VICTIM_JOBS = 12

@@ -27,11 +27,11 @@ from gpusched.runners.local import EXIT_FILE, SHIM, SHIM_NAME, alive
 from gpusched.service import Service
 from gpusched.testing.harness import DaemonProcess
 from gpusched.testing.ticks import TERMINAL, restarted, run_until, status, submit
-from gpusched.testing.users import as_user, user_argv
+from gpusched.testing.users import UNAVAILABLE, as_user, user_argv
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 
 @pytest.fixture

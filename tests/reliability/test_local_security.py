@@ -31,11 +31,11 @@ import pytest
 
 from gpusched.testing import users as real
 from gpusched.testing.harness import DaemonProcess, fake_tao_env
-from gpusched.testing.users import as_user
+from gpusched.testing.users import UNAVAILABLE, as_user
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_resnet18_kitti.txt"
 ENDED = {"succeeded", "failed", "cancelled", "lost"}

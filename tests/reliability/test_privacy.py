@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from gpusched.testing.harness import DaemonProcess
-from gpusched.testing.users import as_user, user_argv
+from gpusched.testing.users import UNAVAILABLE, as_user, user_argv
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 SECRET = "hunter2-s3cr3t-token"
 EVIL_NAME = "\x1b[2J\x1b]0;pwned\x07x"

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from gpusched.testing.harness import DaemonProcess
-from gpusched.testing.users import as_user, user_argv
+from gpusched.testing.users import UNAVAILABLE, as_user, user_argv
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 
 def run_as(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:

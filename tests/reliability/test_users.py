@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from gpusched.testing.harness import DaemonProcess
-from gpusched.testing.users import as_user
+from gpusched.testing.users import UNAVAILABLE, as_user
 from gpusched.testing.users import available as users_available
 
 pytestmark = pytest.mark.skipif(
-    not users_available(), reason="needs root with useradd, groupadd and setpriv to act as real users")
+    not users_available(), reason=UNAVAILABLE)
 
 
 def submit(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:
