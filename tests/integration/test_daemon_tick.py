@@ -102,7 +102,9 @@ def test_cancel_queued_and_running(service: Service) -> None:
     # a second cancel is harmless
     assert service.store.request_cancel(running, actor="tester", now=service.clock.now()) == (
         "cancelling")
-    run_until(service, ended(service, running))
+    # the fake clock stands still: on a loaded machine the kill grace must not run out (in
+    # fake time) before the job has handled its SIGTERM
+    run_until(service, ended(service, running), step=0.0)
     row = service.store.get_job(running)
     assert row["status"] == "cancelled" and row["exit_code"] == 143
     pid = service.store.attempt(running, 1)["pid"]  # type: ignore[index]
