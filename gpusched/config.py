@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,10 +27,27 @@ class GpusSettings(BaseModel):
     poll_interval_s: float = Field(default=5.0, gt=0)
     foreign_policy: Literal["memory", "exclusive"] = "memory"
     release_timeout_s: float = Field(default=60.0, ge=0)
+    # prior speed per GPU model for placement before anything was timed ("RTX A4000" = 1.4;
+    # a key matches a GPU whose name contains it); overrides NVML's and the simulated spec's
+    speed: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("speed")
+    @classmethod
+    def _speeds(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if not (x > 0 and x < 1e6) or not k.strip()]
+        if bad:
+            raise ValueError(f"gpus.speed: each GPU model needs a name and a speed above 0 "
+                             f"(bad: {', '.join(map(repr, bad))})")
+        return v
 
 
 class SchedulerSettings(BaseModel):
     tick_interval_s: float = Field(default=1.0, gt=0)
+    # "throughput": each job on the GPU set the measured speeds say finishes it soonest (see
+    # README, Placement); "fifo": best fit by free memory, elastic requests at their maximum
+    policy: Literal["throughput", "fifo"] = "throughput"
+    efficiency_prior: float = Field(default=0.85, gt=0, le=1.2)  # N-GPU scaling before data
+    model_refresh_s: float = Field(default=60.0, gt=0)  # refit the speed model this often
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     kill_grace_s: float = Field(default=10.0, ge=0)
 

@@ -9,6 +9,7 @@ NVML cannot read is None, and a GPU that is lost or reports fatal errors comes b
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 SIMULATE_EXAMPLE = "RTX A4000:16G,RTX 2070:8G"
+SIMULATE_SPEED_EXAMPLE = "RTX A4000:16G:1.40,RTX 2070:8G:1.0"
 # Fixed forever: simulated UUIDs derive from it, and the state database remembers them across
 # daemon restarts.
 SIM_NAMESPACE = uuid.UUID("6f1d8c1e-3b9a-5f4e-9c1a-2d7e0b4a8f31")
@@ -43,12 +45,30 @@ class Inventory(Protocol):
 
 def parse_simulated(spec: str) -> list[tuple[str, int]]:
     """``"RTX A4000:16G,RTX 2070:8G"`` -> ``[("RTX A4000", 16384), ("RTX 2070", 8192)]``."""
-    syntax = f'use NAME:SIZE[,NAME:SIZE...], e.g. "{SIMULATE_EXAMPLE}"'
+    return [(name, mib) for name, mib, _ in parse_simulated_speeds(spec)]
+
+
+_SPEED_RE = re.compile(r"^\s*\d+(\.\d*)?\s*$")
+
+
+def parse_simulated_speeds(spec: str) -> list[tuple[str, int, float | None]]:
+    """``"RTX A4000:16G:1.40,RTX 2070:8G:1.0"`` -> name, MiB and the optional prior speed
+    (the placement model's starting point for that GPU: see speedmodel)."""
+    syntax = (f'use NAME:SIZE[:SPEED][,NAME:SIZE[:SPEED]...], e.g. "{SIMULATE_EXAMPLE}" or '
+              f'"{SIMULATE_SPEED_EXAMPLE}"')
     items = [part.strip() for part in spec.split(",")]
     if not spec.strip() or not all(items):
         raise ConfigError(f"bad simulated GPU list {spec!r}: {syntax}")
-    gpus: list[tuple[str, int]] = []
+    gpus: list[tuple[str, int, float | None]] = []
     for item in items:
+        speed: float | None = None
+        head, sep, last = item.rpartition(":")
+        if sep and _SPEED_RE.match(last) and ":" in head:
+            # NAME:SIZE:SPEED (a bare SIZE is MiB, so a speed needs the size before it)
+            speed = float(last)
+            if speed <= 0:
+                raise ConfigError(f"simulated GPU {item!r}: the speed must be above zero")
+            item = head
         # rpartition: the size never holds a colon, a GPU name might.
         name, sep, size = item.rpartition(":")
         name = name.strip()
@@ -60,7 +80,7 @@ def parse_simulated(spec: str) -> list[tuple[str, int]]:
             raise ConfigError(f"bad simulated GPU size {size!r} (in {spec!r}): {syntax}") from err
         if mib <= 0:
             raise ConfigError(f"simulated GPU {name!r} needs a memory size above zero: {syntax}")
-        gpus.append((name, mib))
+        gpus.append((name, mib, speed))
     return gpus
 
 
@@ -77,10 +97,11 @@ class SimulatedInventory:
     simulated = True
 
     def __init__(self, spec: str) -> None:
+        parsed = parse_simulated_speeds(spec)
         self._gpus = [
-            (i, simulated_uuid(i, name), name, mib)
-            for i, (name, mib) in enumerate(parse_simulated(spec))
+            (i, simulated_uuid(i, name), name, mib) for i, (name, mib, _) in enumerate(parsed)
         ]
+        self._speeds = {simulated_uuid(i, name): sp for i, (name, _, sp) in enumerate(parsed)}
         self._foreign: dict[str, int] = {}
         self._health: dict[str, tuple[Health, str | None]] = {}
         self._lock = threading.Lock()
@@ -141,6 +162,7 @@ class SimulatedInventory:
                         health=health,
                         health_reason=reason,
                         simulated=True,
+                        speed=self._speeds.get(gpu_uuid),
                     )
                 )
         return out
@@ -184,6 +206,7 @@ class NvmlInventory:
                 raise _unavailable(f"the Python package nvidia-ml-py is missing ({err})") from err
             nvml = pynvml
         self._nvml = nvml
+        self._speed: dict[str, float | None] = {}
         try:
             nvml.nvmlInit()
         except (nvml.NVMLError, OSError) as err:
@@ -294,6 +317,8 @@ class NvmlInventory:
         mig = self._optional("nvmlDeviceGetMigMode", h)
         procs = self._optional("nvmlDeviceGetComputeRunningProcesses", h) or []
         health, reason = self._health(h)
+        if gpu_uuid not in self._speed:  # static: read once per GPU
+            self._speed[gpu_uuid] = self._nvml_speed(h)
         return Gpu(
             index=index,
             uuid=gpu_uuid,
@@ -310,7 +335,19 @@ class NvmlInventory:
             processes=_processes(procs, job_of_pid),
             health=health,
             health_reason=reason,
+            speed=self._speed[gpu_uuid],
         )
+
+    def _nvml_speed(self, h: Any) -> float | None:
+        """A prior speed for placement before anything was timed: CUDA cores × the maximum
+        SM clock, in units of 10^6 core-MHz (an RTX A4000: 9.6, an RTX 2070: 3.7, an H200:
+        33). Only ratios matter; measured epochs correct it (speedmodel)."""
+        cores = self._optional("nvmlDeviceGetNumGpuCores", h)
+        clock = self._optional("nvmlDeviceGetMaxClockInfo", h,
+                               getattr(self._nvml, "NVML_CLOCK_SM", 1))
+        if not cores or not clock:
+            return None
+        return round(int(cores) * int(clock) / 1e6, 3)
 
     def _health(self, h: Any) -> tuple[Health, str | None]:
         """Memory faults that make results untrustworthy until the GPU is reset or serviced."""

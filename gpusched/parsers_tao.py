@@ -204,6 +204,8 @@ def spec_summary(text: str) -> dict[str, Any]:
     ckpt = _spec_int(fields, "training_config.checkpoint_interval")
     val = _spec_int(fields, "eval_config.validation_period_during_training")
     backbone = None if arch is None else f"{arch}{nlayers}" if nlayers is not None else arch
+    width = _spec_int(fields, "augmentation_config.output_width")
+    height = _spec_int(fields, "augmentation_config.output_height")
     return {
         "num_epochs": _spec_int(fields, "training_config.num_epochs"),
         "checkpoint_interval": ckpt if ckpt else 1,
@@ -213,7 +215,25 @@ def spec_summary(text: str) -> dict[str, Any]:
         "nlayers": nlayers,
         "network": network,
         "backbone": backbone,
+        "input_size": f"{height}x{width}" if width and height else None,
+        "dataset": _dataset_name(fields),
     }
+
+
+def _dataset_name(fields: dict[str, str]) -> str | None:
+    """A short name for the training data: the last folder or file pattern of its first
+    source, without glob characters (``.../tfrecords/kitti_train*`` -> ``kitti_train``)."""
+    for key in ("dataset_config.data_sources.tfrecords_path",
+                "dataset_config.data_sources.image_directory_path",
+                "dataset_config.data_sources.label_directory_path"):
+        path = fields.get(key)
+        if path:
+            parts = [p for p in path.replace("\\", "/").split("/") if p.strip("*?[]")]
+            if parts:
+                # it becomes part of a name shown to every user: keep it plain
+                name = re.sub(r"[^A-Za-z0-9._+-]", "", parts[-1]).strip("_-.")
+                return name[:40] or None
+    return None
 
 
 def spec_facts(text: str) -> dict[str, Any]:
@@ -223,7 +243,26 @@ def spec_facts(text: str) -> dict[str, Any]:
     return {**spec_summary(text), "digest": hashlib.sha256(text.encode()).hexdigest()[:8]}
 
 
-def workload_key(facts: dict[str, Any]) -> str:
-    """The workload TAO training epochs are grouped by: network/backbone/batch size/spec hash."""
-    return (f"{facts.get('network') or 'ssd'}/{facts.get('backbone') or '?'}/"
-            f"bs{facts.get('batch_size_per_gpu') or '?'}/spec:{facts.get('digest') or '?'}")
+def workload_key(facts: dict[str, Any], pruning_ratio: float | None = None) -> str:
+    """The workload TAO training epochs are grouped by, named for humans by what decides its
+    speed: network/backbone, input size, batch size per GPU, dataset, and for a pruned model
+    its size class (``ssd/resnet18 384x1248 bs16 kitti_train pruned to 30%``). Two specs that
+    differ only in learning rate or epochs are one workload; the spec hash stays in the
+    stage's recorded facts as detail."""
+    parts = [f"{facts.get('network') or 'ssd'}/{facts.get('backbone') or '?'}"]
+    if facts.get("input_size"):
+        parts.append(str(facts["input_size"]))
+    parts.append(f"bs{facts.get('batch_size_per_gpu') or '?'}")
+    if facts.get("dataset"):
+        parts.append(str(facts["dataset"]))
+    if pruning_ratio is not None and 0 < pruning_ratio < 1:
+        parts.append(f"pruned to {size_class(pruning_ratio)}")
+    return " ".join(parts)
+
+
+def size_class(pruning_ratio: float) -> str:
+    """The size class of a pruned model: the share of parameters kept, to the nearest 10 %
+    (5 % below 10 %), so retrains of similar size share their timing."""
+    pct = pruning_ratio * 100
+    step = 5 if pct < 10 else 10
+    return f"{max(step, round(pct / step) * step):.0f}%"

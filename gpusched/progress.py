@@ -101,7 +101,9 @@ def workload_of(spec: dict[str, Any]) -> str:
     their spec's facts (the daemon calls this on its tick)."""
     stage = stage_fields(spec)
     if stage.get("spec") and stage.get("task") in ("train", "retrain"):
-        return workload_key(recorded_spec_facts(spec))
+        ratio = (spec.get("stage") or {}).get("model_pruning_ratio")
+        return workload_key(recorded_spec_facts(spec),
+                            float(ratio) if isinstance(ratio, int | float) else None)
     return str(spec.get("name") or _program(spec["command"]))
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 MIB = 1024 * 1024
 
 NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_SM = 1  # pynvml's value
 NVML_FEATURE_DISABLED = 0
 NVML_FEATURE_ENABLED = 1
 NVML_DEVICE_MIG_DISABLE = 0
@@ -94,6 +95,8 @@ class FakeDevice:
     power_mw: int = 70_000
     compute_capability: tuple[int, int] = (9, 0)
     mig_mode: int = NVML_DEVICE_MIG_DISABLE
+    cuda_cores: int = 16896  # nvmlDeviceGetNumGpuCores (an H100/H200's count)
+    max_sm_clock_mhz: int = 1980  # nvmlDeviceGetMaxClockInfo(NVML_CLOCK_SM)
     processes: list[FakeProcess] = field(default_factory=list)
     remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # corr, unc, pending, failure
     retired_pages_pending: int = NVML_FEATURE_DISABLED
@@ -117,6 +120,8 @@ def default_devices() -> list[FakeDevice]:
             memory_total_mib=16376,
             pci_bus_id="00000000:3B:00.0",
             compute_capability=(8, 6),
+            cuda_cores=6144,
+            max_sm_clock_mhz=1560,
         ),
     ]
 
@@ -125,6 +130,7 @@ class FakeNvml:
     """Module-like: pass an instance where ``pynvml`` is expected."""
 
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
+    NVML_CLOCK_SM = NVML_CLOCK_SM
     NVML_FEATURE_DISABLED = NVML_FEATURE_DISABLED
     NVML_FEATURE_ENABLED = NVML_FEATURE_ENABLED
     NVML_DEVICE_MIG_DISABLE = NVML_DEVICE_MIG_DISABLE
@@ -228,6 +234,14 @@ class FakeNvml:
 
     def nvmlDeviceGetCudaComputeCapability(self, h: FakeDevice) -> tuple[int, int]:
         return self._dev(h, "nvmlDeviceGetCudaComputeCapability").compute_capability
+
+    def nvmlDeviceGetNumGpuCores(self, h: FakeDevice) -> int:
+        return self._dev(h, "nvmlDeviceGetNumGpuCores").cuda_cores
+
+    def nvmlDeviceGetMaxClockInfo(self, h: FakeDevice, clock: int) -> int:
+        if clock != NVML_CLOCK_SM:
+            raise NVMLError_NotSupported()
+        return self._dev(h, "nvmlDeviceGetMaxClockInfo").max_sm_clock_mhz
 
     def nvmlDeviceGetMigMode(self, h: FakeDevice) -> list[int]:
         d = self._dev(h, "nvmlDeviceGetMigMode")

@@ -52,6 +52,23 @@ def test_snapshot_matches_nvidia_smi(inventory: NvmlInventory, nvidia_smi: str) 
         assert not gpu.simulated
 
 
+def test_prior_speed_is_cuda_cores_times_max_sm_clock(inventory: NvmlInventory,
+                                                      nvidia_smi: str) -> None:
+    """The placement prior from the real driver: cores × the maximum SM clock (nvidia-smi
+    prints the clock; the core count only NVML has), the same for every GPU of one model."""
+    out = subprocess.run([nvidia_smi, "--query-gpu=uuid,clocks.max.sm", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    clocks = {u.strip(): int(c) for u, c in (line.split(",") for line in out.splitlines() if line.strip())}
+    by_name: dict[str, set[float | None]] = {}
+    for gpu in inventory.snapshot(job_of_pid):
+        assert gpu.speed is not None and gpu.speed > 0, gpu
+        cores = gpu.speed * 1e6 / clocks[gpu.uuid]
+        assert 1000 <= cores <= 50000, cores  # speed is rounded to 3 decimals
+        by_name.setdefault(gpu.name, set()).add(gpu.speed)
+        print(f"{gpu.name}: speed prior {gpu.speed} = {round(cores)} cores x {clocks[gpu.uuid]} MHz")
+    assert all(len(v) == 1 for v in by_name.values())
+
+
 def _hold_memory(
     python: str, gpu: Gpu, job_id: str | None, children: list[subprocess.Popen[str]]
 ) -> subprocess.Popen[str]:

@@ -331,3 +331,28 @@ def test_job_of_pid_ignores_garbage() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# -- the placement prior ----------------------------------------------------------------------
+
+
+def test_prior_speed_from_nvml_and_from_a_simulated_spec() -> None:
+    """Cores × max SM clock / 10^6, read once per GPU; a driver without the calls gives none
+    (the model then uses the config or 1). A simulated spec may carry SPEED after the size."""
+    from gpusched.gpus import SimulatedInventory, parse_simulated_speeds
+    from gpusched.testing.fake_nvml import NVMLError_NotSupported
+
+    nvml = FakeNvml()
+    nvml.fail(0, "nvmlDeviceGetNumGpuCores", NVMLError_NotSupported)
+    inv = NvmlInventory(nvml)
+    h200, a4000 = inv.snapshot(job_of_pid)
+    assert h200.speed is None
+    assert a4000.speed == round(6144 * 1560 / 1e6, 3)
+    assert parse_simulated_speeds("RTX A4000:16G:1.40,RTX 2070:8G") == [
+        ("RTX A4000", 16384, 1.4), ("RTX 2070", 8192, None)]
+    assert parse_simulated_speeds("odd:name:16G:2") == [("odd:name", 16384, 2.0)]
+    assert parse_simulated_speeds("RTX 2070:8192") == [("RTX 2070", 8192, None)]  # MiB, no speed
+    with pytest.raises(ConfigError, match="speed must be above zero"):
+        parse_simulated_speeds("A:16G:0")
+    sim = SimulatedInventory("RTX A4000:16G:1.40,RTX 2070:8G:1.0").snapshot(job_of_pid)
+    assert [g.speed for g in sim] == [1.4, 1.0]

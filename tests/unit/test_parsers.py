@@ -276,7 +276,8 @@ def test_read_spec_fields_inline_and_odd_forms() -> None:
 def test_spec_summary() -> None:
     assert spec_summary(fixture("ssd_train_kitti.txt")) == {
         "num_epochs": 80, "checkpoint_interval": 10, "validation_period": 5, "batch_size_per_gpu": 16,
-        "arch": "resnet", "nlayers": 18, "network": "ssd", "backbone": "resnet18"}
+        "arch": "resnet", "nlayers": 18, "network": "ssd", "backbone": "resnet18",
+        "input_size": None, "dataset": "kitti_train"}
     empty = spec_summary("")
     assert empty["checkpoint_interval"] == 1 and empty["validation_period"] is None  # as TAO reads them
     assert empty["num_epochs"] is None and empty["backbone"] is None
@@ -290,9 +291,25 @@ def test_spec_facts_and_the_workload_key() -> None:
     text = fixture("ssd_train_kitti.txt")
     facts = spec_facts(text)
     assert facts == {**spec_summary(text), "digest": hashlib.sha256(text.encode()).hexdigest()[:8]}
-    assert workload_key(facts) == f"ssd/resnet18/bs16/spec:{facts['digest']}"
-    assert workload_key(spec_facts("")).startswith("ssd/?/bs?/spec:")
-    assert workload_key({}) == "ssd/?/bs?/spec:?"
+    assert workload_key(facts) == "ssd/resnet18 bs16 kitti_train"
+
+
+def test_workload_names_say_what_decides_speed() -> None:
+    """Train and retrain of one model, one dataset and one input size are one workload
+    whatever their learning rate or epochs; a pruned model's retrain is its size class; the
+    spec hash is not part of the name; user text in it is kept plain."""
+    example = (Path(__file__).resolve().parents[2] / "examples" / "specs")
+    train = spec_facts((example / "ssd_train_resnet18_kitti.txt").read_text())
+    retrain = spec_facts((example / "ssd_retrain_resnet18_kitti.txt").read_text())
+    assert train["digest"] != retrain["digest"]
+    assert workload_key(train) == workload_key(retrain) == "ssd/resnet18 384x1248 bs16 kitti_train"
+    assert workload_key(retrain, 0.31) == "ssd/resnet18 384x1248 bs16 kitti_train pruned to 30%"
+    assert workload_key(retrain, 0.34) == workload_key(retrain, 0.26)
+    assert workload_key(retrain, 0.04).endswith("pruned to 5%")
+    assert workload_key(retrain, 1.0) == workload_key(retrain)  # not pruned at all
+    assert workload_key(spec_facts("")) == workload_key({}) == "ssd/? bs?"
+    hostile = spec_facts('dataset_config { data_sources { tfrecords_path: "/d/\x1b[2Jevil name*" } }')
+    assert hostile["dataset"] == "2Jevilname"
 
 
 def test_a_line_without_end_is_held_back_only_up_to_a_cap() -> None:
