@@ -627,13 +627,16 @@ def report_throughput(
         _fail(err)
     now = time.time()
     stats = throughput.summarize(epochs, workload=workload)
-    recs = throughput.recommend(stats)
+    model = reports.speed_model(epochs, gpus)
+    recs = reports.advice(stats, model)
     # the window starts at the first job in it: a 30-day window on a week-old host would
     # otherwise dilute every GPU's busy fraction with time before gpusched ran
     chart_start = _first_activity(spans, start, now)
     busy = throughput.busy_fraction(spans, gpus, chart_start, now)
     if fmt == "table":
-        typer.echo(reports.throughput_table(stats, recs) if stats else
+        typer.echo(reports.throughput_table(stats, recs, model=model,
+                                            gpu_names=[g["name"] for g in gpus],
+                                            notes=reports.gpu_notes(gpus)) if stats else
                    "no training epochs recorded in this window")
     elif fmt == "json":
         render.emit_json(reports.throughput_json(stats, recs, busy))
@@ -873,6 +876,24 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary s
     from gpusched.demo import main as run_demo
 
     raise typer.Exit(run_demo(keep=keep, out=typer.echo))
+
+
+@app.command()
+def simulate(
+    trace: Annotated[str, typer.Option("--trace", "-t", help="seed, mixed, big (1,000 jobs) "
+                                       "or a trace TOML file.")] = "seed",
+    policy: Annotated[str, typer.Option("--policy", help="fifo, throughput or both.")] = "both",
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay a trace through the real planner on a fake clock (no daemon, no processes):
+    makespan, mean job completion time, GPU busy fraction and a lower bound on makespan for
+    each policy. The bound needs SciPy (`pip install 'tao-gpusched[sim]'`)."""
+    from gpusched import simulate as sim
+
+    policies = ["fifo", "throughput"] if policy == "both" else [policy]
+    text, code = sim.run_cli(trace, policies, as_json)
+    typer.echo(text, err=code == 2)
+    raise typer.Exit(code)
 
 
 def main() -> None:

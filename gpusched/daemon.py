@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
+from gpusched.speedmodel import SpeedModel, prior_lookup
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
 from gpusched.throughput import eta
@@ -89,6 +91,8 @@ class Daemon:
         self.pipelines = PipelineRunner(settings, store)
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
+        self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
+        self._model_at = -math.inf
         self._live: list[Row] = []  # live attempts, read once per tick
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
@@ -553,13 +557,70 @@ class Daemon:
         return slots
 
     def _expected_ends(self, allocs: dict[str, Row], now: float) -> dict[int, float]:
-        ids = sorted({a["job_id"] for a in allocs.values() if a["releasing_since"] is None})
+        """When each holder should give its GPUs back: its epoch ETA while it trains (the
+        placement may wait for a faster GPU only on such an estimate), else --time from its
+        start. An estimate already passed is kept as passed (the holder overruns): the
+        planner then never waits on it."""
+        live = {(a["job_id"], a["attempt"]) for a in allocs.values()
+                if a["releasing_since"] is None}
+        ids = sorted({j for j, _ in live})
         if not ids:
             return {}
         rows = self.store.query(
             "SELECT id, started_at, json_extract(spec, '$.est_runtime_s') AS est FROM jobs"
             f" WHERE id IN ({','.join('?' * len(ids))}) AND started_at IS NOT NULL", ids)
-        return {r["id"]: max(now, r["started_at"] + r["est"]) for r in rows if r["est"]}
+        out = {r["id"]: max(now, r["started_at"] + r["est"]) for r in rows if r["est"]}
+        for job_id, n in live:
+            p = self.progress_of(job_id, n)
+            if p and p.get("eta_s") is not None:
+                out[job_id] = now + float(p["eta_s"])
+        return out
+
+    def _model(self, now: float) -> SpeedModel:
+        """The speed model, refit from the last 30 days of epochs every model_refresh_s; the
+        prior is the config's speed per GPU model, else the inventory's (NVML or simulated)."""
+        if self.speed_model is None or now - self._model_at >= self.settings.scheduler.model_refresh_s:
+            self.speed_model = SpeedModel.fit(
+                self.store.epochs(since=now - 30 * 86400), self.prior_speeds(),
+                self.settings.scheduler.efficiency_prior)
+            self._model_at = now
+        return self.speed_model
+
+    def prior_speeds(self) -> dict[str, float]:
+        """The prior speed per GPU model: the config's [gpus.speed], else the inventory's."""
+        configured = self.settings.gpus.speed
+        prior: dict[str, float] = dict(configured)
+        for g in self.gpus:
+            value = prior_lookup(configured, g.name) or g.speed
+            if value:
+                prior[g.name] = value
+        return prior
+
+    def _queued_job(self, r: Row) -> QueuedJob | None:
+        """What the planner needs of a runnable job (built once: a queued job's request and
+        spec do not change): for TAO training its workload and epochs, so the speed model can
+        tell how long it runs on each GPU set; evaluate/prune/export are short stages."""
+        request = GpuRequest.model_validate_json(r["request"])
+        spec = json.loads(self.store.get_job(r["id"])["spec"])
+        kind = str(spec.get("kind") or "")
+        workload, epochs = workload_of(spec), None
+        if kind in ("tao:train", "tao:retrain"):
+            from gpusched.parsers_tao import workload_key
+            from gpusched.progress import recorded_spec_facts
+            from gpusched.stages import parse_ref, pruning_ratio
+
+            facts = recorded_spec_facts(spec)
+            epochs = facts.get("num_epochs") if isinstance(facts.get("num_epochs"), int) else None
+            refs = (spec.get("stage") or {}).get("refs") or {}
+            for v in refs.values():
+                parsed = parse_ref(str(v))
+                if parsed and parsed[0] == "pruned_model":  # a retrain: its own workload
+                    ratio = pruning_ratio(next((a for a in self.store.artifacts(parsed[1])
+                                                if a["kind"] == "pruned_model"), None))
+                    workload = workload_key(facts, ratio)
+        return QueuedJob(id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
+                         request=request, est_runtime_s=r["est_runtime_s"], workload=workload,
+                         epochs=epochs, short=kind in ("tao:evaluate", "tao:prune", "tao:export"))
 
     def runnable(self) -> list[Row]:
         """Queued jobs whose dependencies all succeeded, in planning order."""
@@ -584,18 +645,19 @@ class Daemon:
             job = cache.get(r["id"])
             if job is None or job.priority != r["priority"]:
                 try:
-                    request = GpuRequest.model_validate_json(r["request"])
+                    built = self._queued_job(r)
                 except ValueError as err:
                     self._fail_job(r["id"], f"its GPU request cannot be read: {err}", now)
                     continue
-                job = cache[r["id"]] = QueuedJob(
-                    id=r["id"], priority=r["priority"], submitted_at=r["submitted_at"],
-                    request=request, est_runtime_s=r["est_runtime_s"])
+                if built is None:
+                    continue
+                job = cache[r["id"]] = built
             jobs.append(job)
         if len(cache) > 4 * PLAN_WINDOW:
             self._queued_cache = {j.id: j for j in jobs}
         result = plan(jobs, self._slots(now), now,
-                      foreign_policy=self.settings.gpus.foreign_policy)
+                      foreign_policy=self.settings.gpus.foreign_policy,
+                      policy=self.settings.scheduler.policy, model=self._model(now))
         self.waiting = {**result.waiting, **result.impossible}
         if self._launch_pause is not None:
             until, why = self._launch_pause
@@ -611,7 +673,8 @@ class Daemon:
             row = by_id[placement.job_id]
 
             def launch(row: Row = row, placement: Any = placement) -> None:
-                self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now)
+                self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now,
+                             why=placement.reason)
             self._contain(row["id"], "launch it", launch, now)
 
     def _resolve_stage(self, job_id: int, spec: JobSpec, now: float) -> JobSpec | None:
@@ -660,7 +723,8 @@ class Daemon:
                 f"{g.uuid}={g.name}" for g in sorted(self.gpus, key=lambda g: g.index))
         return env
 
-    def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float) -> None:
+    def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float,
+                why: str | None = None) -> None:
         job_id = row["id"]
         self._queued_cache.pop(job_id, None)
         spec = JobSpec.model_validate_json(self.store.get_job(job_id)["spec"])
@@ -675,7 +739,7 @@ class Daemon:
                                   reason=f"the {spec.runner} runner is not enabled on this daemon")
             return
         n = self.store.claim(job_id, [g.uuid for g in gpus], runner=runner.name, now=now,
-                             paths=self.paths)
+                             paths=self.paths, reason=f"placed: {why}" if why else None)
         if n is None:
             return
         log_path, run_dir = self.paths(job_id, n)
@@ -763,7 +827,8 @@ class Daemon:
                 power_w=g.power_w, pci_bus_id=g.pci_bus_id,
                 compute_capability=g.compute_capability, mig_mode=g.mig_mode, state=state,
                 job_id=allocs.get(g.uuid), drain_reason=r.get("drain_reason"),
-                processes=g.processes, health=g.health, simulated=g.simulated))
+                processes=g.processes, health=g.health, simulated=g.simulated,
+                speed=self.prior_speeds().get(g.name)))
         return out
 
     def health(self) -> dict[str, Any]:

@@ -19,9 +19,11 @@ from typing import Any
 from gpusched import reports, throughput
 from gpusched.client import Client
 from gpusched.render import pipeline_detail
-from gpusched.testing.harness import SIM_GPUS, DaemonProcess, fake_tao_env, short_tmpdir
+from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# the seed's box, with the prior speeds placement starts from (the A4000 1.4× the 2070)
+DEMO_GPUS = "RTX A4000:16G:1.40,RTX 2070:8G:1.0"
 SCALE = 0.004  # 48 s/epoch on the A4000 becomes 0.19 s
 
 
@@ -75,11 +77,11 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     work = state / "work"
     shutil.copytree(_examples(), work, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     env = fake_tao_env([str(state)])
-    out(f"gpusched demo: a daemon on simulated GPUs {SIM_GPUS!r}, state and experiments in "
+    out(f"gpusched demo: a daemon on simulated GPUs {DEMO_GPUS!r}, state and experiments in "
         f"{state}")
     out(f"running the fake TAO at {SCALE:g}× real time (RTX A4000 48 s/epoch, RTX 2070 67 s, "
         "both 40 s)")
-    d = DaemonProcess(state, simulate=SIM_GPUS, env=env)
+    d = DaemonProcess(state, simulate=DEMO_GPUS, env=env)
     t0 = time.monotonic()
     try:
         d.start()
@@ -99,15 +101,21 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
         out(f"\n$ gpusched pipeline status {p['id']}")
         out(pipeline_detail(p))
         epochs = c.get("/v1/epochs")
+        gpus = c.get("/v1/gpus")
         stats = throughput.summarize(epochs)
+        model = reports.speed_model(epochs, gpus)
+        recs = reports.advice(stats, model)
         out("\n$ gpusched report throughput   (per-GPU epoch times of this run, scaled time)")
-        out(reports.throughput_table(stats, throughput.recommend(stats)))
+        out(reports.throughput_table(
+            stats, recs, model=model, gpu_names=[g["name"] for g in gpus],
+            notes=[*reports.gpu_notes(gpus),
+                   f"the fake TAO ran at {SCALE:g}× real time: divide the seconds by {SCALE:g} "
+                   "for the real box (epochs/h: multiply by it)"]))
         if keep:
             spans = c.get("/v1/spans?since=0")
-            gpus = c.get("/v1/gpus")
             html = state / "report.html"
             now = time.time()
-            html.write_text(reports.html_report(stats, throughput.recommend(stats),
+            html.write_text(reports.html_report(stats, recs,
                                                 throughput.busy_fraction(spans, gpus, 0, now),
                                                 spans, gpus, min(s["started_at"] for s in spans),
                                                 now))
@@ -118,7 +126,7 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
         d.stop()
         if keep:
             out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
-                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {SIM_GPUS!r}")
+                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {DEMO_GPUS!r}")
         else:
             shutil.rmtree(state, ignore_errors=True)
 

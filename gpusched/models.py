@@ -24,6 +24,8 @@ class GpuRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     count: int = Field(default=1, ge=0, le=64)
+    # elastic (``--gpus 1-2``): any count from ``count`` to this; the scheduler picks at launch
+    count_max: int | None = Field(default=None, ge=1, le=64)
     ids: tuple[str, ...] | None = None  # exact GPUs: indices ("0") or UUIDs ("GPU-...")
     gpu_type: str | None = None  # case-insensitive substring of the GPU name
     mem_mib: int | None = Field(default=None, ge=0)  # free memory needed on each GPU
@@ -37,7 +39,23 @@ class GpuRequest(BaseModel):
                 raise ValueError("the GPU list names a GPU twice")
             if self.count != len(self.ids):
                 object.__setattr__(self, "count", len(self.ids))
+            if self.count_max is not None:
+                raise ValueError("a GPU list cannot be a range: give a count range (1-2) or GPUs")
+        if self.count_max is not None:
+            if self.count < 1 or self.count_max < self.count:
+                raise ValueError(f"bad GPU range {self.count}-{self.count_max}: "
+                                 "the first count must be at least 1 and not above the second")
+            if self.count_max == self.count:
+                object.__setattr__(self, "count_max", None)
         return self
+
+    @property
+    def counts(self) -> range:
+        """The GPU counts this request accepts (one count unless elastic)."""
+        return range(self.count, (self.count_max or self.count) + 1)
+
+    def label(self) -> str:
+        return f"{self.count}-{self.count_max}" if self.count_max else str(self.count)
 
 
 
@@ -134,6 +152,8 @@ class Gpu(BaseModel):
     health: Literal["ok", "lost", "error"] = "ok"
     health_reason: str | None = None
     simulated: bool = False
+    # prior speed for placement (a simulated spec's, or CUDA cores × max SM clock from NVML)
+    speed: float | None = None
 
     @property
     def foreign_processes(self) -> list[GpuProcess]:
@@ -161,6 +181,7 @@ class GpuState(BaseModel):
     processes: list[GpuProcess] = Field(default_factory=list)
     health: str = "ok"
     simulated: bool = False
+    speed: float | None = None  # the prior placement starts from (config, else inventory)
 
 
 class Placement(BaseModel):
@@ -168,6 +189,7 @@ class Placement(BaseModel):
 
     job_id: int
     gpu_uuids: tuple[str, ...]
+    reason: str | None = None  # why these GPUs (throughput policy): estimates per choice
 
 
 class JobView(BaseModel):

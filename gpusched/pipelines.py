@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gpusched.errors import SpecError
 from gpusched.tao import REF_KINDS, TASKS
+from gpusched.units import parse_gpu_count
 
 PATH_KEYS = {"spec": "spec", "results": "results_dir", "output": "output", "model": "model",
              "images": "images"}
@@ -40,7 +41,7 @@ class StageDef(BaseModel):
     model: str | None = None  # a path, or "KIND:STAGE" (best_checkpoint:train)
     images: str | None = None
     key: str | None = None
-    gpus: int = Field(default=1, ge=1)
+    gpus: int | str = 1  # a count, or "1-2": the scheduler picks at launch
     use_amp: bool = False
     normalizer: str | None = None
     equalization: str | None = None
@@ -65,6 +66,17 @@ class StageDef(BaseModel):
     def _task(cls, v: str) -> str:
         if v not in TASKS:
             raise ValueError(f"unknown task {v!r}")
+        return v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: int | str) -> int | str:
+        try:
+            lo, hi = parse_gpu_count(v)
+        except SpecError as err:
+            raise ValueError(err.message) from None
+        if lo < 1 or lo > 64 or (hi or lo) > 64:
+            raise ValueError(f"gpus must be 1 to 64, or a range such as 1-2 (got {v!r})")
         return v
 
     @field_validator("threshold")
@@ -377,6 +389,10 @@ def _fields(p: PipelineDef, st: StageDef, value: float | None) -> dict[str, Any]
         v = getattr(st, k)
         if v is not None and v is not False:
             fields[k] = v
+    lo, hi = parse_gpu_count(st.gpus)
+    fields["gpus"] = lo
+    if hi is not None:
+        fields["gpus_max"] = hi
     if value is not None:
         fields["threshold"] = value
     if p.key and "key" not in fields:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from gpusched.render import safe
+from gpusched.speedmodel import SpeedModel
 from gpusched.throughput import SetStats, clip_span, span_uuids
 
 if TYPE_CHECKING:
@@ -78,17 +79,75 @@ def _table_row(s: SetStats) -> list[str]:
             _fmt(s.epochs_per_hour), str(s.samples), s.confidence, _fmt(s.scaling_efficiency, 2)]
 
 
-def throughput_table(stats: Sequence[SetStats], recs: Sequence[str]) -> str:
-    """Aligned plain text: one line per (workload, GPU set), then the recommendations."""
+def speed_lines(model: SpeedModel, names: Sequence[str]) -> list[str]:
+    """One line per GPU model: its speed relative to the slowest, and where that comes from
+    (fitted from epochs of any workload, the prior, or the default 1)."""
+    models = sorted(set(names), key=lambda m: (-model.speed(m), m))
+    if not models:
+        return []
+    slowest = min(model.speed(m) for m in models)
+    width = max(len(safe(m)) for m in models)
+    out = ["Speed factors (all workloads; 1.00 = the slowest GPU model here):"]
+    for m in models:
+        out.append(f"  {safe(m):<{width}}  {model.speed(m) / slowest:5.2f}  "
+                   f"({_SPEED_SOURCE[model.speed_source(m)]})")
+    counts = sorted(model.efficiency_measured)
+    if counts:
+        out.append("  scaling efficiency: " + ", ".join(
+            f"{n} GPUs {model.eff(n):.2f}" for n in counts) + " (fitted)")
+    others = sorted(set(model.efficiency) - set(counts))
+    if others or not counts:
+        which = ", ".join(f"{n} GPUs" for n in others) or "any count"
+        out.append(f"  scaling efficiency: {model.prior_efficiency:.2f} for {which} (prior: no "
+                   "workload ran on one GPU and on more)")
+    return out
+
+
+def speed_model(epochs: Sequence[dict[str, Any]], gpus: Sequence[dict[str, Any]]) -> SpeedModel:
+    """The daemon's speed model as a report can rebuild it: the epochs it was given and each
+    GPU's prior speed from ``/v1/gpus``."""
+    prior = {str(g["name"]): float(g["speed"]) for g in gpus if g.get("speed")}
+    return SpeedModel.fit(epochs, prior)
+
+
+def advice(stats: list[SetStats], model: SpeedModel) -> list[str]:
+    """Recommendations, with the model's one-card times where a card never ran alone."""
+    from gpusched.throughput import recommend
+
+    return recommend(stats, lambda wl, models: model.predict(wl, models).s_per_epoch)
+
+
+def gpu_notes(gpus: Sequence[dict[str, Any]]) -> list[str]:
+    if any(g.get("simulated") for g in gpus):
+        return ["the GPUs are simulated: epoch times are what the jobs reported (a fake TAO "
+                "reports scaled times), not measurements of real GPUs"]
+    return []
+
+
+_SPEED_SOURCE = {"fitted": "fitted from measured epochs", "prior": "prior: configured, NVML or "
+                 "simulated spec", "default": "no data, no prior"}
+
+
+def throughput_table(stats: Sequence[SetStats], recs: Sequence[str], *,
+                     model: SpeedModel | None = None, gpu_names: Sequence[str] = (),
+                     notes: Sequence[str] = ()) -> str:
+    """Aligned plain text: notes (simulated GPUs, scaled times), one line per (workload, GPU
+    set), the speed factor of each GPU model, then the recommendations."""
+    head = [f"Note: {safe(n)}" for n in notes]
     if not stats:
-        return "No training epochs recorded yet (warm-up and validation epochs are not counted).\n"
+        return "\n".join([*head, "No training epochs recorded yet (warm-up and validation "
+                                  "epochs are not counted)."]) + "\n"
     rows = [list(TABLE_HEADERS)] + [_table_row(s) for s in stats]
     widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADERS))]
     numeric = {2, 3, 4, 5, 6, 8}
-    lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-             for r in rows]
+    lines = [*head, *([""] if head else [])]
+    lines += ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+              for r in rows]
     lines.append("")
+    if model is not None:
+        names = [*gpu_names, *(m for st in stats for m in st.gpu_models)]
+        lines += [*speed_lines(model, names), ""]
     if recs:
         lines.append("Recommendations:")
         lines.extend(f"  - {safe(r)}" for r in recs)

@@ -13,13 +13,28 @@ of small jobs would keep a large job waiting forever.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from typing import Literal
 
 from gpusched.models import GpuRequest, Placement
+from gpusched.speedmodel import SpeedModel
+from gpusched.throughput import fmt_seconds
 
 ForeignPolicy = Literal["memory", "exclusive"]
+#: ``fifo``: best fit (least free memory first), elastic requests at their largest count, the
+#: first release; ``throughput``: the GPU set that finishes the job soonest by the speed model
+PlacementPolicy = Literal["fifo", "throughput"]
+POLICIES: tuple[str, ...] = ("fifo", "throughput")
+#: a long job may wait for a faster GPU at most this long (and only when it then finishes
+#: sooner than it would on the free, slower one; the reservation keeps backfill honest)
+MAX_WAIT_FOR_FASTER_S = 3600.0
+#: waiting must gain at least this share of the run time, so noise in the estimates does not
+#: keep a job off a free GPU
+_WAIT_GAIN = 0.05
+_EMPTY_MODEL = SpeedModel.fit([])
 
 ORPHAN_HOLDER = -1  # allocated_to value for a container gpusched no longer has a job for
 
@@ -33,6 +48,9 @@ class QueuedJob:
     submitted_at: float
     request: GpuRequest
     est_runtime_s: float | None = None  # known/estimated run time; only such jobs backfill
+    workload: str | None = None  # what decides its speed (see speedmodel); None: unknown
+    epochs: int | None = None  # epochs of work left (training); with the model: a run time
+    short: bool = False  # evaluate/prune/export: leaves the fast GPUs to training
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,17 @@ def job_order_key(job: QueuedJob) -> tuple[int, float, int]:
     """Priority first, then first come first served; the id breaks exact ties so the order
     never depends on how the caller happened to list the jobs."""
     return (-job.priority, job.submitted_at, job.id)
+
+
+#: under ``throughput`` a short stage is considered as if submitted this much earlier: the
+#: evaluate that unblocks another user's pipeline does not wait behind hour-long retrains, and
+#: since the head start is bounded, a stream of short stages cannot starve a long job (one
+#: submitted more than this before them still goes first)
+SHORT_HEAD_START_S = 3600.0
+
+
+def throughput_order_key(job: QueuedJob) -> tuple[int, float, int]:
+    return (-job.priority, job.submitted_at - (SHORT_HEAD_START_S if job.short else 0.0), job.id)
 
 
 def _plural(n: int, word: str = "GPU") -> str:
@@ -184,21 +213,172 @@ def _choose(
     slots: Sequence[GpuSlot],
     allowed: frozenset[str],
     reserved: frozenset[str],
+    count: int | None = None,
 ) -> tuple[str, ...] | None:
-    """All-or-nothing choice of GPUs for one request among the allowed ones (by UUID)."""
+    """All-or-nothing best-fit choice of ``count`` GPUs (default: the request's) among the
+    allowed ones (by UUID): the ``fifo`` policy, and the tie-break of ``throughput``."""
     if req.ids is not None:
         named, _ = resolve_ids(req.ids, slots)
         if named and all(s.uuid in allowed for s in named):
             return tuple(s.uuid for s in named)  # the user's order: it becomes device 0..n-1
         return None
+    n = req.count if count is None else count
     candidates = [s for s in slots if s.uuid in allowed]
-    if len(candidates) < req.count:
+    if len(candidates) < n:
         return None
     # Unreserved first so backfill leaves the reservation intact; then best fit, which keeps
     # the big GPUs for the jobs that need them; the index makes the choice deterministic.
-    candidates.sort(key=lambda s: (s.uuid in reserved, s.memory_free_mib, s.index))
-    chosen = sorted(candidates[: req.count], key=lambda s: s.index)
+    candidates.sort(key=lambda s: _fit_key(s, reserved))
+    chosen = sorted(candidates[:n], key=lambda s: s.index)
     return tuple(s.uuid for s in chosen)
+
+
+def _fit_key(s: GpuSlot, reserved: frozenset[str]) -> tuple[bool, int, int]:
+    return (s.uuid in reserved, s.memory_free_mib, s.index)
+
+
+def fmt_duration(seconds: float) -> str:
+    """'about 40 s', 'about 64 min', 'about 2.1 h'."""
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 120 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def set_label(gpus: Sequence[GpuSlot]) -> str:
+    """'GPU 0 (RTX A4000)', 'GPUs 0,1 (RTX A4000 + RTX 2070)'."""
+    ordered = sorted(gpus, key=lambda s: s.index)
+    names = " + ".join(s.name for s in ordered)
+    if len(ordered) == 1:
+        return f"GPU {ordered[0].index} ({names})"
+    return f"GPUs {','.join(str(s.index) for s in ordered)} ({names})"
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One GPU set a job could take, with what the speed model expects of it there."""
+
+    gpus: tuple[GpuSlot, ...]
+    factor: float  # relative time (lower is faster)
+    duration_s: float | None  # expected run time, when the workload was timed anywhere
+    start_at: float = 0.0  # when all its GPUs are free (now, or a busy GPU's expected end)
+    s_per_epoch: float | None = None
+
+    @property
+    def uuids(self) -> tuple[str, ...]:
+        return tuple(s.uuid for s in sorted(self.gpus, key=lambda s: s.index))
+
+    def describe(self) -> str:
+        if self.duration_s is not None:
+            return f"{set_label(self.gpus)}: {fmt_duration(self.duration_s)}"
+        if self.s_per_epoch is not None:
+            return f"{set_label(self.gpus)}: {fmt_seconds(self.s_per_epoch)} s/epoch"
+        return f"{set_label(self.gpus)}: speed {1 / self.factor:.2f}"
+
+
+_MAX_OPTIONS = 256
+
+
+def _options(job: QueuedJob, pool: Sequence[GpuSlot], counts: Sequence[int], model: SpeedModel,
+             reserved: frozenset[str], start_of: dict[str, float] | None = None) -> list[_Option]:
+    """The distinct GPU sets of the allowed counts that ``pool`` can make. GPUs of one model
+    and start time are interchangeable for speed, so one set per model multiset is enough:
+    within a model the best-fit GPUs are taken (as ``fifo`` would)."""
+    groups: dict[tuple[str, float], list[GpuSlot]] = defaultdict(list)
+    for s in pool:
+        groups[(s.name, (start_of or {}).get(s.uuid, 0.0))].append(s)
+    keys = sorted(groups)
+    for k in keys:
+        groups[k].sort(key=lambda s: _fit_key(s, reserved))
+    out: list[_Option] = []
+    for n in counts:
+        for take in product(*(range(min(len(groups[k]), n) + 1) for k in keys)):
+            if sum(take) != n:
+                continue
+            gpus = tuple(s for k, t in zip(keys, take, strict=True) for s in groups[k][:t])
+            names = [s.name for s in gpus]
+            est = model.predict(job.workload, names)
+            dur = job.epochs * est.s_per_epoch if job.epochs and est.s_per_epoch else None
+            start = max((start_of or {}).get(s.uuid, 0.0) for s in gpus)
+            out.append(_Option(gpus, est.factor, dur, start, est.s_per_epoch))
+            if len(out) >= _MAX_OPTIONS:
+                return out
+    return out
+
+
+def _pick(job: QueuedJob, options: list[_Option], reserved: frozenset[str],
+          others_wait: bool) -> tuple[_Option, str]:
+    """The throughput policy's choice among sets free now, and why, for ``show``.
+
+    * short stages (evaluate, prune, export) take the slowest set of the fewest GPUs, which
+      leaves the fast GPUs to training;
+    * an elastic job while other jobs wait takes the set with the most epochs per GPU-hour
+      (split), since that finishes the queue sooner; alone it takes the soonest finish (gang
+      when scaling pays);
+    * otherwise the set that finishes soonest.
+    Ties go to fewer GPUs, then best fit, so equal GPUs are used as ``fifo`` would."""
+    def fit(o: _Option) -> tuple[int, int, tuple[int, ...]]:
+        return (sum(s.uuid in reserved for s in o.gpus), sum(s.memory_free_mib for s in o.gpus),
+                tuple(s.index for s in o.gpus))
+
+    elastic = job.request.count_max is not None
+    if job.short:
+        chosen = min(options, key=lambda o: (len(o.gpus), -o.factor, fit(o)))
+        why = "a short stage takes the slower GPU and leaves the faster one to training"
+    elif elastic and others_wait:
+        chosen = min(options, key=lambda o: (o.factor * len(o.gpus), o.factor, fit(o)))
+        why = "other jobs wait: the most epochs per GPU-hour"
+    else:
+        chosen = min(options, key=lambda o: (o.factor, len(o.gpus), fit(o)))
+        why = "the soonest finish" + (": nothing else waits" if elastic else "")
+    if len(options) == 1:
+        return chosen, f"{chosen.describe()} (the only choice)"
+    ranked = sorted(options, key=lambda o: (o.factor, len(o.gpus), fit(o)))[:3]
+    listed = "; ".join(o.describe() for o in ([chosen] + [o for o in ranked if o is not chosen])[:3])
+    return chosen, f"{listed} — {why}"
+
+
+def _wait_for_faster(job: QueuedJob, now_best: _Option, slots: Sequence[GpuSlot],
+                     taken: dict[str, int], req: GpuRequest, counts: Sequence[int],
+                     model: SpeedModel, policy: ForeignPolicy,
+                     now: float) -> tuple[_Option, str] | None:
+    """A busy set that, once its holder's expected end is reached, finishes this long job
+    sooner (by more than the noise margin) than the free set would, within the bounded wait.
+    Only holders whose end lies ahead count: an overrunning holder's end is unknown, so a job
+    never waits on it."""
+    if now_best.duration_s is None or job.short:
+        return None
+    start_of: dict[str, float] = {}
+    pool = []
+    for s in slots:
+        if s.uuid in taken or not s.usable or not _type_ok(s, req.gpu_type):
+            continue
+        if s.memory_total_mib < (req.mem_mib or 0):
+            continue
+        if _placeable(s, req, policy):
+            start_of[s.uuid] = now
+        elif (s.allocated_to not in (None, ORPHAN_HOLDER) and s.busy_until is not None
+              and now < s.busy_until <= now + MAX_WAIT_FOR_FASTER_S):
+            start_of[s.uuid] = s.busy_until
+        else:
+            continue
+        pool.append(s)
+    best_end = now + now_best.duration_s
+    found: tuple[float, _Option] | None = None
+    for o in _options(job, pool, counts, model, frozenset(), start_of):
+        if o.duration_s is None or o.start_at <= now:
+            continue
+        end = o.start_at + o.duration_s
+        if end < best_end - _WAIT_GAIN * now_best.duration_s and (found is None or end < found[0]):
+            found = (end, o)
+    if found is None:
+        return None
+    o = found[1]
+    why = (f"waits for {set_label(o.gpus)}, free in {fmt_duration(o.start_at - now)}: done in "
+           f"{fmt_duration(found[0] - now)} from now, against {fmt_duration(now_best.duration_s)} "
+           f"on {set_label(now_best.gpus)} now")
+    return o, why
 
 
 def _wait_reason(
@@ -230,6 +410,8 @@ def _wait_reason(
         return "waiting for its GPUs"  # not reached: some named GPU always blocks
     free = [s for s in slots if s.uuid not in taken and _placeable(s, req, policy)]
     text = f"needs {_describe(req, req.count)}, {len(free)} free"
+    if req.count_max is not None:
+        text = f"needs {req.label()} GPUs" + text[len(f"needs {_plural(req.count)}"):]
     held = [s for s in free if s.uuid in reserved]
     if reservation is not None and held and not may_backfill:
         text += f" ({len(held)} reserved for job {reservation.job_id})"
@@ -279,32 +461,49 @@ def plan(
     now: float,
     *,
     foreign_policy: ForeignPolicy = "memory",
+    policy: PlacementPolicy = "throughput",
+    model: SpeedModel | None = None,
 ) -> Plan:
     """Decide which jobs start now and on which GPUs.
 
-    Jobs are visited in ``job_order_key`` order. Each is impossible (never blocks anything),
+    Jobs are visited in ``job_order_key`` order (``throughput``: short stages with a bounded
+    head start, ``throughput_order_key``). Each is impossible (never blocks anything),
     placed on GPUs no other placement in this plan uses, or waiting. The first waiting job
     gets the single reservation; later jobs backfill around it (see ``_may_backfill``).
+    Under ``throughput`` a job takes the free set the speed model expects to finish it soonest
+    (see ``_pick``), and a long job may instead wait for a busier, faster set: it then holds the
+    reservation, so the same backfill rule keeps everyone else moving and nobody starves.
     The result depends only on the contents of ``jobs`` and ``gpus``, never on their order.
     """
     slots = sorted(gpus, key=lambda s: (s.index, s.uuid))
+    speed = model if model is not None else _EMPTY_MODEL
     taken: dict[str, int] = {}  # uuid -> job placed on it in this pass
     released_at: dict[str, float] = {}  # uuid -> when that job should give it back
     placements: list[Placement] = []
     waiting: dict[int, str] = {}
     impossible: dict[int, str] = {}
     reservation: Reservation | None = None
+    fits_memo: dict[tuple[str | None, int], int] = {}
+
+    def fitting(req: GpuRequest) -> int:
+        """How many usable GPUs could ever take one share of this request."""
+        k = (req.gpu_type, req.mem_mib or 0)
+        if k not in fits_memo:
+            fits_memo[k] = sum(1 for s in slots if s.usable and _type_ok(s, req.gpu_type)
+                               and s.memory_total_mib >= k[1])
+        return fits_memo[k]
+    gpu_jobs = sum(1 for j in jobs if j.request.ids is not None or j.request.count > 0)
 
     # Many queued jobs share one request: judge each distinct request once per plan (the daemon
     # plans on every job start and end, so this loop is its hot path).
     impossible_memo: dict[tuple[object, ...], str | None] = {}
     wait_memo: dict[tuple[object, ...], str] = {}
-    for job in sorted(jobs, key=job_order_key):
+    for job in sorted(jobs, key=throughput_order_key if policy == "throughput" else job_order_key):
         req = job.request
         if req.ids is None and req.count == 0:
             placements.append(Placement(job_id=job.id, gpu_uuids=()))  # CPU-only: no GPU
             continue
-        rkey = (req.count, req.ids, req.gpu_type, req.mem_mib)  # cheaper than hashing the model
+        rkey = (req.count, req.count_max, req.ids, req.gpu_type, req.mem_mib)
         if rkey not in impossible_memo:
             impossible_memo[rkey] = impossible_reason(req, slots)
         reason = impossible_memo[rkey]
@@ -321,9 +520,34 @@ def plan(
             and _placeable(s, req, foreign_policy)
             and (backfill or s.uuid not in reserved)
         )
-        chosen = _choose(req, slots, allowed, reserved)
+        chosen: tuple[str, ...] | None = None
+        why: str | None = None
+        if req.ids is not None or len(allowed) < req.count:
+            chosen = _choose(req, slots, allowed, reserved)
+        elif policy == "fifo":
+            # elastic: the largest count the host can ever give it (usable, of its type, with
+            # its memory), as `--gpus N` is placed today; counting every GPU would make a
+            # 10 GiB 1-2 request on an A4000 + 2070 wait for two forever
+            n = max(c for c in req.counts if c <= max(req.count, fitting(req)))
+            chosen = _choose(req, slots, allowed, reserved, n)
+        else:
+            counts = [c for c in req.counts if c <= len(allowed)]
+            options = _options(job, [s for s in slots if s.uuid in allowed], counts, speed,
+                               reserved)
+            best, why = _pick(job, options, reserved, others_wait=gpu_jobs > 1)
+            later = None
+            if reservation is None:
+                later = _wait_for_faster(job, best, slots, taken, req, list(req.counts), speed,
+                                         foreign_policy, now)
+            if later is not None:
+                target, text = later
+                waiting[job.id] = text
+                reservation = Reservation(job_id=job.id, gpu_uuids=target.uuids,
+                                          start_at=target.start_at)
+                continue
+            chosen = best.uuids
         if chosen is not None:
-            placements.append(Placement(job_id=job.id, gpu_uuids=chosen))
+            placements.append(Placement(job_id=job.id, gpu_uuids=chosen, reason=why))
             until = now + job.est_runtime_s if job.est_runtime_s is not None else math.inf
             for uuid in chosen:
                 taken[uuid] = job.id

@@ -255,7 +255,8 @@ def build_job(req: StageRequest, settings: Settings,
         _check_results_dir(stage, owner_uid)
         if qat_spec is not None:
             _check_qat(stage, qat_spec, owner_uid)
-    gpus = GpuRequest(count=stage.gpus, ids=tuple(req.on) if req.on else None,
+    gpus = GpuRequest(count=stage.gpus, count_max=stage.gpus_max,
+                      ids=tuple(req.on) if req.on else None,
                       gpu_type=req.gpu_type, mem_mib=req.mem_mib)
     if req.on and len(req.on) != stage.gpus:
         raise SpecError(f"--on names {len(req.on)} GPU(s) but the stage runs on --gpus "
@@ -301,6 +302,7 @@ def resolve(spec: JobSpec, settings: Settings,
     if not refs:
         return spec
     resolved = {}
+    ratio: float | None = None
     for field, ref in refs.items():
         parsed = parse_ref(ref)
         assert parsed is not None
@@ -309,12 +311,28 @@ def resolve(spec: JobSpec, settings: Settings,
         if art is None or not art.get("path"):
             raise SpecError(f"upstream job {job} recorded no {kind.replace('_', ' ')}")
         resolved[field] = art["path"]
+        if kind == "pruned_model":
+            ratio = pruning_ratio(art)
     req = StageRequest.model_validate(info["request"])
     req.stage = {k: v for k, v in req.stage.items() if k not in refs}
     built = build_job(req, settings, resolved, spec_facts=info.get("spec_facts"),
                       check_results=False)
     stage_info = {**(built.stage or {}), "refs": refs, "resolved": resolved}
+    if ratio is not None:  # a retrain of a pruned model is its own, faster workload
+        stage_info["model_pruning_ratio"] = ratio
     return built.model_copy(update={"stage": stage_info, "after": spec.after})
+
+
+def pruning_ratio(artifact: dict[str, Any] | None) -> float | None:
+    """The pruning ratio a pruned_model artifact recorded (kept parameters / original)."""
+    metrics = (artifact or {}).get("metrics") or {}
+    if isinstance(metrics, str):
+        try:
+            metrics = json.loads(metrics)
+        except ValueError:
+            return None
+    value = metrics.get("pruning_ratio") if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, int | float) and 0 < value < 1 else None
 
 
 def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
@@ -339,6 +357,9 @@ def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
     stage = TaoStage.model_validate(info["stage"])
     indices = list(gpu_indices) if spec.runner == "local" else list(range(len(gpu_indices)))
     command = set_gpu_index(spec.command, indices) if indices else list(spec.command)
+    if stage.task in ("train", "retrain") and indices and "--gpus" in command:
+        # an elastic request (--gpus 1-2) learns its count only now
+        command = set_flag(command, "--gpus", str(len(indices)))
     launch: dict[str, Any] = {"attempt": attempt, "gpu_index": indices}
     if stage.task in ("train", "retrain") and stage.results_dir and (
             attempt > 1 or stage.resume):

@@ -497,7 +497,8 @@ class Store:
     # -- claims and attempts --------------------------------------------------------------
 
     def claim(self, job_id: int, gpu_uuids: Sequence[str], *, runner: str, now: float,
-              paths: Callable[[int, int], tuple[str, str]]) -> int | None:
+              paths: Callable[[int, int], tuple[str, str]],
+              reason: str | None = None) -> int | None:
         """Move a queued job to STARTING with all its GPUs, or change nothing.
 
         ``paths(job_id, attempt)`` gives (log_path, run_dir). Returns the attempt number, or
@@ -509,7 +510,8 @@ class Store:
                 if row is None:
                     return None
                 n = int(row[0]) + 1
-                if self._transition(conn, job_id, JobStatus.STARTING, now, reason=None,
+                # the reason is the event's (why these GPUs); the job's own reason is cleared
+                if self._transition(conn, job_id, JobStatus.STARTING, now, reason=reason,
                                     actor="daemon", fields={"attempt": n, "exit_code": None,
                                                             "reason": None}) is None:
                     return None

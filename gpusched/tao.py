@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gpusched.errors import SpecError
 from gpusched.models import Mount
+from gpusched.units import parse_gpu_count
 
 TASKS = ("train", "evaluate", "prune", "retrain", "export", "inference")
 NETWORKS = ("ssd",)
@@ -46,6 +47,7 @@ class TaoStage(BaseModel):
     resume: bool = False  # gpusched: continue from the latest checkpoint of results_dir
     output: str | None = None  # -o
     gpus: int = Field(default=1, ge=1, le=64)
+    gpus_max: int | None = Field(default=None, ge=2, le=64)  # elastic: --gpus 1-2
     use_amp: bool = False
     # prune (TAO's defaults)
     normalizer: Literal["max", "L2"] = "max"
@@ -78,7 +80,9 @@ class TaoStage(BaseModel):
         missing = [flags[f] for f in need[self.task] if getattr(self, f) is None]
         if missing:
             raise ValueError(f"ssd {self.task} needs {' '.join(missing)}")
-        if self.gpus > 1 and self.task not in ("train", "retrain"):
+        if self.gpus_max is not None and self.gpus_max <= self.gpus:
+            raise ValueError(f"bad GPU range {self.gpus}-{self.gpus_max}")
+        if (self.gpus_max or self.gpus) > 1 and self.task not in ("train", "retrain"):
             raise ValueError(f"TAO runs only train on more than one GPU; ssd {self.task} "
                              f"takes --gpus 1 (got {self.gpus})")
         if self.use_amp and self.task not in ("train", "retrain"):
@@ -164,7 +168,7 @@ def parse_tao_command(argv: list[str]) -> TaoCommand:
     p.add_argument("-k", "--key", dest="key")
     p.add_argument("-m", "--model", "--model_path", "--resume_model_weights", dest="model")
     p.add_argument("-o", "--output_file", dest="output")
-    p.add_argument("--gpus", type=int)
+    p.add_argument("--gpus")  # N, or gpusched's elastic MIN-MAX
     p.add_argument("--gpu_index", type=int, nargs="+")
     p.add_argument("--use_amp", action="store_true")
     p.add_argument("--log_file")
@@ -190,7 +194,15 @@ def parse_tao_command(argv: list[str]) -> TaoCommand:
               ("gpu_index", "log_file", "sets", "overwrite", "gpus")}
     notes: list[str] = []
     pin: list[int] | None = None
-    gpus = ns.gpus
+    gpus_max: int | None = None
+    gpus: int | None = None
+    if ns.gpus is not None:
+        gpus, gpus_max = parse_gpu_count(ns.gpus)
+    if ns.gpu_index and gpus_max is not None:
+        raise SpecError(f"--gpus {ns.gpus} with --gpu_index: a range lets gpusched choose the "
+                        "GPUs; give --gpus N --gpu_index ... to pin them")
+    if gpus_max is not None:
+        fields["gpus_max"] = gpus_max
     if ns.gpu_index:
         pin = list(ns.gpu_index)
         if gpus is None:

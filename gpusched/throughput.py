@@ -10,7 +10,7 @@ import json
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +138,14 @@ def _and(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def recommend(stats: list[SetStats]) -> list[str]:
-    """Plain-language advice, only where every set involved has enough samples."""
+#: predicted s/epoch of a workload on a set of GPU models (speedmodel.SpeedModel.predict)
+Predict = Callable[[str | None, Sequence[str]], float | None]
+
+
+def recommend(stats: list[SetStats], predict: Predict | None = None) -> list[str]:
+    """Plain-language advice, only where every set involved has enough samples. With a
+    ``predict`` (the speed model), a multi-GPU set whose cards never ran the workload alone is
+    compared with the model's one-card times, and the advice says they are predicted."""
     recs: list[str] = []
     by_workload: dict[str | None, list[SetStats]] = defaultdict(list)
     for s in stats:
@@ -162,32 +168,48 @@ def recommend(stats: list[SetStats]) -> list[str]:
                                 f"({fmt_seconds(best.median_s)} vs {fmt_seconds(other.median_s)} s/epoch).")
         prefix = f"For {wl}: one" if wl else "One"
         for multi in sorted((s for s in sets if s.gpu_count > 1), key=lambda s: (s.gpu_count, s.gpu_set)):
-            parts = [single_by_model.get(m) for m in multi.gpu_models]
-            if any(p is None for p in parts):
-                continue
-            cards = sorted((p for p in parts if p is not None), key=lambda p: (p.median_s, p.gpu_set))
-            separate = sum(p.epochs_per_hour for p in cards)
-            n = multi.gpu_count
-            n_word = _COUNT_WORDS.get(n, str(n))
-            names = [p.gpu_set for p in cards]
-            on_cards = f"each on one {names[0]}" if len(set(names)) == 1 else f"on {_and(names)}"
-            fastest = cards[0]
-            rate = _fmt_rate(multi.epochs_per_hour)
-            head = f"{prefix} {n}-GPU job on {multi.gpu_set} gives {rate} epochs/h"
-            if separate > multi.epochs_per_hour:
-                line = (f"{head}; {n_word} separate 1-GPU jobs {on_cards} give {_fmt_rate(separate)} "
-                        f"epochs/h together: split when more than one job waits.")
-                if multi.median_s < fastest.median_s:
-                    line += (f" A lone job still finishes {fastest.median_s / multi.median_s:.2f}× sooner "
-                             f"on {multi.gpu_set} ({fmt_seconds(multi.median_s)} vs "
-                             f"{fmt_seconds(fastest.median_s)} s/epoch on {fastest.gpu_set}).")
-                else:
-                    line += f" A lone job is no faster on {multi.gpu_set} than on {fastest.gpu_set}."
+            parts: list[tuple[str, float]] = []
+            predicted = False
+            for m in multi.gpu_models:
+                single = single_by_model.get(m)
+                if single is not None:
+                    parts.append((single.gpu_set, single.median_s))
+                    continue
+                guess = predict(wl, [m]) if predict is not None else None
+                if guess is None or not math.isfinite(guess) or guess <= 0:
+                    break
+                parts.append((m, guess))
+                predicted = True
             else:
-                line = (f"{head}, more than {n_word} separate 1-GPU jobs {on_cards} "
-                        f"({_fmt_rate(separate)} epochs/h together): prefer the {n}-GPU set.")
-            recs.append(line)
+                recs.append(_split_or_gang(prefix, multi, parts, predicted))
     return recs
+
+
+def _split_or_gang(prefix: str, multi: SetStats, parts: list[tuple[str, float]],
+                   predicted: bool) -> str:
+    cards = sorted(parts, key=lambda p: (p[1], p[0]))
+    separate = sum(3600.0 / secs for _, secs in cards)
+    n = multi.gpu_count
+    n_word = _COUNT_WORDS.get(n, str(n))
+    names = [name for name, _ in cards]
+    on_cards = f"each on one {names[0]}" if len(set(names)) == 1 else f"on {_and(names)}"
+    fastest_name, fastest_s = cards[0]
+    rate = _fmt_rate(multi.epochs_per_hour)
+    head = f"{prefix} {n}-GPU job on {multi.gpu_set} gives {rate} epochs/h"
+    by = " (one-card times predicted by the speed model)" if predicted else ""
+    if separate > multi.epochs_per_hour:
+        line = (f"{head}; {n_word} separate 1-GPU jobs {on_cards} give {_fmt_rate(separate)} "
+                f"epochs/h together{by}: split when more than one job waits.")
+        if multi.median_s < fastest_s:
+            line += (f" A lone job still finishes {fastest_s / multi.median_s:.2f}× sooner "
+                     f"on {multi.gpu_set} ({fmt_seconds(multi.median_s)} vs "
+                     f"{fmt_seconds(fastest_s)} s/epoch on {fastest_name}).")
+        else:
+            line += f" A lone job is no faster on {multi.gpu_set} than on {fastest_name}."
+    else:
+        line = (f"{head}, more than {n_word} separate 1-GPU jobs {on_cards} "
+                f"({_fmt_rate(separate)} epochs/h together{by}): prefer the {n}-GPU set.")
+    return line
 
 
 def eta(

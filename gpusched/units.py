@@ -25,18 +25,40 @@ def parse_size_mib(text: str | int) -> int:
     return int(number * _UNIT_MIB[unit])
 
 
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def parse_gpu_count(text: str | int) -> tuple[int, int | None]:
+    """``2`` -> (2, None); ``1-2`` -> (1, 2): an elastic count the scheduler picks at launch."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text, None
+    raw = str(text).strip()
+    if raw.isdigit():
+        return int(raw), None
+    m = _RANGE_RE.match(raw)
+    if not m:
+        raise SpecError(f"bad GPU count {raw!r}: give a count (2) or a range (1-2)")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if lo < 1 or hi < lo:
+        raise SpecError(f"bad GPU range {raw!r}: use MIN-MAX with 1 <= MIN <= MAX, e.g. 1-2")
+    return lo, (hi if hi > lo else None)
+
+
 def parse_gpus(gpus: str | None, gpu_type: str | None = None,
                mem: str | None = None) -> dict[str, Any]:
-    """CLI syntax: ``2`` (any two), ``0,1`` or ``GPU-uuid,...`` (exactly those), ``1,``
-    (exactly GPU 1). A bare integer is a count, as in ``docker run --gpus 2``. Returns the
-    fields of ``models.GpuRequest``."""
+    """CLI syntax: ``2`` (any two), ``1-2`` (one or two, the scheduler chooses), ``0,1`` or
+    ``GPU-uuid,...`` (exactly those), ``1,`` (exactly GPU 1). A bare integer is a count, as in
+    ``docker run --gpus 2``. Returns the fields of ``models.GpuRequest``."""
     out: dict[str, Any] = {"gpu_type": gpu_type or None,
                            "mem_mib": parse_size_mib(mem) if mem else None}
     text = (gpus if gpus is not None else "1").strip()
     if "," not in text and not text.upper().startswith(("GPU-", "MIG-")):
+        if _RANGE_RE.match(text):
+            lo, hi = parse_gpu_count(text)
+            return {**out, "count": lo, "count_max": hi}
         if not text.isdigit():
-            raise SpecError(f"bad --gpus {text!r}: give a count (2), a list of indices (0,1), "
-                            "one index with a trailing comma (1,) or GPU UUIDs")
+            raise SpecError(f"bad --gpus {text!r}: give a count (2), a range (1-2), a list of "
+                            "indices (0,1), one index with a trailing comma (1,) or GPU UUIDs")
         return {**out, "count": int(text)}
     ids = [p.strip() for p in text.split(",") if p.strip()]
     if not ids:

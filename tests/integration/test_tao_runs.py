@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +19,6 @@ from gpusched.models import Mount
 from gpusched.stages import StageRequest, build_job, collect, for_launch, judge, resolve
 
 EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_resnet18_kitti.txt"
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="gstr", dir="/tmp"))
-    os.chmod(d, 0o755)
-    (d / "spec.txt").write_text(EXAMPLE_SPEC.read_text())
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def settings(root: Path, runner: str = "local") -> Settings:

@@ -12,7 +12,7 @@ LAYERS: dict[str, int] = {
     "errors": 1, "clock": 1, "units": 1, "paths": 1, "safefs": 1,
     "models": 2, "states": 2, "config": 2,
     "scheduling": 3, "tao": 3, "parsers": 3, "parsers_tao": 3, "pipelines": 3,
-    "throughput": 3, "policy": 3, "specedit": 3,
+    "throughput": 3, "policy": 3, "specedit": 3, "speedmodel": 3, "simulate": 3, "traces": 3,
     "store": 4, "gpus": 4, "runners": 4, "progress": 4,
     "daemon": 5, "service": 5, "server": 5, "client": 5, "stages": 5, "pipeline_runner": 5,
     "admin": 5,
