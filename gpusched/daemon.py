@@ -41,6 +41,7 @@ S = JobStatus
 # Queued jobs the planner looks at per tick, in priority/submission order (the idea of Slurm's
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
+MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most this often
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
 # After a launch failed for lack of host resources, no launch is tried for this long (each try
 # costs an attempt row and a fork; the resources rarely come back within a tick).
@@ -93,6 +94,7 @@ class Daemon:
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
         self._model_at = -math.inf
+        self._model_stale = False  # a job that timed epochs ended since the last fit
         self._live: list[Row] = []  # live attempts, read once per tick
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
@@ -288,6 +290,8 @@ class Daemon:
                     now: float) -> None:
         job_id, n = ref.job_id, ref.n
         self._follow(row, ref, now)  # the last epochs, before the attempt is closed
+        if self.progress.summary(ref.key) is not None:
+            self._model_stale = True  # it timed epochs: the speed model can learn from them
         requeue, consume = False, True
         reason: str | None
         if row.get("requeue_reason") and row["cancel_requested_at"] is None:
@@ -577,9 +581,13 @@ class Daemon:
         return out
 
     def _model(self, now: float) -> SpeedModel:
-        """The speed model, refit from the last 30 days of epochs every model_refresh_s; the
-        prior is the config's speed per GPU model, else the inventory's (NVML or simulated)."""
-        if self.speed_model is None or now - self._model_at >= self.settings.scheduler.model_refresh_s:
+        """The speed model, refit from the last 30 days of epochs every model_refresh_s, and
+        soon after a job that timed epochs ends (so the next stage of a pipeline already
+        benefits); the prior is the config's speed per GPU model, else the inventory's."""
+        age = now - self._model_at
+        if (self.speed_model is None or age >= self.settings.scheduler.model_refresh_s
+                or (self._model_stale and age >= MODEL_MIN_REFIT_S)):
+            self._model_stale = False
             self.speed_model = SpeedModel.fit(
                 self.store.epochs(since=now - 30 * 86400), self.prior_speeds(),
                 self.settings.scheduler.efficiency_prior)
