@@ -6,6 +6,7 @@ wiring that loops, listens on the socket and handles signals is in ``service.py`
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -29,7 +30,13 @@ from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
 from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
-from gpusched.scheduling import GpuSlot, QueuedJob, plan
+from gpusched.scheduling import (
+    MAX_WAIT_FOR_FASTER_S,
+    WAITS_FOR_FASTER,
+    GpuSlot,
+    QueuedJob,
+    plan,
+)
 from gpusched.speedmodel import SpeedModel, prior_lookup
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
@@ -42,6 +49,8 @@ S = JobStatus
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
 MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most this often
+EPOCH_SLACK_S = 60.0  # clock steps and polling delay when checking an epoch against wall time
+MODEL_MAX_EPOCHS = 20_000  # the newest epochs the speed model is fitted from (a tick's cost)
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
 # After a launch failed for lack of host resources, no launch is tried for this long (each try
 # costs an attempt row and a fork; the resources rarely come back within a tick).
@@ -95,6 +104,7 @@ class Daemon:
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
         self._model_at = -math.inf
         self._model_stale = False  # a job that timed epochs ended since the last fit
+        self._waiting_since: dict[int, float] = {}  # job -> when it began waiting for a faster GPU
         self._live: list[Row] = []  # live attempts, read once per tick
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
@@ -268,9 +278,18 @@ class Daemon:
         cached = self._specs.get(ref.key)
         if cached is None:
             spec = json.loads(row["job_spec"])
-            cached = self._specs[ref.key] = (spec, workload_of(spec))
+            cached = self._specs[ref.key] = (spec, workload_of(spec, owner=row.get("owner")))
         spec, workload = cached
         rows = self.progress.poll(ref, spec, now, owner_uid=row.get("owner_uid"))
+        # The job reports its own epoch times and the speed model trusts them for everyone's
+        # placement: an epoch cannot have lasted longer than the attempt has run (1e308 s
+        # would overflow the fit), so such a figure is kept as unknown.
+        ran = max(0.0, now - ref.started_at) + EPOCH_SLACK_S
+        for r in rows:
+            secs = r.get("seconds")
+            if secs is not None and not (isinstance(secs, int | float) and math.isfinite(secs)
+                                         and 0 < secs <= ran):
+                r["seconds"] = None
         if rows:
             self.store.record_epochs(ref.job_id, ref.n, rows, gpu_uuids=ref.gpus,
                                      gpu_models=[self.gpu_name(u) for u in ref.gpus],
@@ -576,8 +595,12 @@ class Daemon:
         out = {r["id"]: max(now, r["started_at"] + r["est"]) for r in rows if r["est"]}
         for job_id, n in live:
             p = self.progress_of(job_id, n)
-            if p and p.get("eta_s") is not None:
-                out[job_id] = now + float(p["eta_s"])
+            if p and p.get("eta_s") is not None and p.get("last_at") is not None:
+                # from the last epoch seen, not from now: a holder that stopped reporting
+                # epochs (hung) has an end in the past, and nobody waits on it
+                end = float(p["last_at"]) + float(p["eta_s"])
+                if end > now:
+                    out[job_id] = end
         return out
 
     def _model(self, now: float) -> SpeedModel:
@@ -588,18 +611,28 @@ class Daemon:
         if (self.speed_model is None or age >= self.settings.scheduler.model_refresh_s
                 or (self._model_stale and age >= MODEL_MIN_REFIT_S)):
             self._model_stale = False
-            self.speed_model = SpeedModel.fit(
-                self.store.epochs(since=now - 30 * 86400), self.prior_speeds(),
-                self.settings.scheduler.efficiency_prior)
             self._model_at = now
+            try:
+                self.speed_model = SpeedModel.fit(
+                    self.store.epochs(since=now - 30 * 86400, limit=MODEL_MAX_EPOCHS),
+                    self.prior_speeds(), self.settings.scheduler.efficiency_prior)
+            except Exception:  # placement goes on with the last model, or the prior alone
+                log.exception("the speed model could not be refit; keeping the last one")
+                if self.speed_model is None:
+                    self.speed_model = SpeedModel.fit([], self.prior_speeds(),
+                                                      self.settings.scheduler.efficiency_prior)
         return self.speed_model
 
     def prior_speeds(self) -> dict[str, float]:
-        """The prior speed per GPU model: the config's [gpus.speed], else the inventory's."""
+        """The prior speed per GPU model: the config's [gpus.speed], else the inventory's.
+        Inventory speeds (NVML's cores × clock, a simulated spec's) are scaled so that the
+        slowest is 1, the config's convention, so the two sources can be mixed."""
         configured = self.settings.gpus.speed
         prior: dict[str, float] = dict(configured)
+        found = [g.speed for g in self.gpus if g.speed]
+        slowest = min(found) if found else 1.0
         for g in self.gpus:
-            value = prior_lookup(configured, g.name) or g.speed
+            value = prior_lookup(configured, g.name) or (g.speed / slowest if g.speed else None)
             if value:
                 prior[g.name] = value
         return prior
@@ -608,16 +641,19 @@ class Daemon:
         """What the planner needs of a runnable job (built once: a queued job's request and
         spec do not change): for TAO training its workload and epochs, so the speed model can
         tell how long it runs on each GPU set; evaluate/prune/export are short stages."""
-        request = GpuRequest.model_validate_json(r["request"])
+        try:
+            request = GpuRequest.model_validate_json(r["request"])
+        except ValueError as err:
+            raise ValueError(f"its GPU request cannot be read: {err}") from err
         spec = json.loads(self.store.get_job(r["id"])["spec"])
         kind = str(spec.get("kind") or "")
-        workload, epochs = workload_of(spec), None
+        workload, epochs = workload_of(spec, owner=r.get("owner")), None
         if kind in ("tao:train", "tao:retrain"):
             from gpusched.parsers_tao import workload_key
             from gpusched.progress import recorded_spec_facts
             from gpusched.stages import parse_ref, pruning_ratio
 
-            facts = recorded_spec_facts(spec)
+            facts = recorded_spec_facts(spec, owner_uid=r.get("owner_uid"))
             epochs = facts.get("num_epochs") if isinstance(facts.get("num_epochs"), int) else None
             refs = (spec.get("stage") or {}).get("refs") or {}
             for v in refs.values():
@@ -654,12 +690,15 @@ class Daemon:
             if job is None or job.priority != r["priority"]:
                 try:
                     built = self._queued_job(r)
-                except ValueError as err:
-                    self._fail_job(r["id"], f"its GPU request cannot be read: {err}", now)
+                except Exception as err:  # one job that cannot be planned stops nobody else
+                    self._fail_job(r["id"], f"it cannot be planned: {err}", now)
                     continue
                 if built is None:
                     continue
                 job = cache[r["id"]] = built
+            since = self._waiting_since.get(job.id)
+            if since is not None and now - since > MAX_WAIT_FOR_FASTER_S and job.may_wait:
+                job = cache[r["id"]] = dataclasses.replace(job, may_wait=False)
             jobs.append(job)
         if len(cache) > 4 * PLAN_WINDOW:
             self._queued_cache = {j.id: j for j in jobs}
@@ -667,6 +706,11 @@ class Daemon:
                       foreign_policy=self.settings.gpus.foreign_policy,
                       policy=self.settings.scheduler.policy, model=self._model(now))
         self.waiting = {**result.waiting, **result.impossible}
+        # the wait for a faster GPU is bounded in all, not per pass: a holder whose ETA keeps
+        # sliding (it reports max_epoch = epoch + 1) would otherwise be waited on forever
+        self._waiting_since = {
+            j: self._waiting_since.get(j, now) for j, why in result.waiting.items()
+            if why.startswith(WAITS_FOR_FASTER)}
         if self._launch_pause is not None:
             until, why = self._launch_pause
             if now < until:

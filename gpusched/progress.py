@@ -82,7 +82,7 @@ def read_spec_facts(path: str, owner_uid: int | None = None) -> dict[str, Any] |
     return None if data is None else spec_facts(data.decode(errors="replace"))
 
 
-def recorded_spec_facts(spec: dict[str, Any]) -> dict[str, Any]:
+def recorded_spec_facts(spec: dict[str, Any], owner_uid: int | None = None) -> dict[str, Any]:
     """The spec-file facts a TAO stage recorded at submission ({} without a spec file). Jobs
     stored before stages recorded them read the file once more, through safefs."""
     info = spec.get("stage") or {}
@@ -92,10 +92,10 @@ def recorded_spec_facts(spec: dict[str, Any]) -> dict[str, Any]:
     path = stage_fields(spec).get("spec")
     if not path:
         return {}
-    return read_spec_facts(path) or spec_facts("")
+    return read_spec_facts(path, owner_uid=owner_uid) or spec_facts("")
 
 
-def workload_of(spec: dict[str, Any]) -> str:
+def workload_of(spec: dict[str, Any], owner: str | None = None) -> str:
     """The workload key epochs are grouped by: network/backbone/batch size/spec hash for TAO
     training, the job's name (or program) otherwise. No file I/O for stages that recorded
     their spec's facts (the daemon calls this on its tick)."""
@@ -104,7 +104,10 @@ def workload_of(spec: dict[str, Any]) -> str:
         ratio = (spec.get("stage") or {}).get("model_pruning_ratio")
         return workload_key(recorded_spec_facts(spec),
                             float(ratio) if isinstance(ratio, int | float) else None)
-    return str(spec.get("name") or _program(spec["command"]))
+    name = str(spec.get("name") or _program(spec["command"]))
+    # a plain job's workload is its own user's: a name is no proof of what runs, and epochs
+    # reported under another user's workload name must not steer that user's placement
+    return f"{name} [{owner}]" if owner else name
 
 
 _LAUNCHERS = re.compile(r"(python[\d.]*|sh|bash|env|torchrun|accelerate|nohup|uv|time)")
@@ -195,4 +198,6 @@ class ProgressTracker:
         last = max(st.last_seen)
         training = [r["seconds"] for e, r in sorted(st.last_seen.items())
                     if r.get("seconds") and e > 1][-5:]
-        return {"epoch": last, "max_epoch": st.max_epoch, "recent_seconds": training}
+        seen = [float(r["ended_at"]) for r in st.last_seen.values() if r.get("ended_at")]
+        return {"epoch": last, "max_epoch": st.max_epoch, "recent_seconds": training,
+                "last_at": max(seen) if seen else None}

@@ -16,7 +16,6 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import product
 from typing import Literal
 
 from gpusched.models import GpuRequest, Placement
@@ -34,6 +33,7 @@ MAX_WAIT_FOR_FASTER_S = 3600.0
 #: waiting must gain at least this share of the run time, so noise in the estimates does not
 #: keep a job off a free GPU
 _WAIT_GAIN = 0.05
+WAITS_FOR_FASTER = "waits for "  # how the reason of a job waiting for a faster GPU begins
 _EMPTY_MODEL = SpeedModel.fit([])
 
 ORPHAN_HOLDER = -1  # allocated_to value for a container gpusched no longer has a job for
@@ -51,6 +51,7 @@ class QueuedJob:
     workload: str | None = None  # what decides its speed (see speedmodel); None: unknown
     epochs: int | None = None  # epochs of work left (training); with the model: a run time
     short: bool = False  # evaluate/prune/export: leaves the fast GPUs to training
+    may_wait: bool = True  # False once it waited MAX_WAIT_FOR_FASTER_S for a faster GPU in all
 
 
 @dataclass(frozen=True)
@@ -283,27 +284,39 @@ _MAX_OPTIONS = 256
 def _options(job: QueuedJob, pool: Sequence[GpuSlot], counts: Sequence[int], model: SpeedModel,
              reserved: frozenset[str], start_of: dict[str, float] | None = None) -> list[_Option]:
     """The distinct GPU sets of the allowed counts that ``pool`` can make. GPUs of one model
-    and start time are interchangeable for speed, so one set per model multiset is enough:
-    within a model the best-fit GPUs are taken (as ``fifo`` would)."""
+    and (to the minute) one start time are interchangeable, so one set per multiset of such
+    groups is enough: within a group the best-fit GPUs are taken (as ``fifo`` would). The
+    walk only visits multisets that add up, and stops at _MAX_OPTIONS sets, so a host of many
+    busy GPUs with different end times costs no more than one of few."""
+    starts = start_of or {}
     groups: dict[tuple[str, float], list[GpuSlot]] = defaultdict(list)
     for s in pool:
-        groups[(s.name, (start_of or {}).get(s.uuid, 0.0))].append(s)
+        groups[(s.name, round(starts.get(s.uuid, 0.0) / 60.0))].append(s)
     keys = sorted(groups)
     for k in keys:
         groups[k].sort(key=lambda s: _fit_key(s, reserved))
     out: list[_Option] = []
+
+    def add(take: list[int]) -> None:
+        gpus = tuple(s for k, t in zip(keys, take, strict=False) for s in groups[k][:t])
+        est = model.predict(job.workload, [s.name for s in gpus])
+        dur = job.epochs * est.s_per_epoch if job.epochs and est.s_per_epoch else None
+        start = max(starts.get(s.uuid, 0.0) for s in gpus)
+        out.append(_Option(gpus, est.factor, dur, start, est.s_per_epoch))
+
+    def walk(i: int, left: int, take: list[int]) -> None:
+        if len(out) >= _MAX_OPTIONS:
+            return
+        if left == 0:
+            add(take)
+            return
+        if i == len(keys):
+            return
+        for t in range(min(len(groups[keys[i]]), left), -1, -1):
+            walk(i + 1, left - t, [*take, t])
+
     for n in counts:
-        for take in product(*(range(min(len(groups[k]), n) + 1) for k in keys)):
-            if sum(take) != n:
-                continue
-            gpus = tuple(s for k, t in zip(keys, take, strict=True) for s in groups[k][:t])
-            names = [s.name for s in gpus]
-            est = model.predict(job.workload, names)
-            dur = job.epochs * est.s_per_epoch if job.epochs and est.s_per_epoch else None
-            start = max((start_of or {}).get(s.uuid, 0.0) for s in gpus)
-            out.append(_Option(gpus, est.factor, dur, start, est.s_per_epoch))
-            if len(out) >= _MAX_OPTIONS:
-                return out
+        walk(0, n, [])
     return out
 
 
@@ -347,7 +360,7 @@ def _wait_for_faster(job: QueuedJob, now_best: _Option, slots: Sequence[GpuSlot]
     sooner (by more than the noise margin) than the free set would, within the bounded wait.
     Only holders whose end lies ahead count: an overrunning holder's end is unknown, so a job
     never waits on it."""
-    if now_best.duration_s is None or job.short:
+    if now_best.duration_s is None or job.short or not job.may_wait:
         return None
     start_of: dict[str, float] = {}
     pool = []
@@ -375,7 +388,7 @@ def _wait_for_faster(job: QueuedJob, now_best: _Option, slots: Sequence[GpuSlot]
     if found is None:
         return None
     o = found[1]
-    why = (f"waits for {set_label(o.gpus)}, free in {fmt_duration(o.start_at - now)}: done in "
+    why = (f"{WAITS_FOR_FASTER}{set_label(o.gpus)}, free in {fmt_duration(o.start_at - now)}: done in "
            f"{fmt_duration(found[0] - now)} from now, against {fmt_duration(now_best.duration_s)} "
            f"on {set_label(now_best.gpus)} now")
     return o, why
@@ -424,6 +437,7 @@ def _reserve(
     released_at: dict[str, float],
     now: float,
     policy: ForeignPolicy,
+    count: int | None = None,
 ) -> Reservation:
     """Reserve the GPUs the blocked job could start on earliest.
 
@@ -449,7 +463,7 @@ def _reserve(
         return math.inf
 
     timed = sorted(((available_at(s), s.index, s) for s in candidates), key=lambda t: t[:2])
-    chosen = timed[: req.count]
+    chosen = timed[: req.count if count is None else count]
     start_at = max(t for t, _, _ in chosen)
     uuids = tuple(s.uuid for _, _, s in sorted(chosen, key=lambda t: t[1]))
     return Reservation(job_id=job.id, gpu_uuids=uuids, start_at=start_at)
@@ -492,7 +506,25 @@ def plan(
             fits_memo[k] = sum(1 for s in slots if s.usable and _type_ok(s, req.gpu_type)
                                and s.memory_total_mib >= k[1])
         return fits_memo[k]
-    gpu_jobs = sum(1 for j in jobs if j.request.ids is not None or j.request.count > 0)
+    # jobs that could share the host with an elastic one
+    flexible = [j for j in jobs if j.request.ids is not None or j.request.count > 0]
+    decided: set[int] = set()  # placed or found impossible in this pass
+
+    def others_could_use(job: QueuedJob, free: Sequence[GpuSlot]) -> bool:
+        """Does another job wait that could run on what ``job`` leaves free at its smallest
+        count? Only then is splitting worth anything (a job pinned elsewhere, of another type
+        or too big for a GPU here is no reason to leave one idle)."""
+        spare = len(free) - job.request.count
+        for o in flexible:
+            if o.id == job.id or o.id in decided or o.request.count > spare:
+                continue
+            if o.request.ids is not None:
+                named, _ = resolve_ids(o.request.ids, free)
+                if named:  # its GPUs are all among the free ones: split to leave them
+                    return True
+            elif sum(_placeable(s, o.request, foreign_policy) for s in free) >= o.request.count:
+                return True
+        return False
 
     # Many queued jobs share one request: judge each distinct request once per plan (the daemon
     # plans on every job start and end, so this loop is its hot path).
@@ -509,6 +541,7 @@ def plan(
         reason = impossible_memo[rkey]
         if reason is not None:
             impossible[job.id] = reason
+            decided.add(job.id)
             continue
         reserved = frozenset(reservation.gpu_uuids) if reservation else frozenset()
         backfill = _may_backfill(job, reservation, now)
@@ -522,19 +555,21 @@ def plan(
         )
         chosen: tuple[str, ...] | None = None
         why: str | None = None
-        if req.ids is not None or len(allowed) < req.count:
-            chosen = _choose(req, slots, allowed, reserved)
-        elif policy == "fifo":
+        gang = None  # fifo: the count an elastic request is placed at
+        if policy == "fifo" and req.ids is None:
             # elastic: the largest count the host can ever give it (usable, of its type, with
             # its memory), as `--gpus N` is placed today; counting every GPU would make a
             # 10 GiB 1-2 request on an A4000 + 2070 wait for two forever
-            n = max(c for c in req.counts if c <= max(req.count, fitting(req)))
-            chosen = _choose(req, slots, allowed, reserved, n)
+            gang = max(c for c in req.counts if c <= max(req.count, fitting(req)))
+        if req.ids is not None or len(allowed) < req.count or policy == "fifo":
+            chosen = _choose(req, slots, allowed, reserved, gang)
         else:
             counts = [c for c in req.counts if c <= len(allowed)]
             options = _options(job, [s for s in slots if s.uuid in allowed], counts, speed,
                                reserved)
-            best, why = _pick(job, options, reserved, others_wait=gpu_jobs > 1)
+            others = req.count_max is not None and others_could_use(
+                job, [s for s in slots if s.uuid in allowed])
+            best, why = _pick(job, options, reserved, others_wait=others)
             later = None
             if reservation is None:
                 later = _wait_for_faster(job, best, slots, taken, req, list(req.counts), speed,
@@ -547,6 +582,7 @@ def plan(
                 continue
             chosen = best.uuids
         if chosen is not None:
+            decided.add(job.id)
             placements.append(Placement(job_id=job.id, gpu_uuids=chosen, reason=why))
             until = now + job.est_runtime_s if job.est_runtime_s is not None else math.inf
             for uuid in chosen:
@@ -555,7 +591,7 @@ def plan(
             continue
         if reservation is None:
             waiting[job.id] = _wait_reason(job, slots, taken, None, backfill, foreign_policy)
-            reservation = _reserve(job, slots, released_at, now, foreign_policy)
+            reservation = _reserve(job, slots, released_at, now, foreign_policy, gang)
             continue
         # after the reservation exists its GPUs are fixed; only ``taken`` still grows
         key = (*rkey, backfill, len(taken))

@@ -371,6 +371,12 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         idem = self._idempotency(body)
         spec = JobSpec.model_validate(body)
+        if spec.kind != "job" or spec.stage is not None:
+            # a TAO stage is built by the daemon (POST /v1/stages, pipelines): a forged kind
+            # would claim a short stage's place in the queue, a forged stage feeds the planner
+            # and the progress readers fields no validation ever saw
+            raise SpecError("kind and stage are set by the daemon for TAO stages: queue a stage "
+                            "with `gpusched tao` (POST /v1/stages) or a pipeline")
         svc = self.server.service
         if (prev := self._repeat(uid, idem)) is not None:
             return 200, {"id": prev["job_id"], "status": "held" if spec.hold else "queued"}
@@ -553,7 +559,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_epochs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """Epoch timings of every job (the throughput report is about the host's GPUs); the
-        metrics of other users' jobs, and workload names that are not TAO spec keys, are
+        metrics of other users' jobs, and the workload names of their plain jobs, are
         theirs."""
         svc = self.server.service
         rows = svc.store.epochs(since=self._float(query, "since"),
@@ -563,11 +569,12 @@ class Handler(BaseHTTPRequestHandler):
             return 200, rows
         owners = svc.store.job_owners({r["job_id"] for r in rows})
         for r in rows:
-            owner_uid, name = owners.get(r["job_id"], (None, None))
+            owner_uid, _name, kind = owners.get(r["job_id"], (None, None, ""))
             if owner_uid != uid:
                 r.update(loss=None, lr=None, map=None)
-                wl = r.get("workload") or ""
-                if "/spec:" not in wl and wl != name:
+                if not str(kind).startswith("tao:"):
+                    # a TAO workload names a network, input size, batch size and dataset
+                    # folder, shared so the team sees one table; a plain job's is its name
                     r["workload"] = f"job {r['job_id']}"
         return 200, rows
 

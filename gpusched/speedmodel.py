@@ -34,6 +34,10 @@ PRIOR_WEIGHT = 2.0
 #: a measured median with fewer samples than this is blended with the model
 _MEASURED_MIN = 2
 _ITERATIONS = 30
+MIN_EPOCH_S, MAX_EPOCH_S = 1e-6, 1e7
+#: how far measurements may move a GPU model's prior speed, as a factor either way
+PRIOR_SPAN = 4.0
+_SPAN = math.log(PRIOR_SPAN)
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,10 @@ class SpeedModel:
         """Fit from epoch rows (as the store returns them) or from their summary."""
         prior = dict(prior_speed or {})
         groups = list(stats) if stats is not None else summarize(rows)
-        obs = [s for s in groups if s.workload and s.gpu_models and s.median_s > 0]
+        # a median outside a microsecond .. 4 months per epoch is no measurement (jobs report
+        # their own times); it would only overflow the logs and exps below
+        obs = [s for s in groups if s.workload and s.gpu_models
+               and math.isfinite(s.median_s) and MIN_EPOCH_S <= s.median_s <= MAX_EPOCH_S]
         models = {m for s in obs for m in s.gpu_models}
         log_speed = {m: math.log(prior_lookup(prior, m) or 1.0) for m in models}
         log_prior = dict(log_speed)
@@ -134,7 +141,11 @@ class SpeedModel:
                 m = slowest(s)
                 sp[m][0] += weight(s) * (log_base[str(s.workload)] - rest(s))
                 sp[m][1] += weight(s)
-            log_speed = {m: v / wt for m, (v, wt) in sp.items()}
+            # data moves a prior at most PRIOR_SPAN× either way: epoch times are reported by the
+            # jobs themselves, and one user's figures must not turn another's placement round
+            log_speed = {m: min(log_prior[m] + _SPAN, max(log_prior[m] - _SPAN, v / wt))
+                         if prior_lookup(prior, m) is not None else v / wt
+                         for m, (v, wt) in sp.items()}
             ef: dict[int, list[float]] = {n: [PRIOR_WEIGHT * math.log(efficiency), PRIOR_WEIGHT]
                                           for n in counts}
             for s in obs:

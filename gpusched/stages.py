@@ -255,6 +255,9 @@ def build_job(req: StageRequest, settings: Settings,
         _check_results_dir(stage, owner_uid)
         if qat_spec is not None:
             _check_qat(stage, qat_spec, owner_uid)
+    if req.on and stage.gpus_max is not None:
+        raise SpecError(f"--on pins GPUs, --gpus {stage.gpus}-{stage.gpus_max} lets gpusched "
+                        "choose them: give one or the other")
     gpus = GpuRequest(count=stage.gpus, count_max=stage.gpus_max,
                       ids=tuple(req.on) if req.on else None,
                       gpu_type=req.gpu_type, mem_mib=req.mem_mib)
@@ -358,8 +361,12 @@ def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
     indices = list(gpu_indices) if spec.runner == "local" else list(range(len(gpu_indices)))
     command = set_gpu_index(spec.command, indices) if indices else list(spec.command)
     if stage.task in ("train", "retrain") and indices and "--gpus" in command:
-        # an elastic request (--gpus 1-2) learns its count only now
-        command = set_flag(command, "--gpus", str(len(indices)))
+        # an elastic request (--gpus 1-2) learns its count only now. TAO's own flags come
+        # last (after tao.local_command, which may hold a `docker run --gpus all`): set the
+        # last --gpus, the one stage_argv wrote
+        at = len(command) - 1 - command[::-1].index("--gpus")
+        if at + 1 < len(command):
+            command[at + 1] = str(len(indices))
     launch: dict[str, Any] = {"attempt": attempt, "gpu_index": indices}
     if stage.task in ("train", "retrain") and stage.results_dir and (
             attempt > 1 or stage.resume):

@@ -408,15 +408,15 @@ class Store:
                          " job_id, pipeline_id, created_at) VALUES (?,?,?,?,?,?)",
                          (owner_uid, key, fingerprint, job_id, pipeline_id, now))
 
-    def job_owners(self, job_ids: Iterable[int]) -> dict[int, tuple[int, str | None]]:
-        """job id -> (owner uid, name)."""
+    def job_owners(self, job_ids: Iterable[int]) -> dict[int, tuple[int, str | None, str]]:
+        """job id -> (owner uid, name, kind)."""
         ids = sorted(set(job_ids))
-        out: dict[int, tuple[int, str | None]] = {}
+        out: dict[int, tuple[int, str | None, str]] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            for r in self.query(f"SELECT id, owner_uid, name FROM jobs WHERE id IN"
+            for r in self.query(f"SELECT id, owner_uid, name, kind FROM jobs WHERE id IN"
                                 f" ({','.join('?' * len(chunk))})", chunk):
-                out[r["id"]] = (r["owner_uid"], r["name"])
+                out[r["id"]] = (r["owner_uid"], r["name"], r["kind"])
         return out
 
     def update_spec(self, job_id: int, spec_json: str) -> None:
@@ -559,7 +559,7 @@ class Store:
 
     def live_attempts(self, runner: str | None = None) -> list[Row]:
         sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.retries_left,"
-               " j.requeue_reason, j.owner_uid, j.spec AS job_spec FROM attempts a"
+               " j.requeue_reason, j.owner_uid, j.owner, j.spec AS job_spec FROM attempts a"
                " JOIN jobs j ON j.id = a.job_id"
                " WHERE a.state IN ('starting', 'live')")
         params: list[Any] = []
@@ -725,11 +725,16 @@ class Store:
                   int(bool(r.get("validated")))) for r in rows])
 
     def epochs(self, *, since: float | None = None, job_id: int | None = None,
-               workload: str | None = None) -> list[Row]:
+               workload: str | None = None, limit: int | None = None) -> list[Row]:
+        """Epoch rows in (job, attempt, epoch) order; ``limit``: only the newest that many."""
         clause, params = _where(job_id=job_id, workload=workload)
         if since is not None:
             clause += " AND ended_at >= ?"
             params.append(since)
+        if limit is not None:
+            return self.query(
+                f"SELECT * FROM (SELECT * FROM epochs WHERE {clause} ORDER BY rowid DESC LIMIT ?)"
+                " ORDER BY job_id, attempt, epoch", [*params, int(limit)])
         return self.query(f"SELECT * FROM epochs WHERE {clause} ORDER BY job_id, attempt, epoch",
                           params)
 

@@ -303,11 +303,12 @@ def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
 
 
 def set_gpu_index(argv: list[str], indices: list[int]) -> list[str]:
-    """``argv`` with the values of its ``--gpu_index`` replaced (appended when absent)."""
+    """``argv`` with the values of its last ``--gpu_index`` replaced (appended when absent):
+    TAO's own flags come after any tao.local_command prefix."""
     out = list(argv)
     if "--gpu_index" not in out:
         return [*out, "--gpu_index", *map(str, indices)]
-    i = out.index("--gpu_index") + 1
+    i = len(out) - out[::-1].index("--gpu_index")
     j = i
     while j < len(out) and out[j].isdigit():
         j += 1

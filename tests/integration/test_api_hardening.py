@@ -310,3 +310,16 @@ def test_the_running_daemon_recreates_its_removed_socket(daemon: DaemonProcess) 
         assert time.monotonic() < deadline, "the daemon did not put its socket back"
         time.sleep(0.1)
     assert daemon.client().get("/v1/health")["ok"] in (True, False)
+
+
+@pytest.mark.parametrize("forged", [{"kind": "tao:export"}, {"stage": {"stage": 5}},
+                                    {"kind": "tao:train", "stage": {"refs": ["x"]}}])
+def test_a_plain_submission_cannot_forge_a_tao_kind_or_stage(daemon: DaemonProcess,
+                                                             forged: dict[str, Any]) -> None:
+    """A forged kind took a short stage's head start in the queue, and a forged stage made
+    the planner fail on every tick: /v1/jobs refuses both; stages come from /v1/stages."""
+    c = daemon.client()
+    with pytest.raises(SpecError, match="kind and stage are set by the daemon"):
+        c.post("/v1/jobs", {"command": ["true"], "gpus": {"count": 0}, "workdir": "/tmp",
+                            **forged})
+    assert c.get("/v1/jobs?all=1") == []

@@ -351,5 +351,5 @@ def test_any_job_reports_epochs_with_tao_style_status_lines(service: Service) ->
     run_until(service, ended(service, job))
     rows = service.store.epochs(job_id=job)
     assert [(r["epoch"], r["seconds"], r["workload"]) for r in rows] == [
-        (1, 41.5, "tao-style"), (2, 41.5, "tao-style"), (3, 41.5, "tao-style")]
+        (1, 41.5, "tao-style [tester]"), (2, 41.5, "tao-style [tester]"), (3, 41.5, "tao-style [tester]")]
     assert rows[0]["gpu_models"] == '["RTX 2070"]'

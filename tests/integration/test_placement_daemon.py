@@ -94,3 +94,79 @@ def test_an_elastic_stage_is_told_the_count_it_got(box: Service, root: Path) -> 
     assert ran[ran.index("--gpu_index") + 1:ran.index("--gpu_index") + 3] == ["0", "1"]
     assert "nothing else waits" in placed_reason(box, job)
     run_until(box, ended(box, job))
+
+
+TRAIN_WL = "ssd/resnet18 384x1248 bs16 kitti_train"
+
+
+def _timed(box: Service) -> None:
+    """The store has seen the example's train at 48 s/epoch on the A4000, 67 on the 2070."""
+    box.daemon.tick(box.clock.now())  # the inventory
+    for name, secs in (("RTX A4000", 48.0), ("RTX 2070", 67.0)):
+        job = submit(box, "true", hold=True)
+        uuid = next(g.uuid for g in box.daemon.gpus if g.name == name)
+        box.store.record_epochs(job, 1, [
+            {"epoch": e, "max_epoch": 8, "seconds": secs, "validated": 0,
+             "started_at": box.clock.now() - secs, "ended_at": box.clock.now()}
+            for e in range(1, 9)],
+            gpu_uuids=[uuid], gpu_models=[name], workload=TRAIN_WL)
+
+
+def _train_stage(box: Service, root: Path) -> int:
+    settings = box.settings.model_copy(update={"tao": box.settings.tao.model_copy(
+        update={"runner": "local", "local_command": ["sh", "-c", "exit 0", "fake-tao"]})})
+    req = StageRequest(stage={"task": "train", "spec": str(root / "spec.txt"),
+                              "results_dir": str(root / "results")})
+    spec = build_job(req, settings).model_copy(update={"workdir": str(root)})
+    return box.store.submit(spec, owner_uid=os.getuid(), owner="tester", now=box.clock.now())
+
+
+HOLDER = ("e=1; while [ $e -lt {stop} ]; do echo \"GPUSCHED_EPOCH {{\\\"epoch\\\": $e, "
+          "\\\"max_epoch\\\": $((e+1)), \\\"seconds\\\": 30}}\"; e=$((e+1)); sleep 0.05; done; "
+          "sleep 30")
+
+
+@pytest.mark.parametrize("case", ["sliding", "hung"])
+def test_a_wait_for_a_faster_gpu_ends(box: Service, root: Path, monkeypatch: pytest.MonkeyPatch,
+                                      case: str) -> None:
+    """A holder on the A4000 whose ETA always says 'one more epoch' (sliding), or that stopped
+    reporting epochs (hung): a train that waits for the A4000 takes the idle 2070 once it
+    has waited daemon.MAX_WAIT_FOR_FASTER_S in all (here 5 s), or once the holder's last
+    epoch plus its ETA has passed."""
+    import gpusched.daemon as daemon_mod
+
+    monkeypatch.setattr(daemon_mod, "MAX_WAIT_FOR_FASTER_S", 5.0 if case == "sliding" else 1e9)
+    _timed(box)
+    holder = submit(box, "sh", "-c", HOLDER.format(stop=10**6 if case == "sliding" else 4),
+                    gpus=GpuRequest(ids=("0",)))
+    run_until(box, lambda: (box.daemon.progress_of(holder, 1) or {}).get("epoch", 0) >= 2)
+    box.daemon.speed_model = None  # refit now, with the epochs recorded above
+    train = _train_stage(box, root)
+    box.daemon.tick(box.clock.now())
+    assert box.daemon.waiting.get(train, "").startswith("waits for GPU 0 (RTX A4000)"), \
+        box.daemon.waiting
+    run_until(box, lambda: box.store.get_job(train)["status"] != "queued", timeout=30)
+    assert gpus_of(box, train) == [1]
+    assert box.store.get_job(holder)["status"] == "running"  # it never gave the A4000 back
+    box.store.request_cancel(holder, actor="tester", now=box.clock.now())
+    run_until(box, ended(box, holder, train))
+
+
+def test_one_bad_job_does_not_stop_placement(box: Service) -> None:
+    """A job whose stage the planner cannot read (stored by an older daemon, or forged before
+    /v1/jobs refused it) fails with the reason; a job reporting a 1.5e308 s epoch gets no
+    timing (it overflowed the speed model's fit); the next job still runs."""
+    from gpusched.models import JobSpec
+
+    bad = box.store.submit(JobSpec(command=["true"], kind="tao:train", stage={"refs": ["x"]},
+                                   workdir=str(box.settings.state_dir)),
+                           owner_uid=os.getuid(), owner="tester", now=box.clock.now())
+    huge = submit(box, "sh", "-c", "echo 'GPUSCHED_EPOCH {\"epoch\": 2, \"seconds\": 1.5e308}'")
+    run_until(box, ended(box, bad, huge))
+    assert box.store.get_job(bad)["status"] == "failed"
+    assert "cannot be planned" in (box.store.get_job(bad)["reason"] or "")
+    assert [r["seconds"] for r in box.store.epochs(job_id=huge)] == [None]
+    box.daemon.speed_model = None  # refit with that row
+    nxt = submit(box, "true")
+    run_until(box, ended(box, nxt))
+    assert box.store.get_job(nxt)["status"] == "succeeded" and not box.daemon.step_errors

@@ -239,7 +239,6 @@ def test_all_or_nothing_and_never_worse_than_best_fit(inst: Any) -> None:
         assert not used & set(p.gpu_uuids)
         used |= set(p.gpu_uuids)
     names = {g.uuid: g.name for g in gpus}
-    fifo = plan(jobs, gpus, 0.0, policy="fifo")
     taken: set[str] = set()
     for p in got.placements:  # in the order plan() made them
         j = by_id[p.job_id]
@@ -251,8 +250,9 @@ def test_all_or_nothing_and_never_worse_than_best_fit(inst: Any) -> None:
         if alone:
             assert (model.factor([names[u] for u in p.gpu_uuids])
                     <= model.factor([names[u] for u in alone[0].gpu_uuids]) + 1e-9)
-    assert {p.job_id for p in fifo.placements} | set(fifo.waiting) | set(fifo.impossible) == \
-        {p.job_id for p in got.placements} | set(got.waiting) | set(got.impossible)
+    # every job lands in exactly one bucket
+    buckets = [{p.job_id for p in got.placements}, set(got.waiting), set(got.impossible)]
+    assert sum(map(len, buckets)) == len(jobs) == len(set().union(*buckets))
 
 
 @settings(max_examples=100, deadline=None)
@@ -313,3 +313,55 @@ def test_fifo_runs_a_range_at_the_largest_count_that_can_ever_fit() -> None:
     req = GpuRequest(count=1, count_max=2, mem_mib=10240)
     got = plan([q(1, req), q(2)], box(), 0.0, policy="fifo")
     assert [p.gpu_uuids for p in got.placements] == [("GPU-0",), ("GPU-1",)]
+
+
+def test_absurd_epoch_times_do_not_break_or_turn_the_model() -> None:
+    """Jobs report their own epoch times. 1.5e308 s or NaN is no measurement (it overflowed
+    the fit and stopped all planning), and fake figures move a prior at most 4× either way."""
+    rows = (epochs(1, [A4000], 1.5e308, "x") + epochs(2, [RTX2070], float("nan"), "y")
+            + epochs(3, [A4000], 48.0, "w") + epochs(4, [RTX2070], 67.0, "w"))
+    m = SpeedModel.fit(rows, PRIOR)
+    assert m.speed(A4000) / m.speed(RTX2070) == pytest.approx(67 / 48, rel=0.02)
+    fake = (epochs(5, [A4000], 1000.0, "evil", n=40) + epochs(6, [RTX2070], 1.0, "evil", n=40))
+    turned = SpeedModel.fit(fake, PRIOR)
+    assert turned.speed(RTX2070) <= 4.0 * 1.0 + 1e-9 and turned.speed(A4000) >= 1.40 / 4 - 1e-9
+
+
+def test_an_elastic_stage_is_told_its_count_in_its_own_flags() -> None:
+    """A split elastic train gets --gpus 1 and one index; a wrapper's own --gpus (say a
+    `docker run --gpus all` in tao.local_command) is left alone."""
+    from gpusched.config import Settings, TaoSettings
+    from gpusched.stages import StageRequest, build_job, for_launch
+
+    settings = Settings(tao=TaoSettings(runner="local", local_command=["docker", "run", "--gpus",
+                                                                      "all", "img", "tao"]))
+    req = StageRequest(stage={"task": "train", "spec": "/tmp/s.txt", "results_dir": "/tmp/r",
+                              "gpus": 1, "gpus_max": 2})
+    job = build_job(req, settings, spec_facts={"num_epochs": 80}, check_results=False)
+    split = for_launch(job, attempt=1, gpu_indices=[1], owner_uid=None).command
+    gang = for_launch(job, attempt=1, gpu_indices=[0, 1], owner_uid=None).command
+    assert split[:5] == gang[:5] == ["docker", "run", "--gpus", "all", "img"]
+    assert split[-4:] == ["--gpus", "1", "--gpu_index", "1"]
+    assert gang[-5:] == ["--gpus", "2", "--gpu_index", "0", "1"]
+
+
+def test_an_elastic_job_gangs_when_the_others_could_not_use_the_spare_gpu() -> None:
+    m = seed_model()
+    elastic = GpuRequest(count=1, count_max=2)
+    gang = plan([q(1, elastic, workload="train", epochs=80), q(2, GpuRequest(count=2))],
+                box(a={"job": None}), 0.0, model=m)
+    assert gang.placements[0].gpu_uuids == ("GPU-0", "GPU-1")  # job 2 needs both anyway
+    pinned = plan([q(1, elastic, workload="train", epochs=80), q(2, GpuRequest(ids=("1",)))],
+                  box(), 0.0, model=m)
+    assert [p.gpu_uuids for p in pinned.placements] == [("GPU-0",), ("GPU-1",)]
+    typed = plan([q(1, elastic, workload="train", epochs=80), q(2, GpuRequest(gpu_type="H100"))],
+                 box(), 0.0, model=m)
+    assert typed.placements[0].gpu_uuids == ("GPU-0", "GPU-1")  # job 2 can never run here
+
+
+def test_a_job_that_waited_long_enough_takes_the_free_gpu() -> None:
+    """The daemon clears may_wait once a job waited MAX_WAIT_FOR_FASTER_S in all: an ETA that
+    keeps sliding cannot hold it forever."""
+    busy = box(a={"job": 9, "until": 600.0})
+    got = plan([q(1, workload="train", epochs=80, may_wait=False)], busy, 0.0, model=seed_model())
+    assert [p.gpu_uuids for p in got.placements] == [("GPU-1",)]
