@@ -1,4 +1,19 @@
-"""Tolerant parsers of what TAO's SSD tasks write (see /work/shared/tao-facts.md).
+"""Tolerant parsers of what TAO's SSD tasks write.
+
+The formats are TAO 5's, from its open source (github.com/NVIDIA/tao_tensorflow1_backend,
+``nvidia_tao_tf1/...``): ``status.json`` is one JSON object per line, appended, written by the
+status logger (``cv/common/logging/logging.py``; ``date`` "7/14/2023" and ``time`` "10:2:5" not
+zero-padded) and by the epoch callback (``cv/common/callbacks/loggers.py``: ``epoch``,
+``max_epoch``, ``time_per_epoch`` as ``str(timedelta)``, ``graphical`` values as strings, ``nan``
+off validation epochs; validation lines may hold a bare ``NaN``). The training CSV
+``ssd_training_log_<backbone>.csv`` is Keras' CSVLogger made 1-based
+(``cv/common/utils.py:OneIndexedCSVLogger``): CRLF lines, a header ``epoch`` then the sorted
+metric keys (``AP_<class>``, ``loss``, ``lr``, ``mAP``, ``validation_loss``), ``nan`` where an
+epoch was not validated; a resumed run truncates it and restarts at the resume epoch.
+Checkpoints are ``weights/ssd_<backbone>_epoch_NNN.hdf5`` (``.tlt`` before TAO 5), 3-digit,
+1-based, every ``checkpoint_interval`` epochs (``cv/common/callbacks/enc_model_saver_callback.py``).
+The evaluate table is printed by ``cv/ssd/scripts/evaluate.py`` (``{:<14}{:<6}{}``: class, AP,
+the value rounded to 3 places, then an ``mAP`` row, between lines of 31 ``*``).
 
 Pure functions on strings: no I/O, no project imports. Every parser accepts partial or
 garbled input (a file that is still being written, a container that died mid-line) and returns

@@ -1,4 +1,5 @@
-"""TAO output parsers against fixtures written from /work/shared/tao-facts.md."""
+"""TAO output parsers against fixtures written from the formats described in gpusched/parsers.py
+(TAO 5's NVIDIA/tao_tensorflow1_backend sources)."""
 
 from __future__ import annotations
 
