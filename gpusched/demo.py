@@ -13,6 +13,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,30 @@ from gpusched.client import Client
 from gpusched.render import pipeline_detail
 from gpusched.testing.harness import SIM_GPUS, DaemonProcess, fake_tao_env, short_tmpdir
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCALE = 0.004  # 48 s/epoch on the A4000 becomes 0.19 s
 
 
-def _examples() -> Path:
-    """The example pipeline and specs: from the checkout, or the copy shipped in the package."""
-    for base in (EXAMPLES, Path(__file__).resolve().parent / "examples"):
-        if (base / "ssd_resnet18_kitti.toml").is_file():
-            return base
-    raise FileNotFoundError("examples/ssd_resnet18_kitti.toml not found")
+def examples() -> Traversable:
+    """The example pipeline and specs shipped in the package (``gpusched/data/examples``, the
+    same files as the checkout's ``examples/``), so the demo runs from a wheel too."""
+    return resources.files("gpusched") / "data" / "examples"
+
+
+def copy_examples(src: Traversable, dst: Path) -> None:
+    """Copy the pipeline and its specs (``*.toml``, ``*.txt``; no Python files) into ``dst``."""
+    if not src.joinpath("ssd_resnet18_kitti.toml").is_file():
+        raise FileNotFoundError(f"the demo's pipeline is missing from the package: {src}")
+    _copy_tree(src, dst)
+
+
+def _copy_tree(src: Traversable, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            if item.name != "__pycache__":
+                _copy_tree(item, dst / item.name)
+        elif item.name.endswith((".toml", ".txt")):
+            (dst / item.name).write_bytes(item.read_bytes())
 
 
 def _progress_line(p: dict[str, Any]) -> str:
@@ -72,8 +88,19 @@ def follow_pipeline(c: Client, pid: int, out: Callable[[str], None],
 
 def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     state = short_tmpdir("gpusched-demo-")
+    try:
+        return _run(state, keep, out)
+    finally:
+        if keep:
+            out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
+                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {SIM_GPUS!r}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _run(state: Path, keep: bool, out: Callable[[str], None]) -> int:
     work = state / "work"
-    shutil.copytree(_examples(), work, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy_examples(examples(), work)
     env = fake_tao_env([str(state)])
     out(f"gpusched demo: a daemon on simulated GPUs {SIM_GPUS!r}, state and experiments in "
         f"{state}")
@@ -116,11 +143,6 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
         return 0 if p["status"] == "succeeded" and p.get("summary") else 1
     finally:
         d.stop()
-        if keep:
-            out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
-                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {SIM_GPUS!r}")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
