@@ -35,6 +35,7 @@ from gpusched.errors import (
     NotFound,
     PermissionDenied,
     SpecError,
+    explain_validation,
 )
 from gpusched.models import GpuRequest, JobSpec, JobView, Mount
 from gpusched.states import JobStatus
@@ -614,11 +615,7 @@ def _with_start(reason: str | None, start_s: float | None) -> str | None:
 
 
 def _validation_message(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"]) or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    return "invalid request: " + "; ".join(parts)
+    return explain_validation(err, "invalid request")
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
