@@ -375,14 +375,18 @@ def _mount(text: str) -> dict[str, Any]:
             "read_only": len(parts) == 3 and parts[2] == "ro"}
 
 
+TAO_MOUNTS_MAX_BYTES = 1024 * 1024
+
+
 def _apply_tao_mounts(spec: dict[str, Any]) -> None:
     """Read ~/.tao_mounts.json here, as the user, and send its content with the spec; the
     daemon validates the mounts like any other before storing anything."""
     from gpusched.policy import parse_tao_mounts
+    from gpusched.safefs import read_user_bytes
 
     path = Path.home() / ".tao_mounts.json"
-    try:
-        text = path.read_text()
+    try:  # never blocks on a FIFO, only a regular file, capped (safefs)
+        text = read_user_bytes(path, max_bytes=TAO_MOUNTS_MAX_BYTES).decode(errors="replace")
     except OSError as err:
         raise SpecError(f"--tao-mounts: cannot read {path}: {err}") from err
     mounts, envs, options = parse_tao_mounts(text)

@@ -155,8 +155,7 @@ def validation_lines(err: ValidationError, hints: Mapping[str, str] = FIELD_HINT
     for e in errors[:MAX_LINES]:
         loc = [str(x) for x in e.get("loc", ())]
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        name = next((x for x in reversed(loc) if not x.isdigit()), "")
-        hint = hints.get(name)
+        hint = next((hints[x] for x in reversed(loc) if x in hints), None)
         lines.append(f"{'.'.join(loc) or 'value'}: {msg}{_shown_input(e)}"
                      + (f"; {hint}" if hint else ""))
     if len(errors) > MAX_LINES:

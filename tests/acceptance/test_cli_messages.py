@@ -4,6 +4,7 @@ where one helps), never a traceback; and reports go where -o says, in every form
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -100,3 +101,30 @@ def test_an_invalid_request_names_each_field_on_its_own_line(d: DaemonProcess) -
     assert all(line.startswith("invalid request: ") for line in lines)
     assert any(re.search(r"priority: .*\(got 5000\); higher runs first", x) for x in lines)
     assert any(re.search(r"gpus\.count: .*\(got -1\); a number of GPUs", x) for x in lines)
+
+
+def test_tao_mounts_is_read_safely_and_its_errors_are_lines(tmp_path: Path) -> None:
+    """A FIFO as ~/.tao_mounts.json is refused at once (a plain open would block the CLI), and a
+    bad file gets one line per problem, before anything reaches the daemon."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**DaemonProcess(tmp_path / "state").env, "HOME": str(home)}
+    argv = [sys.executable, "-m", "gpusched.cli", "submit", "--tao-mounts", "--image",
+            "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5", "--", "true"]
+    fifo = home / ".tao_mounts.json"
+    os.mkfifo(fifo)
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    no_traceback(r)
+    assert f"cannot read {fifo}" in r.stderr and "regular file" in r.stderr
+    fifo.unlink()
+    fifo.write_text(json.dumps({"Mounts": [{"source": str(home)}],
+                                "DockerOptions": {"shm_size": "lots"}}))
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    no_traceback(r)
+    assert r.stderr.splitlines() == [
+        "gpusched: ~/.tao_mounts.json: Mounts.0.destination: Field required; a list of "
+        '{"source": HOST_PATH, "destination": CONTAINER_PATH}',
+        "gpusched: ~/.tao_mounts.json: DockerOptions.shm_size: bad size 'lots': use a number "
+        "with an optional unit, e.g. 10G or 512M (got 'lots')"]
