@@ -27,6 +27,7 @@ experiment spec) live in :mod:`gpusched.parsers_tao` and are re-exported here.
 from __future__ import annotations
 
 import calendar
+import csv
 import json
 import math
 import re
@@ -337,15 +338,26 @@ class CsvRow:
     ap: dict[str, float] = field(default_factory=dict)  # class -> AP, from AP_<class> columns
 
 
+def _csv_cells(line: str) -> list[str]:
+    """One line's cells; each line is read on its own, so a stray quote in a garbled line
+    cannot swallow the lines after it."""
+    try:
+        return [c.strip() for c in next(csv.reader([line]), [])]
+    except csv.Error:
+        return []
+
+
 def parse_training_csv(text: str) -> list[CsvRow]:
-    """Rows of TAO's training CSV (CRLF or LF). An unterminated last line is still being written
-    and is dropped; malformed rows are skipped; a repeated header restarts the column map."""
+    """Rows of TAO's training CSV (CRLF or LF), read with :mod:`csv` (Keras' CSVLogger writes it
+    with ``csv.DictWriter``, so a quoted cell may hold a comma). An unterminated last line is
+    still being written and is dropped; malformed rows are skipped; a repeated header restarts
+    the column map."""
     lines, _partial = split_lines(text)
     header: list[str] | None = None
     rows: list[CsvRow] = []
     for line in lines:
-        cells = [c.strip() for c in line.split(",")]
-        if not line.strip():
+        cells = _csv_cells(line)
+        if not any(cells):
             continue
         if cells[0] == "epoch":
             header = cells
