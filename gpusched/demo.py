@@ -49,6 +49,17 @@ def _copy_tree(src: Traversable, dst: Path) -> None:
             (dst / item.name).write_bytes(item.read_bytes())
 
 
+def report_html(stats: list[throughput.SetStats], spans: list[dict[str, Any]],
+                gpus: list[dict[str, Any]], now: float) -> str:
+    """The run's HTML report: busy fractions over the run itself (its first start to now, not
+    since 1970), the GPU list, and the times labelled as scaled and the GPUs as simulated."""
+    starts = [s["started_at"] for s in spans if s.get("started_at")]
+    since = min(starts) if starts else now
+    return reports.html_report(stats, throughput.recommend(stats),
+                               throughput.busy_fraction(spans, gpus, since, now), spans, gpus,
+                               since, now, title="gpusched demo report", time_scale=SCALE)
+
+
 def _progress_line(p: dict[str, Any]) -> str:
     parts = []
     for j in p["jobs"]:
@@ -130,14 +141,9 @@ def _run(state: Path, keep: bool, out: Callable[[str], None]) -> int:
         out("\n$ gpusched report throughput   (per-GPU epoch times of this run, scaled time)")
         out(reports.throughput_table(stats, throughput.recommend(stats)))
         if keep:
-            spans = c.get("/v1/spans?since=0")
-            gpus = c.get("/v1/gpus")
             html = state / "report.html"
-            now = time.time()
-            html.write_text(reports.html_report(stats, throughput.recommend(stats),
-                                                throughput.busy_fraction(spans, gpus, 0, now),
-                                                spans, gpus, min(s["started_at"] for s in spans),
-                                                now))
+            html.write_text(report_html(stats, c.get("/v1/spans?since=0"), c.get("/v1/gpus"),
+                                        time.time()))
             out(f"\nHTML report: {html}")
         out(f"\ndemo finished in {time.monotonic() - t0:.0f} s: pipeline {p['status']}")
         return 0 if p["status"] == "succeeded" and p.get("summary") else 1

@@ -64,3 +64,21 @@ def test_demo_without_its_data_leaves_no_directory(tmp_path: Path,
     with pytest.raises(FileNotFoundError, match="missing from the package"):
         demo.main(out=lambda line: None)
     assert not state.exists()
+
+
+def test_demo_report_shows_the_run_s_busy_fractions() -> None:
+    """Busy fractions over the run itself, not since 1970 (the demo's report said 0.0 %)."""
+    now = 1_760_000_000.0
+    gpus = [{"index": 0, "uuid": "GPU-a", "name": "RTX A4000", "simulated": True},
+            {"index": 1, "uuid": "GPU-b", "name": "RTX 2070", "simulated": True}]
+    spans = [{"job_id": 1, "attempt": 1, "name": "p/train", "kind": "tao:train",
+              "status": "succeeded", "gpu_uuids": ["GPU-a", "GPU-b"], "gpu_indices": [0, 1],
+              "gpu_names": ["RTX A4000", "RTX 2070"], "started_at": now - 40, "ended_at": now - 20},
+             {"job_id": 2, "attempt": 1, "name": "p/evaluate", "kind": "tao:evaluate",
+              "status": "succeeded", "gpu_uuids": ["GPU-a"], "gpu_indices": [0],
+              "gpu_names": ["RTX A4000"], "started_at": now - 20, "ended_at": now}]
+    doc = demo.report_html([], spans, gpus, now)
+    busy = doc.split('<section id="busy">')[1].split("</section>")[0]
+    assert "100.0%" in busy and "50.0%" in busy  # GPU 0 the whole run, GPU 1 half of it
+    assert "GPUs (simulated)" in doc and "scaled time" in doc
+    assert f"{demo.SCALE:g}× real time" in doc
