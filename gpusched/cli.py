@@ -665,6 +665,9 @@ def _write_report(path: Path, write: Callable[[Path], object]) -> None:
         write(path)
     except OSError as err:
         _fail(SpecError(f"cannot write {path}: {err.strerror or err}"))
+    except ImportError as err:  # png/svg charts need the reports extra
+        _fail(GpuschedError(f"cannot write {path}: {err.name or 'matplotlib'} is not installed "
+                            "(pip install 'tao-gpusched[reports]')"))
     typer.echo(f"wrote {path}")
 
 

@@ -350,9 +350,19 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 """
 
 
+#: what a page says where a chart would be when matplotlib (the ``reports`` extra) is missing
+NO_CHARTS = ("Chart left out: matplotlib is not installed "
+             "(pip install 'tao-gpusched[reports]', or the checkout's scripts/setup).")
+
+
 def _img(draw: Callable[[IO[bytes]], None], alt: str) -> str:
     buf = io.BytesIO()
-    draw(buf)
+    try:
+        draw(buf)
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("matplotlib"):
+            raise
+        return f'<p class="muted">{html.escape(NO_CHARTS)}</p>'
     b64 = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 

@@ -224,6 +224,20 @@ def test_html_report_labels_simulated_gpus_and_scaled_time(stats: list[SetStats]
     assert "16.0 GiB" in gpu_list
 
 
+def test_html_report_without_matplotlib_says_so(stats: list[SetStats],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install (no ``reports`` extra) still writes the page; charts are left out."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    doc = html_report(stats, recommend(stats), busy_fraction(SPANS, GPUS, SINCE, UNTIL), SPANS,
+                      GPUS, SINCE, UNTIL)
+    assert doc.count("matplotlib is not installed") == 2  # the throughput chart and the timeline
+    assert "<img" not in doc and "Throughput by GPU set" in doc
+
+
 def test_timeline_html() -> None:
     doc = timeline_html(SPANS, GPUS, SINCE, UNTIL, busy_fraction(SPANS, GPUS, SINCE, UNTIL))
     p = parse(doc)
