@@ -82,6 +82,7 @@ class BackupSettings(BaseModel):
     interval_s: float = Field(default=3600.0, gt=0)
     keep: int = Field(default=24, ge=1)
 
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
