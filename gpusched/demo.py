@@ -49,6 +49,17 @@ def _copy_tree(src: Traversable, dst: Path) -> None:
             (dst / item.name).write_bytes(item.read_bytes())
 
 
+def wait_for_gpus(c: Client, timeout_s: float = 20) -> list[dict[str, Any]]:
+    """The daemon's GPUs once its first inventory is in (it serves before that: the list
+    printed right after start-up was empty)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gpus: list[dict[str, Any]] = c.get("/v1/gpus")
+        if gpus or time.monotonic() > deadline:
+            return gpus
+        time.sleep(0.05)
+
+
 def report_html(stats: list[throughput.SetStats], spans: list[dict[str, Any]],
                 gpus: list[dict[str, Any]], now: float) -> str:
     """The run's HTML report: busy fractions over the run itself (its first start to now, not
@@ -122,8 +133,9 @@ def _run(state: Path, keep: bool, out: Callable[[str], None]) -> int:
     try:
         d.start()
         c = d.client()
-        for g in c.get("/v1/gpus"):
-            out(f"  GPU {g['index']}: {g['name']} ({g['memory_total_mib']} MiB) {g['uuid']}")
+        for g in wait_for_gpus(c):
+            kind = " simulated" if g.get("simulated") else ""
+            out(f"  GPU {g['index']}: {g['name']} ({g['memory_total_mib']} MiB{kind}) {g['uuid']}")
         toml_path = work / "ssd_resnet18_kitti.toml"
         import tomllib
 
