@@ -537,8 +537,8 @@ class Perf:
                            text=True, timeout=300, cwd="/tmp", input=stdin)
         wall = time.perf_counter() - t0
         made = int(b.q("SELECT count(*) FROM jobs")[0][0]) - before
-        res = {"jobs": made, "wall_s": wall, "jobs_per_s": made / wall if made else 0.0,
-               "rc": r.returncode}
+        res: dict[str, Any] = {"jobs": made, "wall_s": wall,
+                               "jobs_per_s": made / wall if made else 0.0, "rc": r.returncode}
         if r.returncode != 0 or made != n:
             res["error"] = (r.stderr or r.stdout).strip()[-300:]
         return res
@@ -874,7 +874,7 @@ class Perf:
                 "reads never starve scheduling (before: 66 ms idle, 2.0 s with 1 `ls` loop, "
                 "34.6 s with 4, `health` once 47.7 s)")
         b = Bench().start()
-        res = []
+        res: list[dict[str, Any]] = []
         try:
             b.blocker("1,")
             fill = b.prefill(size, "1,", hold=self.a.queue_kind == "held")

@@ -8,6 +8,7 @@ Heavy imports (pydantic, the daemon, rich) happen inside the commands that need 
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -44,7 +45,9 @@ def _submit(path: str, body: Any) -> Any:
 
 
 def _fail(err: GpuschedError) -> None:
-    typer.echo(f"gpusched: {render.safe(err.message)}", err=True)
+    # one line per problem (a validation error lists each field on its own line)
+    for line in err.message.split("\n"):
+        typer.echo(f"gpusched: {render.safe(line)}", err=True)
     raise typer.Exit(err.exit_code)
 
 
@@ -72,7 +75,7 @@ def daemon(
     )] = None,
     state_dir: Annotated[Path | None, typer.Option(help="State directory (database, logs).")] = None,
     socket: Annotated[Path | None, typer.Option(help="Unix socket to listen on.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR, CRITICAL.")] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way)."""
     import logging
@@ -372,14 +375,18 @@ def _mount(text: str) -> dict[str, Any]:
             "read_only": len(parts) == 3 and parts[2] == "ro"}
 
 
+TAO_MOUNTS_MAX_BYTES = 1024 * 1024
+
+
 def _apply_tao_mounts(spec: dict[str, Any]) -> None:
     """Read ~/.tao_mounts.json here, as the user, and send its content with the spec; the
     daemon validates the mounts like any other before storing anything."""
     from gpusched.policy import parse_tao_mounts
+    from gpusched.safefs import read_user_bytes
 
     path = Path.home() / ".tao_mounts.json"
-    try:
-        text = path.read_text()
+    try:  # never blocks on a FIFO, only a regular file, capped (safefs)
+        text = read_user_bytes(path, max_bytes=TAO_MOUNTS_MAX_BYTES).decode(errors="replace")
     except OSError as err:
         raise SpecError(f"--tao-mounts: cannot read {path}: {err}") from err
     mounts, envs, options = parse_tao_mounts(text)
@@ -608,8 +615,9 @@ def report_throughput(
     since: Annotated[str, typer.Option(help="Window start: 24h, 7d or a date.")] = "30d",
     workload: Annotated[str | None, typer.Option(help="Only this workload.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json, csv or html.")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="File for html "
-                                                "(default gpusched-report.html).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this "
+                                                "file (any format; html defaults to "
+                                                "gpusched-report.html, the others to stdout).")] = None,
 ) -> None:
     """s/epoch by GPU model and count (median, p90), epochs/h, scaling efficiency, busy
     fraction of each GPU, and recommendations."""
@@ -634,18 +642,36 @@ def report_throughput(
     chart_start = _first_activity(spans, start, now)
     busy = throughput.busy_fraction(spans, gpus, chart_start, now)
     if fmt == "table":
-        typer.echo(reports.throughput_table(stats, recs, model=model,
-                                            gpu_names=[g["name"] for g in gpus],
-                                            notes=reports.gpu_notes(gpus)) if stats else
-                   "no training epochs recorded in this window")
+        text = (reports.throughput_table(stats, recs, model=model,
+                                         gpu_names=[g["name"] for g in gpus],
+                                         notes=reports.gpu_notes(gpus)) if stats else
+                "no training epochs recorded in this window") + "\n"
     elif fmt == "json":
-        render.emit_json(reports.throughput_json(stats, recs, busy))
+        text = render.json_text(reports.throughput_json(stats, recs, busy))
     elif fmt == "csv":
-        sys.stdout.write(reports.throughput_csv(stats))
+        text = reports.throughput_csv(stats)
     else:
-        path = output or Path("gpusched-report.html")
-        path.write_text(reports.html_report(stats, recs, busy, spans, gpus, chart_start, now))
-        typer.echo(f"wrote {path}")
+        output = output or Path("gpusched-report.html")
+        text = reports.html_report(stats, recs, busy, spans, gpus, chart_start, now)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write_report(output, lambda path: path.write_text(text))
+
+
+def _write_report(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a report file and say so; a path that cannot be written is a message (exit 2),
+    not a traceback."""
+    if not path.parent.is_dir():
+        _fail(SpecError(f"cannot write {path}: the directory {path.parent} does not exist"))
+    try:
+        write(path)
+    except OSError as err:
+        _fail(SpecError(f"cannot write {path}: {err.strerror or err}"))
+    except ImportError as err:  # png/svg charts need the reports extra
+        _fail(GpuschedError(f"cannot write {path}: {err.name or 'matplotlib'} is not installed "
+                            "(pip install 'tao-gpusched[reports]')"))
+    typer.echo(f"wrote {path}")
 
 
 def _first_activity(spans: list[dict[str, Any]], since: float, now: float) -> float:
@@ -681,10 +707,10 @@ def report_timeline(
     path = output or Path(f"gpusched-timeline.{fmt}")
     if fmt == "html":
         busy = throughput.busy_fraction(spans, gpus, start, now)
-        path.write_text(reports.timeline_html(spans, gpus, start, now, busy))
+        html = reports.timeline_html(spans, gpus, start, now, busy)
+        _write_report(path, lambda p: p.write_text(html))
     else:
-        reports.timeline_plot(spans, gpus, start, now, str(path), fmt=fmt)
-    typer.echo(f"wrote {path}")
+        _write_report(path, lambda p: reports.timeline_plot(spans, gpus, start, now, str(p), fmt=fmt))
 
 
 pipeline_app = typer.Typer(help="Whole TAO pipelines: train, evaluate, prune, retrain, gate.",

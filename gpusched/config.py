@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from gpusched.errors import ConfigError
+from gpusched.errors import ConfigError, explain_validation
 from gpusched.paths import config_path, default_socket, default_state_dir
 
 
@@ -100,6 +100,9 @@ class BackupSettings(BaseModel):
     keep: int = Field(default=24, ge=1)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GPUSCHED_", env_nested_delimiter="__", extra="forbid"
@@ -107,7 +110,7 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=lambda: default_state_dir())
     socket: Path = Field(default_factory=lambda: default_socket())
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL, any case
     gpus: GpusSettings = GpusSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     docker: DockerSettings = DockerSettings()
@@ -115,6 +118,13 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
     backup: BackupSettings = BackupSettings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError("unknown log level")
+        return v.upper()
 
     @classmethod
     def settings_customise_sources(
@@ -161,6 +171,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**clean)
     except ValidationError as err:
-        raise ConfigError(f"bad configuration (file {path}, GPUSCHED_* variables): {err}") from err
+        raise ConfigError(explain_validation(
+            err, f"bad configuration (file {path}, GPUSCHED_* variables, flags)")) from err
     except (OSError, ValueError) as err:  # unreadable file, TOML syntax
         raise ConfigError(f"cannot read configuration {path}: {err}") from err

@@ -13,6 +13,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +23,54 @@ from gpusched.client import Client
 from gpusched.render import pipeline_detail
 from gpusched.testing.harness import DaemonProcess, fake_tao_env, short_tmpdir
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # the seed's box, with the prior speeds placement starts from (the A4000 1.4× the 2070)
 DEMO_GPUS = "RTX A4000:16G:1.40,RTX 2070:8G:1.0"
 SCALE = 0.004  # 48 s/epoch on the A4000 becomes 0.19 s
 
 
-def _examples() -> Path:
-    """The example pipeline and specs: from the checkout, or the copy shipped in the package."""
-    for base in (EXAMPLES, Path(__file__).resolve().parent / "examples"):
-        if (base / "ssd_resnet18_kitti.toml").is_file():
-            return base
-    raise FileNotFoundError("examples/ssd_resnet18_kitti.toml not found")
+def examples() -> Traversable:
+    """The example pipeline and specs shipped in the package (``gpusched/data/examples``, the
+    same files as the checkout's ``examples/``), so the demo runs from a wheel too."""
+    return resources.files("gpusched") / "data" / "examples"
+
+
+def copy_examples(src: Traversable, dst: Path) -> None:
+    """Copy the pipeline and its specs (``*.toml``, ``*.txt``; no Python files) into ``dst``."""
+    if not src.joinpath("ssd_resnet18_kitti.toml").is_file():
+        raise FileNotFoundError(f"the demo's pipeline is missing from the package: {src}")
+    _copy_tree(src, dst)
+
+
+def _copy_tree(src: Traversable, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            if item.name != "__pycache__":
+                _copy_tree(item, dst / item.name)
+        elif item.name.endswith((".toml", ".txt")):
+            (dst / item.name).write_bytes(item.read_bytes())
+
+
+def wait_for_gpus(c: Client, timeout_s: float = 20) -> list[dict[str, Any]]:
+    """The daemon's GPUs once its first inventory is in (it serves before that: the list
+    printed right after start-up was empty)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gpus: list[dict[str, Any]] = c.get("/v1/gpus")
+        if gpus or time.monotonic() > deadline:
+            return gpus
+        time.sleep(0.05)
+
+
+def report_html(stats: list[throughput.SetStats], recs: list[str], spans: list[dict[str, Any]],
+                gpus: list[dict[str, Any]], now: float) -> str:
+    """The run's HTML report: busy fractions over the run itself (its first start to now, not
+    since 1970), the GPU list, and the times labelled as scaled and the GPUs as simulated."""
+    starts = [s["started_at"] for s in spans if s.get("started_at")]
+    since = min(starts) if starts else now
+    return reports.html_report(stats, recs,
+                               throughput.busy_fraction(spans, gpus, since, now), spans, gpus,
+                               since, now, title="gpusched demo report", time_scale=SCALE)
 
 
 def _progress_line(p: dict[str, Any]) -> str:
@@ -74,8 +112,19 @@ def follow_pipeline(c: Client, pid: int, out: Callable[[str], None],
 
 def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     state = short_tmpdir("gpusched-demo-")
+    try:
+        return _run(state, keep, out)
+    finally:
+        if keep:
+            out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
+                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {DEMO_GPUS!r}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _run(state: Path, keep: bool, out: Callable[[str], None]) -> int:
     work = state / "work"
-    shutil.copytree(_examples(), work, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy_examples(examples(), work)
     env = fake_tao_env([str(state)])
     out(f"gpusched demo: a daemon on simulated GPUs {DEMO_GPUS!r}, state and experiments in "
         f"{state}")
@@ -86,8 +135,9 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
     try:
         d.start()
         c = d.client()
-        for g in c.get("/v1/gpus"):
-            out(f"  GPU {g['index']}: {g['name']} ({g['memory_total_mib']} MiB) {g['uuid']}")
+        for g in wait_for_gpus(c):
+            kind = " simulated" if g.get("simulated") else ""
+            out(f"  GPU {g['index']}: {g['name']} ({g['memory_total_mib']} MiB{kind}) {g['uuid']}")
         toml_path = work / "ssd_resnet18_kitti.toml"
         import tomllib
 
@@ -112,23 +162,14 @@ def main(keep: bool = False, out: Callable[[str], None] = print) -> int:
                    f"the fake TAO ran at {SCALE:g}× real time: divide the seconds by {SCALE:g} "
                    "for the real box (epochs/h: multiply by it)"]))
         if keep:
-            spans = c.get("/v1/spans?since=0")
             html = state / "report.html"
-            now = time.time()
-            html.write_text(reports.html_report(stats, recs,
-                                                throughput.busy_fraction(spans, gpus, 0, now),
-                                                spans, gpus, min(s["started_at"] for s in spans),
-                                                now))
+            html.write_text(report_html(stats, recs, c.get("/v1/spans?since=0"), gpus,
+                                        time.time()))
             out(f"\nHTML report: {html}")
         out(f"\ndemo finished in {time.monotonic() - t0:.0f} s: pipeline {p['status']}")
         return 0 if p["status"] == "succeeded" and p.get("summary") else 1
     finally:
         d.stop()
-        if keep:
-            out(f"state kept in {state}; inspect it with: GPUSCHED_STATE_DIR={state} "
-                f"GPUSCHED_TAO__RUNNER=local gpusched daemon --simulate-gpus {DEMO_GPUS!r}")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ ever catch ``GpuschedError``. ``exit_code`` is what the CLI exits with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class GpuschedError(Exception):
     """gpusched failed."""
@@ -110,3 +116,54 @@ class LaunchRefused(RunnerError):
 
 class RunnerUnavailable(RunnerError):
     """The runner's backend (Docker) is unreachable; jobs keep running and nothing new starts."""
+
+
+#: what a field means, added to a validation error that names it (the last part of its path)
+FIELD_HINTS: dict[str, str] = {
+    "max_drop": "max_drop is a fraction of mAP: 0.02 = 2 points",
+    "threshold": "a pruning threshold is a fraction between 0 and 1, e.g. 0.1",
+    "retry_thresholds": "pruning thresholds are fractions between 0 and 1, e.g. [0.05, 0.02]",
+    "backoff": "the next threshold is the lowest tried × backoff: a fraction, e.g. 0.5",
+    "retries": "a count of rounds or attempts, e.g. 2",
+    "priority": "higher runs first, from -1000 to 1000",
+    "count": "a number of GPUs, 0 for a CPU-only job",
+    "mem_mib": "free GPU memory in MiB, e.g. 10240 (--mem 10G)",
+    "shm_size": "a size like 16G",
+    "user": "a numeric uid:gid, e.g. 1000:1000",
+    "log_level": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    "port": "a TCP port from 1 to 65535 (0: any free one)",
+}
+MAX_LINES = 10
+
+
+def _shown_input(err: Mapping[str, Any]) -> str:
+    value = err.get("input")
+    if err.get("type") == "missing" or isinstance(value, dict | list) or value is None:
+        return ""
+    text = repr(value)
+    return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
+
+
+def validation_lines(err: ValidationError, hints: Mapping[str, str] = FIELD_HINTS) -> list[str]:
+    """One line per problem of a pydantic ValidationError: the field's path, the problem, what
+    was given, and a hint about the field when one is known::
+
+        gate.max_drop: Input should be less than 1 (got 2.0); max_drop is a fraction of mAP: 0.02 = 2 points
+    """
+    lines = []
+    errors = err.errors()
+    for e in errors[:MAX_LINES]:
+        loc = [str(x) for x in e.get("loc", ())]
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        hint = next((hints[x] for x in reversed(loc) if x in hints), None)
+        lines.append(f"{'.'.join(loc) or 'value'}: {msg}{_shown_input(e)}"
+                     + (f"; {hint}" if hint else ""))
+    if len(errors) > MAX_LINES:
+        lines.append(f"... and {len(errors) - MAX_LINES} more")
+    return lines
+
+
+def explain_validation(err: ValidationError, what: str) -> str:
+    """``validation_lines`` as one message, each line starting with ``what`` (e.g. "bad
+    pipeline"): one problem per line, no pydantic URLs."""
+    return "\n".join(f"{what}: {line}" for line in validation_lines(err))

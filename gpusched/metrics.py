@@ -1,16 +1,15 @@
 """Prometheus exposition: GPU, job and queue gauges plus an epoch-time histogram.
 
-Optional (``metrics.port`` in the config, off by default) and local only: the server binds
-127.0.0.1. prometheus_client is imported lazily and every render builds a fresh
-``CollectorRegistry``, so nothing lingers in the library's global registry.
+Optional (``metrics.port`` in the config, off by default) and local only: prometheus_client's
+own server (``start_http_server``) binds 127.0.0.1. prometheus_client is imported lazily and
+each server has its own ``CollectorRegistry`` whose one collector builds the families afresh on
+every scrape, so nothing lingers in the library's global registry.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from gpusched.throughput import gpu_set_key
@@ -40,16 +39,15 @@ def _epoch_buckets(values: list[float]) -> list[tuple[str, float]]:
     return out
 
 
-def render_metrics(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], queue_len: int,
-                   epoch_rows: Iterable[dict[str, Any]]) -> bytes:
-    """The text exposition format. ``epoch_rows`` are store epoch rows; training epochs only
+def metric_families(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], queue_len: int,
+                    epoch_rows: Iterable[dict[str, Any]]) -> list[Any]:
+    """The families of one scrape. ``epoch_rows`` are store epoch rows; training epochs only
     (validated ones include evaluation time) go into the histogram, labelled by GPU set. Pass a
     bounded window of rows: the histogram is rebuilt from them on every scrape.
 
     Families are built directly (no Gauge/Histogram objects), so no ``_created`` series claims
     the histogram was reset at every scrape.
     """
-    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
     labels = ["gpu", "uuid", "name"]
@@ -85,51 +83,42 @@ def render_metrics(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], q
     for key in sorted(per_set):
         epochs.add_metric([key], _epoch_buckets(per_set[key]), sum_value=sum(per_set[key]))
 
-    families = [mem_used, mem_total, util, temp, state, jobs, queue, epochs]
+    return [mem_used, mem_total, util, temp, state, jobs, queue, epochs]
 
-    class _Snapshot:
-        def collect(self) -> Iterable[Any]:
-            return families
+
+class _Snapshot:
+    """A collector that asks for fresh families on every scrape."""
+
+    def __init__(self, fetch: Callable[[], list[Any]]) -> None:
+        self.fetch = fetch
+
+    def collect(self) -> Iterable[Any]:
+        return self.fetch()
+
+
+def _registry(fetch: Callable[[], list[Any]]) -> Any:
+    from prometheus_client import CollectorRegistry
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Snapshot())
-    return generate_latest(reg)
+    reg.register(_Snapshot(fetch))
+    return reg
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _MetricsServer
+def render_metrics(gpus: Iterable[dict[str, Any]], job_counts: dict[str, int], queue_len: int,
+                   epoch_rows: Iterable[dict[str, Any]]) -> bytes:
+    """The text exposition format of :func:`metric_families`."""
+    from prometheus_client import generate_latest
 
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-            self.send_error(404)
-            return
-        try:
-            body = self.server.fetch()
-            code = 200
-        except Exception as err:  # a scrape failure must not kill the server thread
-            body, code = f"# error: {err}\n".encode(), 500
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes every few seconds would flood the daemon log
+    families = metric_families(gpus, job_counts, queue_len, epoch_rows)
+    return bytes(generate_latest(_registry(lambda: families)))
 
 
-class _MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
+def serve_metrics(port: int, fetch: Callable[[], list[Any]]) -> Any:
+    """Serve ``fetch()`` (e.g. a :func:`metric_families` call) at http://127.0.0.1:port/metrics
+    through ``prometheus_client.start_http_server`` (a daemon thread). ``port=0`` picks a free
+    port (``server.server_address[1]``). Stop with ``server.shutdown(); server.server_close()``.
+    A scrape whose ``fetch`` raises is answered 500; the server goes on."""
+    from prometheus_client import start_http_server
 
-    def __init__(self, port: int, fetch: Callable[[], bytes]) -> None:
-        self.fetch = fetch
-        super().__init__(("127.0.0.1", port), _Handler)
-
-
-def serve_metrics(port: int, fetch: Callable[[], bytes]) -> ThreadingHTTPServer:
-    """Serve ``fetch()`` (e.g. a :func:`render_metrics` call) at http://127.0.0.1:port/metrics
-    from a daemon thread. ``port=0`` picks a free port (``server.server_address[1]``). Stop with
-    ``server.shutdown(); server.server_close()``."""
-    server = _MetricsServer(port, fetch)
-    threading.Thread(target=server.serve_forever, name="gpusched-metrics", daemon=True).start()
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=_registry(fetch))
     return server

@@ -1,4 +1,19 @@
-"""Tolerant parsers of what TAO's SSD tasks write (see /work/shared/tao-facts.md).
+"""Tolerant parsers of what TAO's SSD tasks write.
+
+The formats are TAO 5's, from its open source (github.com/NVIDIA/tao_tensorflow1_backend,
+``nvidia_tao_tf1/...``): ``status.json`` is one JSON object per line, appended, written by the
+status logger (``cv/common/logging/logging.py``; ``date`` "7/14/2023" and ``time`` "10:2:5" not
+zero-padded) and by the epoch callback (``cv/common/callbacks/loggers.py``: ``epoch``,
+``max_epoch``, ``time_per_epoch`` as ``str(timedelta)``, ``graphical`` values as strings, ``nan``
+off validation epochs; validation lines may hold a bare ``NaN``). The training CSV
+``ssd_training_log_<backbone>.csv`` is Keras' CSVLogger made 1-based
+(``cv/common/utils.py:OneIndexedCSVLogger``): CRLF lines, a header ``epoch`` then the sorted
+metric keys (``AP_<class>``, ``loss``, ``lr``, ``mAP``, ``validation_loss``), ``nan`` where an
+epoch was not validated; a resumed run truncates it and restarts at the resume epoch.
+Checkpoints are ``weights/ssd_<backbone>_epoch_NNN.hdf5`` (``.tlt`` before TAO 5), 3-digit,
+1-based, every ``checkpoint_interval`` epochs (``cv/common/callbacks/enc_model_saver_callback.py``).
+The evaluate table is printed by ``cv/ssd/scripts/evaluate.py`` (``{:<14}{:<6}{}``: class, AP,
+the value rounded to 3 places, then an ``mAP`` row, between lines of 31 ``*``).
 
 Pure functions on strings: no I/O, no project imports. Every parser accepts partial or
 garbled input (a file that is still being written, a container that died mid-line) and returns
@@ -12,6 +27,7 @@ experiment spec) live in :mod:`gpusched.parsers_tao` and are re-exported here.
 from __future__ import annotations
 
 import calendar
+import csv
 import json
 import math
 import re
@@ -322,15 +338,26 @@ class CsvRow:
     ap: dict[str, float] = field(default_factory=dict)  # class -> AP, from AP_<class> columns
 
 
+def _csv_cells(line: str) -> list[str]:
+    """One line's cells; each line is read on its own, so a stray quote in a garbled line
+    cannot swallow the lines after it."""
+    try:
+        return [c.strip() for c in next(csv.reader([line]), [])]
+    except csv.Error:
+        return []
+
+
 def parse_training_csv(text: str) -> list[CsvRow]:
-    """Rows of TAO's training CSV (CRLF or LF). An unterminated last line is still being written
-    and is dropped; malformed rows are skipped; a repeated header restarts the column map."""
+    """Rows of TAO's training CSV (CRLF or LF), read with :mod:`csv` (Keras' CSVLogger writes it
+    with ``csv.DictWriter``, so a quoted cell may hold a comma). An unterminated last line is
+    still being written and is dropped; malformed rows are skipped; a repeated header restarts
+    the column map."""
     lines, _partial = split_lines(text)
     header: list[str] | None = None
     rows: list[CsvRow] = []
     for line in lines:
-        cells = [c.strip() for c in line.split(",")]
-        if not line.strip():
+        cells = _csv_cells(line)
+        if not any(cells):
             continue
         if cells[0] == "epoch":
             header = cells

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gpusched.errors import SpecError
+from gpusched.errors import SpecError, explain_validation
 from gpusched.tao import REF_KINDS, TASKS
 from gpusched.units import parse_gpu_count
 
@@ -254,6 +254,8 @@ def load(data: dict[str, Any], base_dir: str) -> PipelineDef:
         data["workdir"] = posixpath.normpath(posixpath.join(base_dir, data["workdir"]))
     try:
         return PipelineDef.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(explain_validation(err, "bad pipeline")) from err
     except ValueError as err:
         raise SpecError(f"bad pipeline: {err}") from err
 

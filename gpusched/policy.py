@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import fnmatch
 import grp
-import json
 import os
 import pwd
 import re
-from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
 from gpusched.config import DockerSettings
-from gpusched.errors import SpecError
+from gpusched.errors import SpecError, validation_lines
 from gpusched.models import ENV_KEY_RE, JobSpec, Mount, parse_size_bytes
 
 FORBIDDEN_TREES = ("/proc", "/sys", "/dev")
 _USER_RE = re.compile(r"^\d{1,10}(:\d{1,10})?$")
 # Set by the runner from the allocation; a user's value would widen what the container sees.
 RESERVED_ENV = ("NVIDIA_VISIBLE_DEVICES",)
-TAO_OPTION_KEYS = ("user", "shm_size", "ulimits", "privileged", "network")
 
 
 def is_under(path: str, root: str) -> bool:
@@ -218,11 +226,74 @@ def validate_local_workdir(path: str) -> str:
     return real
 
 
-def _str_field(entry: Mapping[str, Any], key: str, where: str) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value:
-        raise SpecError(f"~/.tao_mounts.json: {where} needs a non-empty string {key!r}")
-    return value
+class _TaoMount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: StrictStr = Field(min_length=1)
+    destination: StrictStr = Field(min_length=1)
+    read_only: StrictBool = False
+
+
+class _TaoEnv(BaseModel):
+    variable: StrictStr = Field(pattern=ENV_KEY_RE.pattern)
+    value: Any
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _value(cls, v: Any) -> str:
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ValueError("must be a string or a number")
+        if "\x00" in str(v):
+            raise ValueError("contains a NUL byte")
+        return str(v)
+
+
+class _TaoDockerOptions(BaseModel):
+    """The options gpusched understands; TAO's others (``ports``, ``tty``) are ignored."""
+
+    user: StrictStr | None = None
+    shm_size: Any = None
+    ulimits: dict[StrictStr, StrictInt] | None = None
+    privileged: StrictBool | None = None
+    network: StrictStr | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not _USER_RE.match(v):
+            raise ValueError(f"bad user {v!r}: use a numeric uid or uid:gid, e.g. 1000:1000")
+        return v
+
+    @field_validator("shm_size", mode="before")
+    @classmethod
+    def _shm_size(cls, v: Any) -> str | int | None:
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, str | int):
+                raise ValueError("must be a size like '16G'")
+            try:
+                parse_size_bytes(str(v))
+            except SpecError as err:
+                raise ValueError(err.message) from None
+        return v
+
+
+class TaoMounts(BaseModel):
+    """TAO's ``~/.tao_mounts.json``: ``{"Mounts": [{"source", "destination"}], "Envs":
+    [{"variable", "value"}], "DockerOptions": {...}}`` (other top-level keys are ignored)."""
+
+    Mounts: list[_TaoMount] = Field(default_factory=list, max_length=100)
+    Envs: list[_TaoEnv] = Field(default_factory=list, max_length=1000)
+    DockerOptions: _TaoDockerOptions = _TaoDockerOptions()
+
+
+#: hints for the fields of ~/.tao_mounts.json
+TAO_MOUNTS_HINTS = {
+    "Mounts": 'a list of {"source": HOST_PATH, "destination": CONTAINER_PATH}',
+    "Envs": 'a list of {"variable": NAME, "value": VALUE}',
+    "variable": "a name of letters, digits and _, not starting with a digit",
+    "ulimits": 'names to integers, e.g. {"memlock": -1, "stack": 67108864}',
+    "read_only": "true or false", "privileged": "true or false",
+}
 
 
 def parse_tao_mounts(text: str) -> tuple[list[Mount], dict[str, str], dict[str, Any]]:
@@ -233,75 +304,17 @@ def parse_tao_mounts(text: str) -> tuple[list[Mount], dict[str, str], dict[str, 
     containers, which no job can have.
     """
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise SpecError(f"~/.tao_mounts.json is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise SpecError("~/.tao_mounts.json must hold a JSON object")
-    mounts: list[Mount] = []
-    raw_mounts = data.get("Mounts", [])
-    if not isinstance(raw_mounts, list):
-        raise SpecError("~/.tao_mounts.json: 'Mounts' must be a list")
-    for i, entry in enumerate(raw_mounts):
-        where = f"Mounts[{i}]"
-        if not isinstance(entry, dict):
-            raise SpecError(f"~/.tao_mounts.json: {where} must be an object")
-        unknown = set(entry) - {"source", "destination", "read_only"}
-        if unknown:
-            raise SpecError(f"~/.tao_mounts.json: {where} has unknown keys {sorted(unknown)}")
-        ro = entry.get("read_only", False)
-        if not isinstance(ro, bool):
-            raise SpecError(f"~/.tao_mounts.json: {where}.read_only must be true or false")
-        mounts.append(Mount(
-            source=_str_field(entry, "source", where),
-            target=_str_field(entry, "destination", where),
-            read_only=ro,
-        ))
-    env: dict[str, str] = {}
-    raw_envs = data.get("Envs", [])
-    if not isinstance(raw_envs, list):
-        raise SpecError("~/.tao_mounts.json: 'Envs' must be a list")
-    for i, entry in enumerate(raw_envs):
-        where = f"Envs[{i}]"
-        if not isinstance(entry, dict):
-            raise SpecError(f"~/.tao_mounts.json: {where} must be an object")
-        name = _str_field(entry, "variable", where)
-        value = entry.get("value")
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise SpecError(f"~/.tao_mounts.json: {where}.value must be a string or a number")
-        if not ENV_KEY_RE.match(name):
-            raise SpecError(f"~/.tao_mounts.json: bad environment variable name {name!r}")
-        if "\x00" in str(value):
-            raise SpecError(f"~/.tao_mounts.json: {name} contains a NUL byte")
-        env[name] = str(value)
-    raw_opts = data.get("DockerOptions", {})
-    if not isinstance(raw_opts, dict):
-        raise SpecError("~/.tao_mounts.json: 'DockerOptions' must be an object")
-    options: dict[str, Any] = {k: raw_opts[k] for k in TAO_OPTION_KEYS if k in raw_opts}
-    _check_option_types(options)
+        data = TaoMounts.model_validate_json(text)
+    except ValidationError as err:
+        bad_json = [e for e in err.errors() if e["type"] == "json_invalid"]
+        if bad_json:
+            raise SpecError(f"~/.tao_mounts.json is not valid JSON: {bad_json[0]['msg']}") from None
+        if any(e["type"] == "model_type" and not e["loc"] for e in err.errors()):
+            raise SpecError("~/.tao_mounts.json must hold a JSON object") from None
+        raise SpecError("\n".join(f"~/.tao_mounts.json: {line}"
+                                   for line in validation_lines(err, TAO_MOUNTS_HINTS))) from None
+    mounts = [Mount(source=m.source, target=m.destination, read_only=m.read_only)
+              for m in data.Mounts]
+    env = {e.variable: e.value for e in data.Envs}
+    options = data.DockerOptions.model_dump(exclude_unset=True)
     return mounts, env, options
-
-
-def _check_option_types(options: dict[str, Any]) -> None:
-    if "user" in options:
-        if not isinstance(options["user"], str):
-            raise SpecError("~/.tao_mounts.json: DockerOptions.user must be a string 'uid:gid'")
-        check_user(options["user"])
-    if "shm_size" in options:
-        if isinstance(options["shm_size"], bool) or not isinstance(options["shm_size"], str | int):
-            raise SpecError("~/.tao_mounts.json: DockerOptions.shm_size must be a size like '16G'")
-        parse_size_bytes(str(options["shm_size"]))
-    if "ulimits" in options:
-        ul = options["ulimits"]
-        if not isinstance(ul, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-            for k, v in ul.items()
-        ):
-            raise SpecError(
-                "~/.tao_mounts.json: DockerOptions.ulimits must map names to integers, "
-                'e.g. {"memlock": -1, "stack": 67108864}'
-            )
-    if "privileged" in options and not isinstance(options["privileged"], bool):
-        raise SpecError("~/.tao_mounts.json: DockerOptions.privileged must be true or false")
-    if "network" in options and not isinstance(options["network"], str):
-        raise SpecError("~/.tao_mounts.json: DockerOptions.network must be a string")

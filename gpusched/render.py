@@ -48,8 +48,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json_text(data))
 
 
 def ago(ts: str | None, now: datetime | None = None) -> str:
@@ -102,7 +106,8 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
         cmd = ("(hidden)" if j.get("redacted") and not j.get("command")
                else safe(" ".join(j.get("command") or [])))
         rows.append([j["id"], short_name(safe(j.get("name"))), j["status"], gpus, j["owner"],
-                     ago(j["submitted_at"]), progress_text(j.get("progress")) or _outcome(j),
+                     ago(j["submitted_at"]), progress_text(j.get("progress")) or _waits(j)
+                     or _outcome(j),
                      cmd[:50] + ("…" if len(cmd) > 50 else "")])
     return table(["ID", "NAME", "STATUS", "GPUS", "OWNER", "SUBMITTED", "PROGRESS/RESULT",
                   "COMMAND"], rows)
@@ -144,6 +149,14 @@ def _want(req: dict[str, Any]) -> str:
     if req.get("gpu_type"):
         text += f" {req['gpu_type']}"
     return f"({text})"
+
+
+def _waits(j: dict[str, Any], width: int = 60) -> str:
+    """Why a queued job waits, cut for a table (``show`` has it whole)."""
+    why = j.get("waiting_reason") if j["status"] == "queued" else None
+    if not why:
+        return ""
+    return why if len(why) <= width else why[:width - 1] + "…"
 
 
 def _outcome(j: dict[str, Any]) -> str:

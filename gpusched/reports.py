@@ -405,12 +405,23 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 .bar{background:#eee;width:240px;height:12px;display:inline-block;vertical-align:middle}
 .bar span{background:#0072B2;height:12px;display:block}
 .muted{color:#666}
+.note{background:#fff7e0;border-left:4px solid #E69F00;padding:6px 10px}
 """
+
+
+#: what a page says where a chart would be when matplotlib (the ``reports`` extra) is missing
+NO_CHARTS = ("Chart left out: matplotlib is not installed "
+             "(pip install 'tao-gpusched[reports]', or the checkout's scripts/setup).")
 
 
 def _img(draw: Callable[[IO[bytes]], None], alt: str) -> str:
     buf = io.BytesIO()
-    draw(buf)
+    try:
+        draw(buf)
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("matplotlib"):
+            raise
+        return f'<p class="muted">{html.escape(NO_CHARTS)}</p>'
     b64 = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
@@ -478,11 +489,36 @@ def _window(since: float, until: float) -> str:
             f"{datetime.fromtimestamp(until).strftime(fmt)} (local time)</p>")
 
 
+def _gpu_list(gpus: Sequence[dict[str, Any]]) -> str:
+    rows = [[str(g.get("index", "")), str(g.get("name", "")),
+             f"{(g.get('memory_total_mib') or 0) / 1024:.1f} GiB", str(g.get("state") or ""),
+             "yes" if g.get("simulated") else "no", str(g.get("uuid", ""))]
+            for g in sorted(gpus, key=lambda g: g.get("index", 0))]
+    if not rows:
+        return '<p class="muted">No GPUs known.</p>'
+    return _html_table(["#", "GPU", "memory", "state", "simulated", "UUID"], rows, {0, 2})
+
+
+def _provenance(gpus: Sequence[dict[str, Any]], time_scale: float | None) -> str:
+    """Say where the figures come from when they are not a real GPU's real seconds."""
+    notes = []
+    if any(g.get("simulated") for g in gpus):
+        notes.append("Simulated GPUs (--simulate-gpus): no real GPU ran these jobs; the GPU "
+                     "names and memory are the simulation's.")
+    if time_scale is not None:
+        notes.append(f"Scaled time: the jobs ran at {time_scale:g}× real time (the demo's fake "
+                     "TAO), so seconds per epoch, epochs/h and the timeline are scaled, not a GPU's "
+                     "real speed.")
+    return f'<p class="note">{html.escape(" ".join(notes))}</p>' if notes else ""
+
+
 def html_report(stats: Sequence[SetStats], recs: Sequence[str], busy: dict[str, float],
                 spans: Sequence[dict[str, Any]], gpus: Sequence[dict[str, Any]], since: float,
-                until: float, *, title: str = "gpusched report") -> str:
-    """One self-contained HTML page: throughput table and chart, recommendations, busy
-    fraction, timeline. Charts are embedded base64 PNGs; no external resources."""
+                until: float, *, title: str = "gpusched report",
+                time_scale: float | None = None) -> str:
+    """One self-contained HTML page: the GPUs, throughput table and chart, recommendations, busy
+    fraction, timeline. Charts are embedded base64 PNGs; no external resources. Simulated GPUs
+    and a ``time_scale`` (the demo's scaled time) are said at the top and in the headings."""
     if stats:
         table = _html_table(TABLE_HEADERS, [_table_row(s) for s in stats], {2, 3, 4, 5, 6, 8})
     else:
@@ -492,12 +528,16 @@ def html_report(stats: Sequence[SetStats], recs: Sequence[str], busy: dict[str, 
                 else '<p class="muted">No recommendations yet (each GPU set compared needs at least '
                      "2 samples).</p>")
     timeline = _img(lambda b: timeline_plot(spans, gpus, since, until, b), "GPU timeline")
+    scaled = " (scaled time)" if time_scale is not None else ""
+    simulated = " (simulated)" if any(g.get("simulated") for g in gpus) else ""
     return _page(title, [
         _window(since, until),
-        _section("throughput", "Throughput by GPU set", table, chart),
+        *filter(None, [_provenance(gpus, time_scale)]),
+        _section("gpus", "GPUs" + simulated, _gpu_list(gpus)),
+        _section("throughput", "Throughput by GPU set" + scaled, table, chart),
         _section("recommendations", "Recommendations", rec_html),
         _section("busy", "GPU busy fraction", _busy_section(busy, gpus)),
-        _section("timeline", "Timeline", timeline, _span_table(spans, since, until)),
+        _section("timeline", "Timeline" + scaled, timeline, _span_table(spans, since, until)),
     ])
 
 

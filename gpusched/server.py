@@ -35,6 +35,7 @@ from gpusched.errors import (
     NotFound,
     PermissionDenied,
     SpecError,
+    explain_validation,
 )
 from gpusched.models import GpuRequest, JobSpec, JobView, Mount
 from gpusched.states import JobStatus
@@ -478,7 +479,33 @@ class Handler(BaseHTTPRequestHandler):
                                    name=query.get("name") or None,
                                    owner_uid=self._int(query, "owner"),
                                    limit=self._int(query, "limit", minimum=1))
-        return 200, [v.model_dump() for v in self._views(uid, rows)]
+        waiting = self._waiting_reasons(rows)
+        return 200, [{**v.model_dump(), "waiting_reason": waiting.get(v.id)}
+                     for v in self._views(uid, rows)]
+
+    def _waiting_reasons(self, rows: list[Row]) -> dict[int, str]:
+        """Why each queued job waits: the planner's reason, or, for the jobs it does not
+        consider, that their runner is unavailable or which ``--after`` jobs (pipeline
+        stages: the upstream stage) have not succeeded yet. Nothing waits silently."""
+        svc = self.server.service
+        with svc.daemon.lock:
+            waiting = dict(svc.daemon.waiting)
+            degraded = dict(svc.daemon.degraded)
+            runners = set(svc.daemon.runners)
+        queued = [r for r in rows if r["status"] == "queued" and r["id"] not in waiting]
+        deps = svc.store.unmet_dependencies([r["id"] for r in queued])
+        for r in queued:
+            if r["runner"] not in runners:
+                waiting[r["id"]] = f"the {r['runner']} runner is not enabled on this daemon"
+            elif r["runner"] in degraded:
+                waiting[r["id"]] = f"the {r['runner']} runner is unavailable: {degraded[r['runner']]}"
+            elif r["id"] in deps:
+                ups = deps[r["id"]]
+                named = ", ".join(f"job {d['after_id']}" + _upstream_name(r["name"], d["name"])
+                                  + f" ({d['status']})" for d in ups[:3])
+                more = f" and {len(ups) - 3} more" if len(ups) > 3 else ""
+                waiting[r["id"]] = f"after {named}{more}"
+        return waiting
 
     def do_show(self, uid: int, query: dict[str, str], id: str) -> tuple[int, Any]:
         svc = self.server.service
@@ -501,7 +528,8 @@ class Handler(BaseHTTPRequestHandler):
                 starts = svc.queue_starts(svc.store.list_jobs(
                     statuses=["starting", "running", "unknown"]))
         view["expected_start_s"] = starts.get(job_id)
-        view["waiting_reason"] = _with_start(svc.daemon.waiting.get(job_id), starts.get(job_id))
+        view["waiting_reason"] = _with_start(self._waiting_reasons([row]).get(job_id),
+                                             starts.get(job_id))
         view["spec"] = json.loads(row["spec"]) if mine else None
         view["artifacts"] = ([{**a, "created_at": iso(a["created_at"])}
                               for a in svc.store.artifacts(job_id)] if mine else [])
@@ -587,8 +615,8 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.server.service
         with svc.daemon.lock:
             gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
-            waiting = dict(svc.daemon.waiting)
         rows = svc.store.list_jobs(statuses=["starting", "running", "unknown", "queued", "held"])
+        waiting = self._waiting_reasons(rows[:200])
         with svc.daemon.lock:
             starts = svc.queue_starts(rows)
         jobs = []
@@ -612,6 +640,17 @@ class Handler(BaseHTTPRequestHandler):
                                    f"root or the admin group may {what} it")
 
 
+def _upstream_name(name: str | None, upstream: str | None) -> str:
+    """`` NAME`` of an upstream job; a stage of the same pipeline by its stage alone
+    (``retrain[threshold=0.2]``, not ``ssd_resnet18_kitti/retrain[threshold=0.2]``)."""
+    if not upstream:
+        return ""
+    pipe, sep, stage = upstream.partition("/")
+    if sep and name and name.startswith(pipe + "/"):
+        return f" {stage}"
+    return f" {upstream}"
+
+
 def _with_start(reason: str | None, start_s: float | None) -> str | None:
     if reason is None or start_s is None:
         return reason
@@ -621,11 +660,7 @@ def _with_start(reason: str | None, start_s: float | None) -> str | None:
 
 
 def _validation_message(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"]) or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    return "invalid request: " + "; ".join(parts)
+    return explain_validation(err, "invalid request")
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

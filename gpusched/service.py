@@ -367,15 +367,15 @@ class Service:
             log.info("Prometheus metrics on http://127.0.0.1:%d/metrics",
                      self.metrics_server.server_address[1])
 
-    def metrics(self) -> bytes:
+    def metrics(self) -> list[Any]:
         """One scrape: GPU state, jobs by state, queue length, the last day's epoch times."""
-        from gpusched.metrics import render_metrics
+        from gpusched.metrics import metric_families
 
         with self.daemon.lock:
             gpus = [g.model_dump() for g in self.daemon.gpu_states()]
         counts = self.store.count_by_status()
         epochs = self.store.epochs(since=self.clock.now() - 86400)
-        return render_metrics(gpus, counts, counts.get("queued", 0), epochs)
+        return metric_families(gpus, counts, counts.get("queued", 0), epochs)
 
     def _housekeeping(self) -> Any:
         from apscheduler.schedulers.background import BackgroundScheduler

@@ -453,6 +453,20 @@ class Store:
             out.setdefault(r["job_id"], (r["after_id"], r["status"]))
         return out
 
+    def unmet_dependencies(self, job_ids: Sequence[int]) -> dict[int, list[Row]]:
+        """For each of these jobs, its ``--after`` jobs that have not succeeded yet:
+        job id -> rows of (after_id, name, status), in id order."""
+        out: dict[int, list[Row]] = {}
+        ids = list(job_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for r in self.query(
+                    "SELECT d.job_id, d.after_id, a.name, a.status FROM job_deps d JOIN jobs a"
+                    f" ON a.id = d.after_id WHERE d.job_id IN ({','.join('?' * len(chunk))})"
+                    " AND a.status != 'succeeded' ORDER BY d.job_id, d.after_id", chunk):
+                out.setdefault(r["job_id"], []).append(r)
+        return out
+
     def events(self, job_id: int) -> list[Row]:
         return self.query("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", [job_id])
 

@@ -2,7 +2,8 @@
 
 `gpusched tao ssd TASK ...` takes TAO's own command line: bad input is refused before anything
 is queued; a train stage records its checkpoints, the best one (by the CSV's mAP) and its epoch
-rows; and success is judged from more than the exit code (see /work/shared/tao-facts.md).
+rows; and success is judged from more than the exit code (exit status, the `Execution status`
+line, status.json and the artifacts, as gpusched/stages.py describes).
 """
 
 from __future__ import annotations

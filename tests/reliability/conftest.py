@@ -1,4 +1,5 @@
-"""The reliability tier (docs: /work/shared/reliability.md): long-running fault injection.
+"""The reliability tier (the README's "Security on a shared box" and "How it works" promises):
+long-running fault injection.
 
 Every test here carries ``pytest.mark.reliability`` (``-m "not reliability"`` leaves the tier out)
 and may report figures through the ``figures`` fixture; ``pytest_terminal_summary`` prints them
@@ -19,7 +20,7 @@ FIGURES: pytest.StashKey[dict[str, Any]] = pytest.StashKey()
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "reliability: fault-injection tier (kill -9 loop, claim race, disk full, churn, "
-                   "real users); see /work/shared/reliability.md")
+                   "real users); see the README's promises")
     config.stash[FIGURES] = {}
 
 

@@ -88,6 +88,49 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyP
         load_settings()
 
 
+def test_config_errors_are_one_line_per_field(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "g.toml"
+    conf.write_text('log_level = "loud"\n[metrics]\nport = 70000\n')
+    monkeypatch.setenv("GPUSCHED_CONFIG", str(conf))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    lines = err.value.message.split("\n")
+    assert len(lines) == 2, lines
+    assert all(line.startswith(f"bad configuration (file {conf}") for line in lines)
+    assert lines[0].endswith("log_level: unknown log level (got 'loud'); one of DEBUG, INFO, "
+                             "WARNING, ERROR, CRITICAL")
+    assert "metrics.port: Input should be less than or equal to 65535 (got 70000); a TCP port" \
+        in lines[1]
+    assert "pydantic.dev" not in err.value.message
+    conf.write_text("")
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+
+
+def test_validation_lines_name_field_value_and_hint() -> None:
+    from pydantic import ValidationError
+
+    from gpusched.errors import explain_validation, validation_lines
+    from gpusched.pipelines import GateDef
+
+    with pytest.raises(ValidationError) as err:
+        GateDef(candidate="c", baseline="b", max_drop=2, backoff=0)
+    assert validation_lines(err.value) == [
+        "max_drop: Input should be less than 1 (got 2); max_drop is a fraction of mAP: 0.02 = 2 points",
+        "backoff: Input should be greater than 0 (got 0); the next threshold is the lowest tried "
+        "× backoff: a fraction, e.g. 0.5"]
+    assert explain_validation(err.value, "bad gate").startswith("bad gate: max_drop: ")
+    many = [{"x": i} for i in range(15)]
+
+    class Many(BaseModel):
+        items: list[int]
+
+    with pytest.raises(ValidationError) as err:
+        Many(items=many)  # type: ignore[arg-type]
+    lines = validation_lines(err.value)
+    assert len(lines) == 11 and lines[-1] == "... and 5 more"
+
+
 def test_default_locations(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("GPUSCHED_STATE_DIR", "GPUSCHED_SOCKET", "GPUSCHED_CONFIG"):
         monkeypatch.delenv(var, raising=False)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpusched.metrics import render_metrics, serve_metrics
+from gpusched.metrics import metric_families, render_metrics, serve_metrics
 
 GPUS = [
     {"index": 0, "uuid": "GPU-a", "name": "NVIDIA RTX A4000", "memory_used_mib": 9830,
@@ -60,13 +62,56 @@ def test_each_render_is_independent() -> None:
 
 
 def test_serve_metrics_on_loopback() -> None:
-    server = serve_metrics(0, lambda: render_metrics(GPUS, {"running": 1}, 0, []))
+    scrapes = []
+
+    def fetch() -> list[Any]:
+        scrapes.append(1)
+        return metric_families(GPUS, {"running": 1}, len(scrapes), [])
+
+    server = serve_metrics(0, fetch)
     try:
         host, port = server.server_address[:2]
         assert host == "127.0.0.1"
+        for n in (1, 2):  # every scrape asks for fresh families
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                assert resp.headers["Content-Type"].startswith("text/plain")
+                body = resp.read().decode()
+            assert f"gpusched_queue_length {n}.0" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_served_by_prometheus_client() -> None:
+    """The library's own server, not a hand-written one."""
+    from prometheus_client import exposition
+
+    server = serve_metrics(0, lambda: [])
+    try:
+        assert isinstance(server, exposition.ThreadingWSGIServer)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failing_scrape_answers_500_and_the_server_goes_on() -> None:
+    calls = []
+
+    def fetch() -> list[Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("store busy")
+        return metric_families(GPUS, {}, 7, [])
+
+    server = serve_metrics(0, fetch)
+    try:
+        port = server.server_address[1]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert err.value.code == 500
+        err.value.close()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
-        assert "gpusched_queue_length 0.0" in body
+            assert "gpusched_queue_length 7.0" in resp.read().decode()
     finally:
         server.shutdown()
         server.server_close()

@@ -1,4 +1,5 @@
-"""TAO output parsers against fixtures written from /work/shared/tao-facts.md."""
+"""TAO output parsers against fixtures written from the formats described in gpusched/parsers.py
+(TAO 5's NVIDIA/tao_tensorflow1_backend sources)."""
 
 from __future__ import annotations
 
@@ -155,6 +156,16 @@ def test_training_csv_crlf_and_nan() -> None:
     assert rows[2].map == pytest.approx(0.3833333)
     assert rows[2].ap == {"car": 0.61, "cyclist": 0.33, "pedestrian": 0.21}
     assert rows[5].validation_loss == 11.8
+
+
+def test_training_csv_is_read_as_csv() -> None:
+    """Quoted cells (csv.DictWriter quotes a key holding a comma) stay one cell; a stray quote
+    or a NUL in a garbled line loses that line only."""
+    text = ('epoch,"AP_car, small",loss,lr,mAP\r\n1,0.5,2.0,0.01,0.4\r\n'
+            '2,"0.6,bad\r\n\x00,1\r\n3,0.7,1.5,0.01,0.6\r\n')
+    rows = parse_training_csv(text)
+    assert rows == [CsvRow(1, 2.0, 0.01, 0.4, ap={"car, small": 0.5}),
+                    CsvRow(3, 1.5, 0.01, 0.6, ap={"car, small": 0.7})]
 
 
 def test_training_csv_resumed_partial_and_noval() -> None:

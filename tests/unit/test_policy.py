@@ -279,15 +279,17 @@ def test_tao_mounts_empty_object() -> None:
 @pytest.mark.parametrize("text,match", [
     ("not json", "not valid JSON"),
     ("[]", "JSON object"),
-    ('{"Mounts": {}}', "'Mounts' must be a list"),
-    ('{"Mounts": ["/a:/b"]}', r"Mounts\[0\] must be an object"),
+    ('{"Mounts": {}}', "Mounts: Input should be a valid array"),
+    ('{"Mounts": ["/a:/b"]}', r"Mounts\.0: Input should be an object"),
     ('{"Mounts": [{"source": "/a"}]}', "destination"),
     ('{"Mounts": [{"source": "", "destination": "/b"}]}', "source"),
-    ('{"Mounts": [{"source": "/a", "destination": "/b", "propagation": "shared"}]}', "unknown"),
-    ('{"Envs": [{"variable": "A B", "value": "x"}]}', "bad environment variable"),
+    ('{"Mounts": [{"source": "/a", "destination": "/b", "propagation": "shared"}]}',
+     "Mounts.0.propagation: Extra inputs are not permitted"),
+    ('{"Envs": [{"variable": "A B", "value": "x"}]}', "Envs.0.variable: String should match"),
+    ('{"Envs": [{"variable": "A", "value": "a\\u0000b"}]}', "NUL byte"),
     ('{"Envs": [{"variable": "A", "value": null}]}', "string or a number"),
     ('{"Envs": [{"variable": "A", "value": true}]}', "string or a number"),
-    ('{"DockerOptions": []}', "must be an object"),
+    ('{"DockerOptions": []}', "DockerOptions: Input should be an object"),
     ('{"DockerOptions": {"user": "root"}}', "bad user"),
     ('{"DockerOptions": {"shm_size": "huge"}}', "bad size"),
     ('{"DockerOptions": {"ulimits": {"memlock": "unlimited"}}}', "ulimits"),
@@ -297,6 +299,27 @@ def test_tao_mounts_empty_object() -> None:
 def test_tao_mounts_malformed(text: str, match: str) -> None:
     with pytest.raises(SpecError, match=match):
         parse_tao_mounts(text)
+
+
+def test_tao_mounts_errors_are_one_line_each_with_the_field() -> None:
+    bad = {"Mounts": [{"source": "/a"}], "Envs": [{"variable": "A", "value": None}],
+           "DockerOptions": {"ulimits": {"stack": "big"}, "shm_size": "16G", "tty": True}}
+    with pytest.raises(SpecError) as err:
+        parse_tao_mounts(json.dumps(bad))
+    lines = err.value.message.split("\n")
+    assert [line.split(": ", 2)[1] for line in lines] == [
+        "Mounts.0.destination", "Envs.0.value", "DockerOptions.ulimits.stack"]
+    assert all(line.startswith("~/.tao_mounts.json: ") for line in lines)
+    assert lines[2].endswith('names to integers, e.g. {"memlock": -1, "stack": 67108864}')
+    assert not any("pydantic" in line for line in lines)
+
+
+def test_tao_mounts_is_a_pydantic_model() -> None:
+    """The file is validated by a model like the other specs, not by hand."""
+    from pydantic import BaseModel
+
+    assert issubclass(policy.TaoMounts, BaseModel)
+    assert policy.TaoMounts.model_validate(TAO_MOUNTS).DockerOptions.user == "1000:1000"
 
 
 def test_tao_mounts_privileged_and_host_network_are_returned_for_refusal() -> None:

@@ -191,8 +191,10 @@ def test_html_report_is_self_contained_and_escaped(stats: list[SetStats]) -> Non
     busy = busy_fraction(SPANS, GPUS, SINCE, UNTIL)
     doc = html_report(stats, recommend(stats), busy, SPANS, GPUS, SINCE, UNTIL)
     p = parse(doc)
-    assert p.headings == ["Throughput by GPU set", "Recommendations", "GPU busy fraction", "Timeline"]
-    assert p.charts == {"throughput": 1, "recommendations": 0, "busy": 0, "timeline": 1}
+    assert p.headings == ["GPUs", "Throughput by GPU set", "Recommendations", "GPU busy fraction",
+                          "Timeline"]
+    assert p.charts == {"gpus": 0, "throughput": 1, "recommendations": 0, "busy": 0, "timeline": 1}
+    assert 'class="note"' not in doc  # real GPUs, real seconds: nothing to label
     assert p.scripts == 0 and "<script>" not in doc
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in doc
     assert all(u.startswith(("data:image/png;base64,", "#")) for u in p.urls)
@@ -203,8 +205,37 @@ def test_html_report_is_self_contained_and_escaped(stats: list[SetStats]) -> Non
 def test_html_report_without_data() -> None:
     doc = html_report([], [], {}, [], GPUS, SINCE, UNTIL)
     p = parse(doc)
-    assert p.charts == {"throughput": 1, "recommendations": 0, "busy": 0, "timeline": 1}
+    assert p.charts == {"gpus": 0, "throughput": 1, "recommendations": 0, "busy": 0, "timeline": 1}
     assert "No recommendations yet" in doc
+
+
+def test_html_report_labels_simulated_gpus_and_scaled_time(stats: list[SetStats]) -> None:
+    gpus = [{**g, "simulated": True, "memory_total_mib": 16384, "state": "idle"} for g in GPUS]
+    doc = html_report(stats, recommend(stats), busy_fraction(SPANS, gpus, SINCE, UNTIL), SPANS,
+                      gpus, SINCE, UNTIL, time_scale=0.004)
+    p = parse(doc)
+    assert p.headings == ["GPUs (simulated)", "Throughput by GPU set (scaled time)",
+                          "Recommendations", "GPU busy fraction", "Timeline (scaled time)"]
+    note = doc.split('<p class="note">')[1].split("</p>")[0]
+    assert "Simulated GPUs" in note and "0.004× real time" in note
+    gpu_list = doc.split('<section id="gpus">')[1].split("</section>")[0]
+    for g in GPUS:
+        assert g["name"] in gpu_list and g["uuid"] in gpu_list
+    assert "16.0 GiB" in gpu_list
+
+
+def test_html_report_without_matplotlib_says_so(stats: list[SetStats],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install (no ``reports`` extra) still writes the page; charts are left out."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    doc = html_report(stats, recommend(stats), busy_fraction(SPANS, GPUS, SINCE, UNTIL), SPANS,
+                      GPUS, SINCE, UNTIL)
+    assert doc.count("matplotlib is not installed") == 2  # the throughput chart and the timeline
+    assert "<img" not in doc and "Throughput by GPU set" in doc
 
 
 def test_timeline_html() -> None:

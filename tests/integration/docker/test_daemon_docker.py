@@ -1,5 +1,6 @@
-"""The real daemon (a subprocess) with container jobs on a real dockerd: reliability.md
-scenarios 1, 2, 4, 9, 15 and 16 for containers."""
+"""The real daemon (a subprocess) with container jobs on a real dockerd: adoption after kill -9,
+jobs that ended while it was down, orphans removed, Docker unreachable, hostile specs and cancel
+races, for containers."""
 
 from __future__ import annotations
 
