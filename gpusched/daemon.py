@@ -28,6 +28,7 @@ from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
 from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
+from gpusched.runners.hooks import COPY_SH, Hooks, Post, Poster
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
@@ -40,6 +41,7 @@ S = JobStatus
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
+TIME_LIMIT = "time limit"  # jobs.cancel_by of an attempt stopped for its --time
 # After a launch failed for lack of host resources, no launch is tried for this long (each try
 # costs an attempt row and a fork; the resources rarely come back within a tick).
 RESOURCE_BACKOFF_S = 2.0
@@ -61,8 +63,8 @@ def transient(err: BaseException) -> bool:
 
 
 class Daemon:
-    STEPS = ("reap", "progress", "cancels", "inventory", "reconcile", "pipelines",
-             "dependencies", "plan_and_launch")
+    STEPS = ("reap", "progress", "time_limits", "cancels", "inventory", "reconcile",
+             "pipelines", "dependencies", "plan_and_launch", "notify")
 
     def __init__(self, settings: Settings, store: Store, inventory: Inventory,
                  runners: dict[str, Runner]) -> None:
@@ -90,6 +92,8 @@ class Daemon:
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._live: list[Row] = []  # live attempts, read once per tick
+        self.hooks, self.poster = Hooks(), Poster()  # --notify, --output; --notify-url
+        self._notify_started = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
 
@@ -123,6 +127,8 @@ class Daemon:
         """Let go of runners and the wake pipe (jobs keep running). Safe to call twice."""
         if self._wake_r < 0:
             return
+        self.hooks.close()
+        self.poster.close()
         for r in self.runners.values():
             close = getattr(r, "close", None)
             if close:
@@ -289,6 +295,8 @@ class Daemon:
         if row.get("requeue_reason") and row["cancel_requested_at"] is None:
             # infrastructure failure (GPU lost): queue again, the job's retries stay untouched
             to, reason, requeue, consume = S.QUEUED, row["requeue_reason"], True, False
+        elif row["cancel_requested_at"] is not None and row.get("cancel_by") == TIME_LIMIT:
+            to, reason = S.FAILED, self._limit_reason(row)  # never retried, as in Slurm
         elif row["cancel_requested_at"] is not None:
             why = outcome.reason or "cancelled"
             to, reason = S.CANCELLED, why if why.startswith("cancel") else f"cancelled ({why})"
@@ -347,6 +355,36 @@ class Daemon:
         if outcome.oom:
             reason = "killed: out of memory"
         return (S.SUCCEEDED, None) if ok else (S.FAILED, reason)
+
+    # -- time limits ----------------------------------------------------------------------
+
+    @staticmethod
+    def _limit_of(row: Row) -> float | None:
+        spec = json.loads(row["job_spec"])
+        limit = spec.get("time_limit_s") or spec.get("est_runtime_s")
+        return float(limit) if limit else None
+
+    def _limit_reason(self, row: Row) -> str:
+        limit = self._limit_of(row)
+        return f"time limit ({limit:g} s)" if limit else "time limit"
+
+    def step_time_limits(self, now: float) -> None:
+        """An attempt past its job's --time is stopped like a cancel (SIGTERM, SIGKILL after
+        the grace) and its job fails with the reason `time limit`: the limit bounds what a
+        backfilled job may hold a reserved GPU for."""
+        marked = False
+        for row in self._live:
+            if row["state"] != "live" or row["cancel_requested_at"] is not None:
+                continue
+            limit = self._limit_of(row)
+            if limit is not None and now - float(row["started_at"]) >= limit:
+                log.info("job %s attempt %s: past its time limit (%g s); stopping it",
+                         row["job_id"], row["n"], limit)
+                self.store.request_stop(row["job_id"], by=TIME_LIMIT, now=now,
+                                        reason=self._limit_reason(row))
+                marked = True
+        if marked:
+            self._live = self.store.live_attempts()
 
     # -- cancels --------------------------------------------------------------------------
 
@@ -568,6 +606,9 @@ class Daemon:
             " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
             " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
+            " AND NOT EXISTS (SELECT 1 FROM json_each(j.spec, '$.after_any') e JOIN jobs a"
+            " ON a.id = e.value WHERE a.status NOT IN ('succeeded', 'failed', 'cancelled',"
+            " 'lost'))"
             " ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
         return [r for r in rows if r["runner"] not in self.degraded]
 
@@ -736,6 +777,86 @@ class Daemon:
         self.placed_last_tick += 1
         log.info("job %s attempt %s started on %s", job_id, n,
                  ",".join(str(g.index) for g in gpus) or "no GPU")
+
+    # -- notify ---------------------------------------------------------------------------
+
+    def step_notify(self, now: float) -> None:
+        """Deliver what jobs that ended asked for (--output, --notify, --notify-url). Processes
+        run as the job's owner and POSTs on a worker thread; each tick only starts, polls and
+        records, so a slow receiver or command delays nobody."""
+        if not self._notify_started:
+            self._notify_started = True
+            if n := self.store.requeue_sending_notifications():
+                log.info("%s notification(s) in flight at the last stop are due again", n)
+        cfg = self.settings.notify
+        for key, error in self.poster.results():
+            self._delivered(key, error, now)
+        for row in self.store.notifications(state="sending"):
+            if row["kind"] != "url":  # one that never started is failed with the reason
+                done, error = self.hooks.poll(row["id"], now)
+                if done:
+                    self._delivered(row["id"], error, now)
+        for row in self.store.due_notifications(now):
+            def deliver(row: Row = row) -> None:
+                self._deliver(row, cfg, now)
+            self._contain(row["job_id"], f"notify ({row['kind']})", deliver, now)
+
+    def _deliver(self, row: Row, cfg: Any, now: float) -> None:
+        note_id = row["id"]
+        self.store.update_notification(note_id, state="sending", tries=row["tries"] + 1)
+        if row["kind"] == "url":
+            self.poster.submit(Post(note_id, row["target"], self._job_json(row), cfg.timeout_s))
+            return
+        spec = json.loads(row["job_spec"])
+        attempt = row["attempt"] or 0
+        log_path = self.paths(row["job_id"], attempt)[0] if attempt else None
+        env = {"GPUSCHED_JOB_ID": str(row["job_id"]), "GPUSCHED_JOB_STATUS": row["job_status"],
+               "GPUSCHED_EXIT_CODE": "" if row["exit_code"] is None else str(row["exit_code"]),
+               "GPUSCHED_JOB_NAME": row["job_name"] or "",
+               "GPUSCHED_JOB_REASON": row["reason"] or "", "GPUSCHED_ATTEMPT": str(attempt)}
+        command, stdin = row["target"], None
+        if row["kind"] == "output":
+            if log_path is None or not os.path.exists(log_path):
+                self._delivered(note_id, "no log: the job never ran", now)
+                return
+            env["GPUSCHED_OUTPUT"] = row["target"].replace("%j", str(row["job_id"]))
+            command, stdin = COPY_SH, log_path
+        try:
+            self.hooks.start(note_id, command, uid=row["owner_uid"], env=env, now=now,
+                             workdir=spec.get("workdir") or "/", stdin_path=stdin,
+                             timeout_s=cfg.command_timeout_s)
+        except (OSError, KeyError) as err:
+            self._delivered(note_id, f"could not start: {err}", now)
+
+    def _job_json(self, row: Row) -> dict[str, Any]:
+        """What a --notify-url receives: the job's outcome, not its command or environment."""
+        from gpusched.clock import iso
+
+        return {"id": row["job_id"], "name": row["job_name"], "status": row["job_status"],
+                "exit_code": row["exit_code"], "reason": row["reason"], "owner": row["owner"],
+                "owner_uid": row["owner_uid"], "attempt": row["attempt"],
+                "kind": row["job_kind"], "runner": row["runner"],
+                "submitted_at": iso(row["submitted_at"]), "started_at": iso(row["started_at"]),
+                "ended_at": iso(row["ended_at"])}
+
+    def _delivered(self, note_id: int, error: str | None, now: float) -> None:
+        rows = self.store.query("SELECT * FROM notifications WHERE id = ?", [note_id])
+        if not rows:
+            return
+        row, cfg = rows[0], self.settings.notify
+        if error is None:
+            log.info("job %s: %s %s delivered", row["job_id"], row["kind"], note_id)
+            self.store.update_notification(note_id, state="done", done_at=now, last_error=None)
+        elif row["kind"] == "url" and row["tries"] <= cfg.retries:
+            delay = cfg.retry_backoff_s * 2 ** (row["tries"] - 1)
+            log.warning("job %s: POST to its --notify-url failed (%s); retrying in %g s",
+                        row["job_id"], error, delay)
+            self.store.update_notification(note_id, state="pending", next_at=now + delay,
+                                           last_error=error)
+        else:
+            log.warning("job %s: %s %s failed: %s", row["job_id"], row["kind"], note_id, error)
+            self.store.update_notification(note_id, state="failed", done_at=now,
+                                           last_error=error)
 
     # -- views for the API ----------------------------------------------------------------
 

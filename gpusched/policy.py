@@ -218,6 +218,17 @@ def validate_local_workdir(path: str) -> str:
     return real
 
 
+def validate_notify_url(url: str, allowed_hosts: list[str]) -> None:
+    """A --notify-url is POSTed by the daemon (root): http or https only (the model checks
+    that), and a host that ``notify.allowed_hosts`` lets through when it is set."""
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if allowed_hosts and not any(fnmatch.fnmatch(host, p.lower()) for p in allowed_hosts):
+        raise SpecError(f"--notify-url host {host!r} is not in notify.allowed_hosts "
+                        f"({', '.join(allowed_hosts)})")
+
+
 def _str_field(entry: Mapping[str, Any], key: str, where: str) -> str:
     value = entry.get(key)
     if not isinstance(value, str) or not value:

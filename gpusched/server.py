@@ -60,7 +60,7 @@ _PUBLIC_REASONS = [re.compile(p) for p in (
     r"dependency job \d+ (failed|cancelled|lost); not run",
     r"GPU \d+ failed \([^()]{0,200}\); queued again", r"runner reachable again",
     r"(docker|local) (unreachable|unavailable)",
-    r"the daemon stopped before the attempt started",
+    r"the daemon stopped before the attempt started", r"time limit( \([\d.e+]+ s\))?",
 )]
 _RETRY_SUFFIX = re.compile(r"; retrying \(\d+ retries left\)$")
 
@@ -139,7 +139,8 @@ class Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/v1/jobs"), "submit"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)"), "show"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/log"), "log"),
-        ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release)"), "action"),
+        ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release|requeue)"),
+         "action"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/artifacts"), "artifacts"),
         ("GET", re.compile(r"/v1/epochs"), "epochs"),
         ("GET", re.compile(r"/v1/spans"), "spans"),
@@ -374,6 +375,7 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.server.service
         if (prev := self._repeat(uid, idem)) is not None:
             return 200, {"id": prev["job_id"], "status": "held" if spec.hold else "queued"}
+        spec = svc.with_notify_default(spec)
         svc.validate_spec(spec, uid)
         job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
                                                 now=svc.clock.now(), idempotency=idem)
@@ -394,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
             first = json.loads(svc.store.get_job(prev["job_id"])["spec"])
             return 200, {"id": prev["job_id"], "status": "held" if req.hold else "queued",
                          "command": first["command"]}
-        spec = build_job(req, svc.settings, owner_uid=uid)
+        spec = svc.with_notify_default(build_job(req, svc.settings, owner_uid=uid))
         svc.validate_spec(spec, uid)
         job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
                                                 now=svc.clock.now(), idempotency=idem)
@@ -538,6 +540,9 @@ class Handler(BaseHTTPRequestHandler):
         elif action == "hold":
             svc.store.hold(job_id, actor=actor, now=now)
             result = "held"
+        elif action == "requeue":
+            svc.store.requeue(job_id, actor=actor, now=now)
+            result = "queued"
         else:
             svc.store.release(job_id, actor=actor, now=now)
             result = "queued"
