@@ -13,7 +13,6 @@ on a state the daemon reports, never on a sleep.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import time
@@ -22,20 +21,8 @@ from typing import Any
 
 from gpusched.testing.harness import DaemonProcess
 from gpusched.testing.users import as_user
-
-ENDED = {"succeeded", "failed", "cancelled", "lost"}
-
-
-def submit(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:
-    r = as_user(d, user, "submit", *args, cwd=cwd)
-    assert r.returncode == 0, r.stderr
-    return int(r.stdout)
-
-
-def show(d: DaemonProcess, job: int) -> dict[str, Any]:
-    r = as_user(d, None, "show", str(job), "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+from gpusched.testing.users import show_as_root as show
+from gpusched.testing.users import submit_as as submit
 
 
 def wait_until(d: DaemonProcess, ok: Any, what: str, timeout: float = 30) -> None:
