@@ -27,6 +27,11 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # models.ENV_KEY_RE, without pydantic
+#: what the daemon sets for each job: never exported from a shell inside another job
+JOB_IDENTITY_ENV = frozenset({"GPUSCHED_JOB_ID", "GPUSCHED_ATTEMPT", "GPUSCHED_GPUS",
+                              "GPUSCHED_GPU_NAMES", "GPUSCHED_SIMULATED_HOST_GPUS",
+                              "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+                              "NVIDIA_VISIBLE_DEVICES"})
 
 
 def _client() -> Any:
@@ -199,9 +204,7 @@ def submit(
 ) -> None:
     """Queue a job; prints its id. Everything after `--` is the command, taken literally."""
     try:
-        if ntasks is not None:
-            raise SpecError(f"-n {ntasks}: -n is not --name here (in Slurm it is --ntasks): "
-                            "use --name NAME to name the job, --gpus N for N GPUs")
+        _no_dash_n(ntasks)
         if wrap is not None:
             if command:
                 raise SpecError("--wrap takes the whole command: give it or `-- CMD`, not both")
@@ -242,6 +245,13 @@ def submit(
     render.emit_json(result) if as_json else typer.echo(result["id"])
 
 
+def _no_dash_n(value: str | None) -> None:
+    """``-n`` is Slurm's --ntasks: it no longer names the job (``submit -n 2`` did)."""
+    if value is not None:
+        raise SpecError(f"-n {value}: -n is not --name here (in Slurm it is --ntasks): "
+                        "use --name NAME to name the job, --gpus N for N GPUs")
+
+
 def _gpu_mem(gpu_mem: str | None, mem: str | None) -> str | None:
     """--gpu-mem, or the deprecated --mem (in Slurm --mem is host memory) with a note."""
     if mem is not None:
@@ -256,7 +266,8 @@ def _exported_env(export: str | None, *, container: bool) -> dict[str, str]:
     """--export, as Slurm: ALL (the default for local jobs) sends this shell's environment,
     NONE (the default for containers: the image brings its own) nothing, VAR,VAR=VALUE,...
     only those (after ALL, in addition to it). Names a job cannot take (exported bash
-    functions) and gpusched's own GPUSCHED_* are left out."""
+    functions) and a surrounding job's identity (a submission from inside a job) are left
+    out."""
     text = (export if export is not None else ("NONE" if container else "ALL")).strip()
     items = [i.strip() for i in text.split(",") if i.strip()]
     out: dict[str, str] = {}
@@ -267,7 +278,7 @@ def _exported_env(export: str | None, *, container: bool) -> dict[str, str]:
                                 "libraries are its image's; name the variables "
                                 "(--export VAR,...) or use --env")
             out = {k: v for k, v in os.environ.items()
-                   if ENV_NAME.match(k) and not k.startswith("GPUSCHED_") and "\x00" not in v}
+                   if ENV_NAME.match(k) and k not in JOB_IDENTITY_ENV and "\x00" not in v}
     for item in items:
         key, sep, value = item.partition("=")
         if not ENV_NAME.match(key):
@@ -293,7 +304,8 @@ def tao(
                                             help="Deprecated: --gpu-mem.")] = None,
     priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
     after: Annotated[str | None, typer.Option(help="Job ids that must succeed first.")] = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A name to find it by.")] = None,
+    ntasks: Annotated[str | None, typer.Option("-n", hidden=True)] = None,
     runner: Annotated[str | None, typer.Option(help="docker or local (default: the daemon's "
                                                "tao.runner).")] = None,
     image: Annotated[str | None, typer.Option(help="TAO image (default: tao.image).")] = None,
@@ -318,6 +330,7 @@ def tao(
     from gpusched.tao import parse_tao_command
 
     try:
+        _no_dash_n(ntasks)
         cmd = parse_tao_command(argv)
         for note in cmd.notes:
             typer.echo(f"gpusched: {render.safe(note)}", err=True)

@@ -264,12 +264,16 @@ class Daemon:
             self._gpu_names.update({r["uuid"]: r["name"] for r in self.store.gpu_rows()})
         return self._gpu_names.get(uuid, "?")
 
-    def _follow_once(self, row: Row, ref: AttemptRef, now: float) -> None:
+    def _spec_of(self, row: Row, ref: AttemptRef) -> tuple[dict[str, Any], str]:
+        """A live attempt's job spec and workload, parsed once per attempt (not every tick)."""
         cached = self._specs.get(ref.key)
         if cached is None:
             spec = json.loads(row["job_spec"])
             cached = self._specs[ref.key] = (spec, workload_of(spec))
-        spec, workload = cached
+        return cached
+
+    def _follow_once(self, row: Row, ref: AttemptRef, now: float) -> None:
+        spec, workload = self._spec_of(row, ref)
         rows = self.progress.poll(ref, spec, now, owner_uid=row.get("owner_uid"))
         if rows:
             self.store.record_epochs(ref.job_id, ref.n, rows, gpu_uuids=ref.gpus,
@@ -358,9 +362,8 @@ class Daemon:
 
     # -- time limits ----------------------------------------------------------------------
 
-    @staticmethod
-    def _limit_of(row: Row) -> float | None:
-        spec = json.loads(row["job_spec"])
+    def _limit_of(self, row: Row) -> float | None:
+        spec = self._spec_of(row, AttemptRef.from_row(row))[0]
         limit = spec.get("time_limit_s") or spec.get("est_runtime_s")
         return float(limit) if limit else None
 

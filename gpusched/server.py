@@ -499,6 +499,10 @@ class Handler(BaseHTTPRequestHandler):
         view["expected_start_s"] = starts.get(job_id)
         view["waiting_reason"] = _with_start(svc.daemon.waiting.get(job_id), starts.get(job_id))
         view["spec"] = json.loads(row["spec"]) if mine else None
+        # what its end sends (--notify, --notify-url, --output): delivered, failed, and why
+        view["notifications"] = ([{k: (iso(v) if k.endswith("_at") else v) for k, v in n.items()
+                                   if k not in ("job_id", "next_at")}
+                                  for n in svc.store.notifications(job_id)] if mine else [])
         view["artifacts"] = ([{**a, "created_at": iso(a["created_at"])}
                               for a in svc.store.artifacts(job_id)] if mine else [])
         return 200, view

@@ -64,6 +64,8 @@ def test_dash_n_is_not_a_silent_name(api: Service) -> None:
     assert r.exit_code == 2
     assert "-n is not --name" in r.stderr and "--gpus N" in r.stderr
     assert api.store.list_jobs() == []
+    r = cli("tao", "-n", "2", "ssd", "train", "-e", "spec.txt", "-r", "out")
+    assert r.exit_code == 2 and "-n is not --name" in r.stderr
 
 
 def test_wrap_runs_through_sh(api: Service) -> None:
@@ -85,6 +87,7 @@ def test_export_all_none_and_a_list(api: Service, monkeypatch: pytest.MonkeyPatc
     assert spec.env["CONDA_PREFIX"] == "/opt/conda/envs/x"
     assert spec.env["PATH"] == os.environ["PATH"]
     assert "GPUSCHED_JOB_ID" not in spec.env and "BASH_FUNC_f%%" not in spec.env
+    assert spec.env["GPUSCHED_SOCKET"] == os.environ["GPUSCHED_SOCKET"]  # nested submissions
     run_until(api, ended(api, j))
     log = Path(api.store.attempt(j, 1)["log_path"]).read_text()  # type: ignore[index]
     assert log.split() == ["/opt/conda/envs/x", str(j)]
@@ -169,3 +172,17 @@ def test_host_mem_is_for_containers_only(api: Service) -> None:
         JobSpec(command=["true"], host_mem_mib=1024)
     spec = JobSpec(command=["true"], runner="docker", image="i", host_mem_mib=1024)
     assert spec.host_mem_mib == 1024
+
+
+def test_show_lists_what_the_end_sent_and_time_limit_reasons_are_public(api: Service,
+                                                                         tmp_path: Path) -> None:
+    from gpusched.server import public_reason
+
+    j, _ = submitted(api, "--notify", "exit 5", "--output", str(tmp_path / "o-%j"), "--",
+                     "true")
+    run_until(api, lambda: len(api.store.notifications(j, "failed")) == 1
+              and len(api.store.notifications(j, "done")) == 1)
+    shown = json.loads(cli("show", str(j), "--json").stdout)["notifications"]
+    assert [(n["kind"], n["state"], n["last_error"]) for n in shown] == [
+        ("output", "done", None), ("cmd", "failed", "exit code 5")]
+    assert public_reason("time limit (1200 s)") == "time limit (1200 s)"
