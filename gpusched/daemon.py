@@ -29,6 +29,7 @@ from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
 from gpusched.runners.hooks import COPY_SH, Hooks, Post, Poster
+from gpusched.runners.local import SHIM_UNSAFE_ENV
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
@@ -813,7 +814,11 @@ class Daemon:
         spec = json.loads(row["job_spec"])
         attempt = row["attempt"] or 0
         log_path = self.paths(row["job_id"], attempt)[0] if attempt else None
-        env = {"GPUSCHED_JOB_ID": str(row["job_id"]), "GPUSCHED_JOB_STATUS": row["job_status"],
+        # a local job's own environment (its --export), as its shim got it; a container's is
+        # the image's business, not the host's
+        env = ({k: v for k, v in spec.get("env", {}).items() if k not in SHIM_UNSAFE_ENV}
+               if row["runner"] == "local" else {})
+        env |= {"GPUSCHED_JOB_ID": str(row["job_id"]), "GPUSCHED_JOB_STATUS": row["job_status"],
                "GPUSCHED_EXIT_CODE": "" if row["exit_code"] is None else str(row["exit_code"]),
                "GPUSCHED_JOB_NAME": row["job_name"] or "",
                "GPUSCHED_JOB_REASON": row["reason"] or "", "GPUSCHED_ATTEMPT": str(attempt)}

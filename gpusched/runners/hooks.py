@@ -54,7 +54,7 @@ class Hooks:
         daemon's) on its stdin; raises OSError or KeyError (no such user) when it cannot
         start. A daemon that is not root runs it as itself."""
         kwargs: dict[str, Any] = {}
-        base = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+        base = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}  # ``env`` (the job's) may change them
         try:
             user = pwd.getpwuid(uid)
             base.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
