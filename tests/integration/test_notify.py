@@ -93,8 +93,8 @@ def notes(svc: Service, job_id: int, state: str | None = None) -> list[dict[str,
 
 def test_notify_runs_a_real_command_with_the_jobs_outcome(svc: Service, tmp_path: Path) -> None:
     out = tmp_path / "notified"
-    j = submit(svc, "sh", "-c", "exit 3", name="nightly", env={"KEEP": "kept", "IFS": "x"},
-               notify_cmd=f'env | grep "^GPUSCHED_\\|^KEEP=\\|^IFS=" | sort > {out}; '
+    j = submit(svc, "sh", "-c", "exit 3", name="nightly", env={"KEEP": "kept", "ENV": "/x"},
+               notify_cmd=f'env | grep "^GPUSCHED_\\|^KEEP=\\|^ENV=" | sort > {out}; '
                           f'id -u >> {out}; pwd >> {out}')
     run_until(svc, lambda: bool(notes(svc, j, "done")))
     lines = out.read_text().splitlines()
@@ -103,7 +103,7 @@ def test_notify_runs_a_real_command_with_the_jobs_outcome(svc: Service, tmp_path
     assert "GPUSCHED_EXIT_CODE=3" in lines
     assert "GPUSCHED_JOB_NAME=nightly" in lines
     assert "GPUSCHED_JOB_REASON=exit code 3" in lines
-    assert "KEEP=kept" in lines and "IFS=x" not in lines  # the job's env, as its shim got it
+    assert "KEEP=kept" in lines and "ENV=/x" not in lines  # the job's env, as its shim got it
     assert lines[-2:] == [str(__import__("os").getuid()), str(svc.settings.state_dir)]
 
 
