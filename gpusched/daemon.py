@@ -25,11 +25,10 @@ from gpusched.errors import (
 )
 from gpusched.gpus import Inventory, job_of_pid
 from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
+from gpusched.notifier import Notifier
 from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
-from gpusched.runners.hooks import COPY_SH, Hooks, Post, Poster
-from gpusched.runners.local import SHIM_UNSAFE_ENV
 from gpusched.scheduling import GpuSlot, QueuedJob, plan
 from gpusched.states import JobStatus
 from gpusched.store import Row, Store
@@ -93,8 +92,7 @@ class Daemon:
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._live: list[Row] = []  # live attempts, read once per tick
-        self.hooks, self.poster = Hooks(), Poster()  # --notify, --output; --notify-url
-        self._notify_started = False
+        self.notifier = Notifier(settings, store, lambda job, n: self.paths(job, n)[0])
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
 
@@ -128,8 +126,7 @@ class Daemon:
         """Let go of runners and the wake pipe (jobs keep running). Safe to call twice."""
         if self._wake_r < 0:
             return
-        self.hooks.close()
-        self.poster.close()
+        self.notifier.close()
         for r in self.runners.values():
             close = getattr(r, "close", None)
             if close:
@@ -785,86 +782,8 @@ class Daemon:
     # -- notify ---------------------------------------------------------------------------
 
     def step_notify(self, now: float) -> None:
-        """Deliver what jobs that ended asked for (--output, --notify, --notify-url). Processes
-        run as the job's owner and POSTs on a worker thread; each tick only starts, polls and
-        records, so a slow receiver or command delays nobody."""
-        if not self._notify_started:
-            self._notify_started = True
-            if n := self.store.requeue_sending_notifications():
-                log.info("%s notification(s) in flight at the last stop are due again", n)
-        cfg = self.settings.notify
-        for key, error in self.poster.results():
-            self._delivered(key, error, now)
-        for row in self.store.notifications(state="sending"):
-            if row["kind"] != "url":  # one that never started is failed with the reason
-                done, error = self.hooks.poll(row["id"], now)
-                if done:
-                    self._delivered(row["id"], error, now)
-        for row in self.store.due_notifications(now):
-            def deliver(row: Row = row) -> None:
-                self._deliver(row, cfg, now)
-            self._contain(row["job_id"], f"notify ({row['kind']})", deliver, now)
-
-    def _deliver(self, row: Row, cfg: Any, now: float) -> None:
-        note_id = row["id"]
-        self.store.update_notification(note_id, state="sending", tries=row["tries"] + 1)
-        if row["kind"] == "url":
-            self.poster.submit(Post(note_id, row["target"], self._job_json(row), cfg.timeout_s))
-            return
-        spec = json.loads(row["job_spec"])
-        attempt = row["attempt"] or 0
-        log_path = self.paths(row["job_id"], attempt)[0] if attempt else None
-        # a local job's own environment (its --export), as its shim got it; a container's is
-        # the image's business, not the host's
-        env = ({k: v for k, v in spec.get("env", {}).items() if k not in SHIM_UNSAFE_ENV}
-               if row["runner"] == "local" else {})
-        env |= {"GPUSCHED_JOB_ID": str(row["job_id"]), "GPUSCHED_JOB_STATUS": row["job_status"],
-               "GPUSCHED_EXIT_CODE": "" if row["exit_code"] is None else str(row["exit_code"]),
-               "GPUSCHED_JOB_NAME": row["job_name"] or "",
-               "GPUSCHED_JOB_REASON": row["reason"] or "", "GPUSCHED_ATTEMPT": str(attempt)}
-        command, stdin = row["target"], None
-        if row["kind"] == "output":
-            if log_path is None or not os.path.exists(log_path):
-                self._delivered(note_id, "no log: the job never ran", now)
-                return
-            env["GPUSCHED_OUTPUT"] = row["target"].replace("%j", str(row["job_id"]))
-            command, stdin = COPY_SH, log_path
-        try:
-            self.hooks.start(note_id, command, uid=row["owner_uid"], env=env, now=now,
-                             workdir=spec.get("workdir") or "/", stdin_path=stdin,
-                             timeout_s=cfg.command_timeout_s)
-        except (OSError, KeyError) as err:
-            self._delivered(note_id, f"could not start: {err}", now)
-
-    def _job_json(self, row: Row) -> dict[str, Any]:
-        """What a --notify-url receives: the job's outcome, not its command or environment."""
-        from gpusched.clock import iso
-
-        return {"id": row["job_id"], "name": row["job_name"], "status": row["job_status"],
-                "exit_code": row["exit_code"], "reason": row["reason"], "owner": row["owner"],
-                "owner_uid": row["owner_uid"], "attempt": row["attempt"],
-                "kind": row["job_kind"], "runner": row["runner"],
-                "submitted_at": iso(row["submitted_at"]), "started_at": iso(row["started_at"]),
-                "ended_at": iso(row["ended_at"])}
-
-    def _delivered(self, note_id: int, error: str | None, now: float) -> None:
-        rows = self.store.query("SELECT * FROM notifications WHERE id = ?", [note_id])
-        if not rows:
-            return
-        row, cfg = rows[0], self.settings.notify
-        if error is None:
-            log.info("job %s: %s %s delivered", row["job_id"], row["kind"], note_id)
-            self.store.update_notification(note_id, state="done", done_at=now, last_error=None)
-        elif row["kind"] == "url" and row["tries"] <= cfg.retries:
-            delay = cfg.retry_backoff_s * 2 ** (row["tries"] - 1)
-            log.warning("job %s: POST to its --notify-url failed (%s); retrying in %g s",
-                        row["job_id"], error, delay)
-            self.store.update_notification(note_id, state="pending", next_at=now + delay,
-                                           last_error=error)
-        else:
-            log.warning("job %s: %s %s failed: %s", row["job_id"], row["kind"], note_id, error)
-            self.store.update_notification(note_id, state="failed", done_at=now,
-                                           last_error=error)
+        """--output, --notify and --notify-url of jobs that ended (see notifier.py)."""
+        self.notifier.step(now, self._contain)
 
     # -- views for the API ----------------------------------------------------------------
 

@@ -704,6 +704,10 @@ class Store:
         clause, params = _where(job_id=job_id, state=state)
         return self.query(f"SELECT * FROM notifications WHERE {clause} ORDER BY id", params)
 
+    def notification(self, note_id: int) -> Row | None:
+        rows = self.query("SELECT * FROM notifications WHERE id = ?", [note_id])
+        return rows[0] if rows else None
+
     def update_notification(self, note_id: int, **fields: Any) -> None:
         assign = ", ".join(f"{k} = ?" for k in fields)
         with self.write() as conn:
