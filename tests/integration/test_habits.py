@@ -147,3 +147,18 @@ def test_the_tick_does_not_wait_for_a_slow_output_copy(service: Service,
     service.clock.advance(service.settings.notify.command_timeout_s)  # type: ignore[attr-defined]
     run_until(service, lambda: bool(service.store.notifications(j, "failed")))
     assert service.store.notifications(j)[0]["last_error"] == "timed out; killed"
+
+
+def test_a_time_limit_holds_across_a_daemon_restart(service: Service) -> None:
+    """The limit counts from the attempt's start, which the store keeps: a daemon restarted
+    while the job runs adopts it and still stops it at its limit."""
+    from gpusched.testing.ticks import restarted
+
+    start = service.clock.now()
+    j = submit(service, "sleep", "1000", time_limit_s=20)
+    run_until(service, lambda: status(service, j) == "running")
+    with restarted(service) as svc2:
+        run_until(svc2, ended(svc2, j), step=2)
+        row = svc2.store.get_job(j)
+    assert (row["status"], row["reason"], row["attempt"]) == ("failed", "time limit (20 s)", 1)
+    assert 20 <= row["ended_at"] - start <= 20 + 2 + 2 + 2
