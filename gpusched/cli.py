@@ -315,6 +315,12 @@ def tao(
     hold: Annotated[bool, typer.Option("--hold", help="Queue held.")] = False,
     retries: Annotated[int, typer.Option(help="Run again on failure (a train continues from "
                                          "its latest checkpoint).")] = 0,
+    est_time: Annotated[str | None, typer.Option("--time", "-t", help="Time limit, as for "
+                                                 "submit: stopped past it.")] = None,
+    notify: Annotated[str | None, typer.Option("--notify", help="Run this shell command as you "
+                                               "when the stage ends.")] = None,
+    notify_url: Annotated[str | None, typer.Option("--notify-url", help="POST the job's JSON "
+                                                   "here when the stage ends.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a spec value: "
                                             "training_config.num_epochs=10 (repeatable); the "
                                             "stage runs a derived copy of the spec.")] = [],  # noqa: B006
@@ -352,7 +358,9 @@ def tao(
             "on": [x.strip() for x in on.split(",") if x.strip()] if on else None,
             "gpu_type": gpu_type, "runner": runner, "image": image, "hold": hold,
             "retries": retries, "env": _env_pairs(env),
-            "after": [int(a) for a in after.split(",") if a.strip()] if after else []}
+            "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
+            "notify_cmd": notify, "notify_url": notify_url,
+            "time_limit_s": parse_time_limit(est_time) if est_time is not None else None}
         if extra:
             req["spec_original"], req["overrides"] = extra["original"], extra["overrides"]
         if (gpu_mem := _gpu_mem(gpu_mem, mem)):

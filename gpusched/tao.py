@@ -109,7 +109,7 @@ class _Parser(argparse.ArgumentParser):
 #: not a TAO flag (TAO would reject them after minutes of start-up, or take ``--on`` for nothing)
 GPUSCHED_OPTIONS = ("--on", "--name", "--priority", "--image", "--mount", "--after", "--hold",
                     "--runner", "--gpu-type", "--gpu-mem", "--mem", "--retries", "--env",
-                    "--json")
+                    "--time", "--notify", "--notify-url", "--json")
 
 
 @dataclass

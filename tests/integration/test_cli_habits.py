@@ -186,3 +186,29 @@ def test_show_lists_what_the_end_sent_and_time_limit_reasons_are_public(api: Ser
     assert [(n["kind"], n["state"], n["last_error"]) for n in shown] == [
         ("output", "done", None), ("cmd", "failed", "exit code 5")]
     assert public_reason("time limit (1200 s)") == "time limit (1200 s)"
+
+
+def test_tao_stages_take_time_notify_and_gpu_mem(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpusched import cli as cli_mod
+    from gpusched.config import DockerSettings, Settings, TaoSettings
+    from gpusched.stages import StageRequest, build_job
+
+    spec_file = Path(__file__).resolve().parents[2] / "examples/specs/ssd_train_resnet18_kitti.txt"
+    got: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli_mod, "_submit", lambda path, body: got.append(body) or {"id": 1})
+    monkeypatch.setenv("HOME", "/nonexistent-gpusched-home")
+    r = cli("tao", "--time", "1-00", "--notify", "echo done", "--notify-url", "http://h/x",
+            "--mem", "4G", "ssd", "train", "-e", str(spec_file), "-r", str(tmp_path / "r"))
+    assert r.exit_code == 0, r.output
+    assert "--mem is deprecated" in r.stderr
+    body = got[0]
+    assert (body["time_limit_s"], body["notify_cmd"], body["notify_url"], body["mem_mib"]) == (
+        86400, "echo done", "http://h/x", 4096)
+    settings = Settings(docker=DockerSettings(mount_roots=[str(tmp_path), str(spec_file.parent)]),
+                        tao=TaoSettings(runner="local", local_command=["fake-tao"]))
+    job = build_job(StageRequest.model_validate(body), settings, owner_uid=os.getuid())
+    assert (job.time_limit_s, job.notify_cmd, job.notify_url) == (86400, "echo done",
+                                                                  "http://h/x")
+    r = cli("tao", "ssd", "train", "-e", str(spec_file), "--time", "10")
+    assert r.exit_code == 2 and "--time" in r.stderr  # a gpusched option after ssd: misplaced
