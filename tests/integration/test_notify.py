@@ -173,10 +173,14 @@ def test_notify_urls_are_http_only_and_the_allowlist_holds(state_dir: Path) -> N
 
 
 def test_notify_url_default_from_the_config(state_dir: Path, receiver: Receiver) -> None:
-    svc = make_service(state_dir, url=receiver.url)
+    svc = make_service(state_dir, url=receiver.url, allowed_hosts=["hooks.example.com"])
     try:
         spec = svc.with_notify_default(JobSpec(command=["true"]))
         assert spec.notify_url == receiver.url
+        svc.validate_spec(spec, 0)  # the admin's own URL needs no allowlist entry
+        j = svc.store.submit(spec, owner_uid=0, owner="root", now=svc.clock.now())
+        run_until(svc, lambda: bool(notes(svc, j, "done")))
+        assert [b["id"] for b in receiver.bodies] == [j]
         own = svc.with_notify_default(JobSpec(command=["true"], notify_url="http://x/"))
         assert own.notify_url == "http://x/"
     finally:
