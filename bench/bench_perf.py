@@ -376,6 +376,9 @@ class Tsp:
                 self.run("-K", timeout=10)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            # a queued client still exiting after -K may write its output file late: sweep again
+            time.sleep(0.3)
+            shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(ValueError):
                 LIVE.remove(self)
 

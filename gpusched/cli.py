@@ -6,6 +6,7 @@ Heavy imports (pydantic, the daemon, rich) happen inside the commands that need 
 
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from typing import Annotated, Any
 import typer
 
 from gpusched import render
-from gpusched.errors import GpuschedError, SpecError
-from gpusched.units import parse_gpus
+from gpusched.errors import GpuschedError, NotFound, SpecError
+from gpusched.units import parse_gpus, parse_size_mib, parse_time_limit
 
 app = typer.Typer(
     help="gpusched: queue GPU jobs and NVIDIA TAO stages on this host's GPUs.",
@@ -26,6 +27,12 @@ app = typer.Typer(
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # models.ENV_KEY_RE, without pydantic
+#: what the daemon sets for each job: never exported from a shell inside another job
+JOB_IDENTITY_ENV = frozenset({"GPUSCHED_JOB_ID", "GPUSCHED_ATTEMPT", "GPUSCHED_GPUS",
+                              "GPUSCHED_GPU_NAMES", "GPUSCHED_SIMULATED_HOST_GPUS",
+                              "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+                              "NVIDIA_VISIBLE_DEVICES"})
 
 
 def _client() -> Any:
@@ -142,32 +149,57 @@ def resume(gpu: Annotated[str, typer.Argument(help="GPU index or UUID.")],
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
-    command: Annotated[list[str], typer.Argument(metavar="-- CMD [ARGS]...",
-                                                 help="The command, after `--`.")],
+    command: Annotated[list[str] | None, typer.Argument(metavar="-- CMD [ARGS]...",
+                                                        help="The command, after `--`.")] = None,
     gpus: Annotated[str, typer.Option("--gpus", "-g", help="2 (any two), 0,1 or GPU-uuid,... "
                                       "(exactly those), 1, (exactly GPU 1), 0 (no GPU).")] = "1",
     gpu_type: Annotated[str | None, typer.Option(help='Only GPUs whose name contains this, '
                                                  'e.g. "A4000".')] = None,
-    mem: Annotated[str | None, typer.Option(help="Free GPU memory needed on each GPU, e.g. 10G "
-                                            "(foreign processes count).")] = None,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Free GPU memory needed on "
+                                                "each GPU, e.g. 10G (foreign processes "
+                                                "count).")] = None,
+    mem: Annotated[str | None, typer.Option("--mem", hidden=True,
+                                            help="Deprecated: --gpu-mem.")] = None,
     priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
     after: Annotated[str | None, typer.Option(help="Job ids (1,2) that must succeed first.")] = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    after_any: Annotated[str | None, typer.Option("--after-any", help="Job ids (1,2) that must "
+                                                  "have ended first, in any state.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A name to find it by.")] = None,
+    ntasks: Annotated[str | None, typer.Option("-n", hidden=True)] = None,
     workdir: Annotated[str | None, typer.Option(help="Working directory (default: here, for "
                                                 "local jobs).")] = None,
     env: Annotated[list[str], typer.Option("--env", "-e", help="K=V (repeatable); K alone "
                                            "passes K from your shell.")] = [],  # noqa: B006
+    export: Annotated[str | None, typer.Option("--export", help="ALL (local jobs' default), "
+                                               "NONE (containers' default) or VAR,VAR=VALUE,... "
+                                               "(ALL,VAR=VALUE adds to ALL).")] = None,
+    wrap: Annotated[str | None, typer.Option("--wrap", help='A shell command line, run with '
+                                             'sh -c: --wrap "make && ./run".')] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Also copy the log here "
+                                               "when the job ends, as you (%j: the job id).")
+                      ] = None,
+    notify: Annotated[str | None, typer.Option("--notify", help="Run this shell command as you "
+                                               "when the job ends (GPUSCHED_JOB_ID, "
+                                               "GPUSCHED_JOB_STATUS, GPUSCHED_EXIT_CODE set).")
+                      ] = None,
+    notify_url: Annotated[str | None, typer.Option("--notify-url", help="POST the job's JSON to "
+                                                   "this http(s) URL when it ends.")] = None,
     retries: Annotated[int, typer.Option(help="Run again this many times on failure.")] = 0,
     retry_on: Annotated[str | None, typer.Option(help="Retry only on these exit codes (75,76); "
                                                  "default: any failure.")] = None,
     hold: Annotated[bool, typer.Option("--hold", help="Queue held; `release` starts it.")] = False,
-    est_time: Annotated[str | None, typer.Option("--time", help="Expected run time (90s, 20m, "
-                                                 "2h): lets the job backfill.")] = None,
+    est_time: Annotated[str | None, typer.Option("--time", "-t", help="Time limit (Slurm's MM, "
+                                                 "MM:SS, HH:MM:SS, D-HH[:MM[:SS]], or 90s, 20m, "
+                                                 "2h): stopped past it; lets the job "
+                                                 "backfill.")] = None,
     image: Annotated[str | None, typer.Option(help="Run in a container of this image "
                                               "(docker runner).")] = None,
     mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] for containers "
                                              "(repeatable).")] = [],  # noqa: B006
     shm_size: Annotated[str | None, typer.Option(help="Container /dev/shm size, e.g. 16G.")] = None,
+    host_mem: Annotated[str | None, typer.Option("--host-mem", help="Container memory limit "
+                                                 "(RAM, swap included), e.g. 32G; the container "
+                                                 "is OOM-killed past it.")] = None,
     user: Annotated[str | None, typer.Option(help="Container user UID:GID.")] = None,
     tao_mounts: Annotated[bool, typer.Option("--tao-mounts", help="Use the mounts, envs and "
                                              "docker options of ~/.tao_mounts.json.")] = False,
@@ -175,30 +207,90 @@ def submit(
 ) -> None:
     """Queue a job; prints its id. Everything after `--` is the command, taken literally."""
     try:
+        _no_dash_n(ntasks)
+        if wrap is not None:
+            if command:
+                raise SpecError("--wrap takes the whole command: give it or `-- CMD`, not both")
+            command = ["/bin/sh", "-c", wrap]
+        if not command:
+            raise SpecError("no command: give `-- CMD [ARGS]...` or --wrap \"CMD && CMD\"")
         spec: dict[str, Any] = {
-            "command": command, "gpus": parse_gpus(gpus, gpu_type, mem), "priority": priority,
-            "name": name, "env": _env_pairs(env), "retries": retries, "hold": hold,
+            "command": command, "priority": priority,
+            "gpus": parse_gpus(gpus, gpu_type, _gpu_mem(gpu_mem, mem)),
+            "name": name, "retries": retries, "hold": hold,
             "retry_on": [int(x) for x in retry_on.split(",") if x.strip()] if retry_on else None,
             "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
+            "after_any": ([int(a) for a in after_any.split(",") if a.strip()]
+                          if after_any else []),
+            "notify_cmd": notify, "notify_url": notify_url,
+            "output": os.path.abspath(output) if output else None,
+            "env": {**_exported_env(export, container=bool(image)), **_env_pairs(env)},
         }
-        if est_time:
-            spec["est_runtime_s"] = _parse_duration(est_time)
+        if est_time is not None:
+            spec["time_limit_s"] = parse_time_limit(est_time)
         if image:
             spec.update(runner="docker", image=image, workdir=workdir,
-                        mounts=[_mount(m) for m in mount], shm_size=shm_size, user=user)
+                        mounts=[_mount(m) for m in mount], shm_size=shm_size, user=user,
+                        host_mem_mib=parse_size_mib(host_mem) if host_mem else None)
             if tao_mounts:
                 _apply_tao_mounts(spec)
         else:
-            if mount or shm_size or user or tao_mounts:
-                raise SpecError("--mount, --shm-size, --user and --tao-mounts need --image")
+            if mount or shm_size or user or tao_mounts or host_mem:
+                raise SpecError("--mount, --shm-size, --host-mem, --user and --tao-mounts need "
+                                "--image (a local job's host memory is not limited)")
             spec["workdir"] = workdir or os.getcwd()
-            spec["env"] = {"PATH": os.environ.get("PATH", ""), **spec["env"]}
         result = _submit("/v1/jobs", spec)
     except ValueError as err:
-        _fail(SpecError(f"bad --after or --retry-on: give numbers like 12,13 ({err})"))
+        _fail(SpecError(f"bad --after, --after-any or --retry-on: give numbers like 12,13 "
+                        f"({err})"))
     except GpuschedError as err:
         _fail(err)
     render.emit_json(result) if as_json else typer.echo(result["id"])
+
+
+def _no_dash_n(value: str | None) -> None:
+    """``-n`` is Slurm's --ntasks: it no longer names the job (``submit -n 2`` did)."""
+    if value is not None:
+        raise SpecError(f"-n {value}: -n is not --name here (in Slurm it is --ntasks): "
+                        "use --name NAME to name the job, --gpus N for N GPUs")
+
+
+def _gpu_mem(gpu_mem: str | None, mem: str | None) -> str | None:
+    """--gpu-mem, or the deprecated --mem (in Slurm --mem is host memory) with a note."""
+    if mem is not None:
+        typer.echo("gpusched: --mem is deprecated: it is GPU memory here; use --gpu-mem",
+                   err=True)
+        if gpu_mem is not None and gpu_mem != mem:
+            raise SpecError("--mem (deprecated) and --gpu-mem disagree: give --gpu-mem only")
+    return gpu_mem if gpu_mem is not None else mem
+
+
+def _exported_env(export: str | None, *, container: bool) -> dict[str, str]:
+    """--export, as Slurm: ALL (the default for local jobs) sends this shell's environment,
+    NONE (the default for containers: the image brings its own) nothing, VAR,VAR=VALUE,...
+    only those (after ALL, in addition to it). Names a job cannot take (exported bash
+    functions) and a surrounding job's identity (a submission from inside a job) are left
+    out."""
+    text = (export if export is not None else ("NONE" if container else "ALL")).strip()
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    out: dict[str, str] = {}
+    if items and items[0].upper() in ("ALL", "NONE"):
+        if items.pop(0).upper() == "ALL":
+            if container:
+                raise SpecError("--export ALL is for local jobs: a container's PATH and "
+                                "libraries are its image's; name the variables "
+                                "(--export VAR,...) or use --env")
+            out = {k: v for k, v in os.environ.items()
+                   if ENV_NAME.match(k) and k not in JOB_IDENTITY_ENV and "\x00" not in v}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not ENV_NAME.match(key):
+            raise SpecError(f"--export {item!r}: not a variable name")
+        if sep:
+            out[key] = value
+        elif key in os.environ:
+            out[key] = os.environ[key]
+    return out
 
 
 @app.command(context_settings={"allow_interspersed_args": False,
@@ -209,10 +301,14 @@ def tao(
     on: Annotated[str | None, typer.Option("--on", help="Pin GPUs: 0,1 or GPU UUIDs "
                                            "(count = TAO's --gpus).")] = None,
     gpu_type: Annotated[str | None, typer.Option(help="Only GPUs whose name contains this.")] = None,
-    mem: Annotated[str | None, typer.Option(help="Free GPU memory needed per GPU, e.g. 10G.")] = None,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Free GPU memory needed per "
+                                                "GPU, e.g. 10G.")] = None,
+    mem: Annotated[str | None, typer.Option("--mem", hidden=True,
+                                            help="Deprecated: --gpu-mem.")] = None,
     priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
     after: Annotated[str | None, typer.Option(help="Job ids that must succeed first.")] = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A name to find it by.")] = None,
+    ntasks: Annotated[str | None, typer.Option("-n", hidden=True)] = None,
     runner: Annotated[str | None, typer.Option(help="docker or local (default: the daemon's "
                                                "tao.runner).")] = None,
     image: Annotated[str | None, typer.Option(help="TAO image (default: tao.image).")] = None,
@@ -222,6 +318,12 @@ def tao(
     hold: Annotated[bool, typer.Option("--hold", help="Queue held.")] = False,
     retries: Annotated[int, typer.Option(help="Run again on failure (a train continues from "
                                          "its latest checkpoint).")] = 0,
+    est_time: Annotated[str | None, typer.Option("--time", "-t", help="Time limit, as for "
+                                                 "submit: stopped past it.")] = None,
+    notify: Annotated[str | None, typer.Option("--notify", help="Run this shell command as you "
+                                               "when the stage ends.")] = None,
+    notify_url: Annotated[str | None, typer.Option("--notify-url", help="POST the job's JSON "
+                                                   "here when the stage ends.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a spec value: "
                                             "training_config.num_epochs=10 (repeatable); the "
                                             "stage runs a derived copy of the spec.")] = [],  # noqa: B006
@@ -237,6 +339,7 @@ def tao(
     from gpusched.tao import parse_tao_command
 
     try:
+        _no_dash_n(ntasks)
         cmd = parse_tao_command(argv)
         for note in cmd.notes:
             typer.echo(f"gpusched: {render.safe(note)}", err=True)
@@ -258,13 +361,13 @@ def tao(
             "on": [x.strip() for x in on.split(",") if x.strip()] if on else None,
             "gpu_type": gpu_type, "runner": runner, "image": image, "hold": hold,
             "retries": retries, "env": _env_pairs(env),
-            "after": [int(a) for a in after.split(",") if a.strip()] if after else []}
+            "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
+            "notify_cmd": notify, "notify_url": notify_url,
+            "time_limit_s": parse_time_limit(est_time) if est_time is not None else None}
         if extra:
             req["spec_original"], req["overrides"] = extra["original"], extra["overrides"]
-        if mem:
-            from gpusched.units import parse_size_mib
-
-            req["mem_mib"] = parse_size_mib(mem)
+        if (gpu_mem := _gpu_mem(gpu_mem, mem)):
+            req["mem_mib"] = parse_size_mib(gpu_mem)
         if mount:
             req["mounts"] = [_mount(m) for m in mount]
         elif (Path.home() / ".tao_mounts.json").exists():
@@ -355,15 +458,6 @@ def _tao_move_aside(stage: Any) -> None:
         raise SpecError(f"--overwrite: cannot move the old run aside in {res}: "
                         f"{err.strerror or err}") from err
     typer.echo(f"gpusched: moved {', '.join(names)} aside into {old}", err=True)
-
-
-def _parse_duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip().lower()
-    try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise SpecError(f"bad --time {text!r}: use 90s, 20m, 2h or seconds") from None
 
 
 def _mount(text: str) -> dict[str, Any]:
@@ -491,7 +585,7 @@ def wait(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
             found = {j["id"] for j in jobs}
             missing = [i for i in job_ids if i not in found]
             if missing:
-                raise GpuschedError(f"no job {missing[0]}")
+                raise NotFound(f"no job {missing[0]}")
             if all(j["status"] in TERMINAL for j in jobs):
                 break
             if timeout is not None and time.monotonic() - start > timeout:
@@ -509,8 +603,15 @@ def wait(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
     raise typer.Exit(0 if all(j["status"] == "succeeded" for j in jobs) else 1)
 
 
-def _action(action: str, job_ids: list[int], as_json: bool) -> None:
+def _action(action: str, job_ids: list[int], as_json: bool,
+            by: tuple[bool, str | None, str | None, bool] = (False, None, None, False)) -> None:
     client, results, failed = _client(), [], None
+    try:
+        if job_ids and any(by):
+            raise SpecError(f"{action}: give job ids or a filter, not both")
+        job_ids = job_ids or _matching(client, action, *by)
+    except GpuschedError as err:
+        _fail(err)
     for jid in job_ids:
         try:
             results.append(client.post(f"/v1/jobs/{jid}/{action}"))
@@ -526,25 +627,72 @@ def _action(action: str, job_ids: list[int], as_json: bool) -> None:
         raise typer.Exit(failed.exit_code)
 
 
+#: the statuses a filter looks at when --status is not given, per action
+_ACTION_STATUSES = {"cancel": "queued,held,starting,running,unknown", "hold": "queued",
+                    "release": "held"}
+
+
+def _matching(client: Any, action: str, mine: bool, name: str | None, status: str | None,
+              all_users: bool) -> list[int]:
+    """The jobs a filter names: the caller's own, unless --all (root and the admin group;
+    anyone else's jobs come back redacted, which refuses the whole filter)."""
+    from urllib.parse import quote
+
+    if not (mine or name or status or all_users):
+        raise SpecError(f"{action}: give job ids or a filter (--mine, --name N, --status S, "
+                        "--all)")
+    q = [f"status={quote(status or _ACTION_STATUSES[action])}", "all=1"]
+    if not all_users:
+        q.append(f"owner={os.getuid()}")
+    if name:
+        q.append(f"name={quote(name)}")
+    jobs = client.get("/v1/jobs?" + "&".join(q))
+    if any(j.get("redacted") for j in jobs):
+        from gpusched.errors import PermissionDenied
+
+        raise PermissionDenied(f"{action} --all: only root and the admin group may act on "
+                               "other users' jobs (without --all a filter matches your own)")
+    if not jobs:
+        typer.echo(f"gpusched: {action}: no job matches", err=True)
+    return [int(j["id"]) for j in jobs]
+
+
+IdsArg = Annotated[list[int] | None, typer.Argument(help="Job ids (or a filter).")]
+MineOpt = Annotated[bool, typer.Option("--mine", help="Filter: my jobs (a filter only ever "
+                                       "matches yours, unless --all).")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Filter: jobs with this name.")]
+StatusOpt = Annotated[str | None, typer.Option("--status", help="Filter: these statuses "
+                                               "(comma list).")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Filter: every user's jobs (root and the "
+                                      "admin group).")]
+
+
 @app.command()
-def cancel(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
-           as_json: JsonOpt = False) -> None:
+def cancel(job_ids: IdsArg = None, mine: MineOpt = False, name: NameOpt = None,
+           status: StatusOpt = None, all_users: AllOpt = False, as_json: JsonOpt = False) -> None:
     """Cancel jobs: queued ones at once, running ones with SIGTERM, then SIGKILL after a grace."""
-    _action("cancel", job_ids, as_json)
+    _action("cancel", job_ids or [], as_json, (mine, name, status, all_users))
 
 
 @app.command()
-def hold(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
-         as_json: JsonOpt = False) -> None:
+def hold(job_ids: IdsArg = None, mine: MineOpt = False, name: NameOpt = None,
+         status: StatusOpt = None, all_users: AllOpt = False, as_json: JsonOpt = False) -> None:
     """Keep queued jobs from starting until `release`."""
-    _action("hold", job_ids, as_json)
+    _action("hold", job_ids or [], as_json, (mine, name, status, all_users))
 
 
 @app.command()
-def release(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
-            as_json: JsonOpt = False) -> None:
+def release(job_ids: IdsArg = None, mine: MineOpt = False, name: NameOpt = None,
+            status: StatusOpt = None, all_users: AllOpt = False, as_json: JsonOpt = False) -> None:
     """Let held jobs start again."""
-    _action("release", job_ids, as_json)
+    _action("release", job_ids or [], as_json, (mine, name, status, all_users))
+
+
+@app.command()
+def requeue(job_ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+            as_json: JsonOpt = False) -> None:
+    """Run ended jobs again, each as a new attempt (its log, outcome, --notify anew)."""
+    _action("requeue", job_ids, as_json)
 
 
 @app.command()

@@ -103,6 +103,17 @@ class BackupSettings(BaseModel):
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+class NotifySettings(BaseModel):
+    url: str | None = None  # POSTed every job's end when the job names no --notify-url
+    # hosts (glob patterns) a --notify-url may name; empty: any host. The daemon (root) makes
+    # the POST, so this keeps users' URLs off internal services
+    allowed_hosts: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=10.0, gt=0)  # one POST
+    retries: int = Field(default=3, ge=0, le=100)  # more POSTs after a failed one
+    retry_backoff_s: float = Field(default=5.0, gt=0)  # doubled after each failure
+    command_timeout_s: float = Field(default=60.0, gt=0)  # a --notify command, an --output copy
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GPUSCHED_", env_nested_delimiter="__", extra="forbid"
@@ -118,6 +129,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
     backup: BackupSettings = BackupSettings()
+    notify: NotifySettings = NotifySettings()
 
     @field_validator("log_level")
     @classmethod

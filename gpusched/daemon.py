@@ -27,6 +27,7 @@ from gpusched.errors import (
 )
 from gpusched.gpus import Inventory, job_of_pid
 from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
+from gpusched.notifier import Notifier
 from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
@@ -52,6 +53,7 @@ MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most thi
 EPOCH_SLACK_S = 60.0  # clock steps and polling delay when checking an epoch against wall time
 MODEL_MAX_EPOCHS = 20_000  # the newest epochs the speed model is fitted from (a tick's cost)
 FAILED_DEP = {S.FAILED.value, S.CANCELLED.value, S.LOST.value}
+TIME_LIMIT = "time limit"  # jobs.cancel_by of an attempt stopped for its --time
 # After a launch failed for lack of host resources, no launch is tried for this long (each try
 # costs an attempt row and a fork; the resources rarely come back within a tick).
 RESOURCE_BACKOFF_S = 2.0
@@ -73,8 +75,8 @@ def transient(err: BaseException) -> bool:
 
 
 class Daemon:
-    STEPS = ("reap", "progress", "cancels", "inventory", "reconcile", "pipelines",
-             "dependencies", "plan_and_launch")
+    STEPS = ("reap", "progress", "time_limits", "cancels", "inventory", "reconcile",
+             "pipelines", "dependencies", "plan_and_launch", "notify")
 
     def __init__(self, settings: Settings, store: Store, inventory: Inventory,
                  runners: dict[str, Runner]) -> None:
@@ -106,6 +108,7 @@ class Daemon:
         self._model_stale = False  # a job that timed epochs ended since the last fit
         self._waiting_since: dict[int, float] = {}  # job -> when it began waiting for a faster GPU
         self._live: list[Row] = []  # live attempts, read once per tick
+        self.notifier = Notifier(settings, store, lambda job, n: self.paths(job, n)[0])
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
 
@@ -139,6 +142,7 @@ class Daemon:
         """Let go of runners and the wake pipe (jobs keep running). Safe to call twice."""
         if self._wake_r < 0:
             return
+        self.notifier.close()
         for r in self.runners.values():
             close = getattr(r, "close", None)
             if close:
@@ -274,12 +278,16 @@ class Daemon:
             self._gpu_names.update({r["uuid"]: r["name"] for r in self.store.gpu_rows()})
         return self._gpu_names.get(uuid, "?")
 
-    def _follow_once(self, row: Row, ref: AttemptRef, now: float) -> None:
+    def _spec_of(self, row: Row, ref: AttemptRef) -> tuple[dict[str, Any], str]:
+        """A live attempt's job spec and workload, parsed once per attempt (not every tick)."""
         cached = self._specs.get(ref.key)
         if cached is None:
             spec = json.loads(row["job_spec"])
             cached = self._specs[ref.key] = (spec, workload_of(spec, owner=row.get("owner")))
-        spec, workload = cached
+        return cached
+
+    def _follow_once(self, row: Row, ref: AttemptRef, now: float) -> None:
+        spec, workload = self._spec_of(row, ref)
         rows = self.progress.poll(ref, spec, now, owner_uid=row.get("owner_uid"))
         # The job reports its own epoch times and the speed model trusts them for everyone's
         # placement: an epoch cannot have lasted longer than the attempt has run (1e308 s
@@ -316,6 +324,8 @@ class Daemon:
         if row.get("requeue_reason") and row["cancel_requested_at"] is None:
             # infrastructure failure (GPU lost): queue again, the job's retries stay untouched
             to, reason, requeue, consume = S.QUEUED, row["requeue_reason"], True, False
+        elif row["cancel_requested_at"] is not None and row.get("cancel_by") == TIME_LIMIT:
+            to, reason = S.FAILED, self._limit_reason(row)  # never retried, as in Slurm
         elif row["cancel_requested_at"] is not None:
             why = outcome.reason or "cancelled"
             to, reason = S.CANCELLED, why if why.startswith("cancel") else f"cancelled ({why})"
@@ -374,6 +384,35 @@ class Daemon:
         if outcome.oom:
             reason = "killed: out of memory"
         return (S.SUCCEEDED, None) if ok else (S.FAILED, reason)
+
+    # -- time limits ----------------------------------------------------------------------
+
+    def _limit_of(self, row: Row) -> float | None:
+        spec = self._spec_of(row, AttemptRef.from_row(row))[0]
+        limit = spec.get("time_limit_s") or spec.get("est_runtime_s")
+        return float(limit) if limit else None
+
+    def _limit_reason(self, row: Row) -> str:
+        limit = self._limit_of(row)
+        return f"time limit ({limit:g} s)" if limit else "time limit"
+
+    def step_time_limits(self, now: float) -> None:
+        """An attempt past its job's --time is stopped like a cancel (SIGTERM, SIGKILL after
+        the grace) and its job fails with the reason `time limit`: the limit bounds what a
+        backfilled job may hold a reserved GPU for."""
+        marked = False
+        for row in self._live:
+            if row["state"] != "live" or row["cancel_requested_at"] is not None:
+                continue
+            limit = self._limit_of(row)
+            if limit is not None and now - float(row["started_at"]) >= limit:
+                log.info("job %s attempt %s: past its time limit (%g s); stopping it",
+                         row["job_id"], row["n"], limit)
+                self.store.request_stop(row["job_id"], by=TIME_LIMIT, now=now,
+                                        reason=self._limit_reason(row))
+                marked = True
+        if marked:
+            self._live = self.store.live_attempts()
 
     # -- cancels --------------------------------------------------------------------------
 
@@ -673,6 +712,9 @@ class Daemon:
             " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
             " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
+            " AND NOT EXISTS (SELECT 1 FROM json_each(j.spec, '$.after_any') e JOIN jobs a"
+            " ON a.id = e.value WHERE a.status NOT IN ('succeeded', 'failed', 'cancelled',"
+            " 'lost'))"
             " ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
         return [r for r in rows if r["runner"] not in self.degraded]
 
@@ -852,6 +894,12 @@ class Daemon:
         self.placed_last_tick += 1
         log.info("job %s attempt %s started on %s", job_id, n,
                  ",".join(str(g.index) for g in gpus) or "no GPU")
+
+    # -- notify ---------------------------------------------------------------------------
+
+    def step_notify(self, now: float) -> None:
+        """--output, --notify and --notify-url of jobs that ended (see notifier.py)."""
+        self.notifier.step(now, self._contain)
 
     # -- views for the API ----------------------------------------------------------------
 

@@ -90,6 +90,15 @@ class JobSpec(BaseModel):
     retry_on: list[int] | None = Field(default=None, max_length=100)  # only these exit codes
     hold: bool = False
     est_runtime_s: float | None = Field(default=None, gt=0)
+    # --time: the daemon stops the attempt past it (SIGTERM, SIGKILL after the grace) and the
+    # planner's backfill estimate is never longer, so a backfilled job cannot hold a reserved
+    # GPU past it
+    time_limit_s: float | None = Field(default=None, gt=0)
+    after_any: list[int] = Field(default_factory=list, max_length=1000)  # ended in any state
+    output: str | None = Field(default=None, max_length=4096)  # --output: a copy of the log
+    notify_cmd: str | None = Field(default=None, max_length=4096)  # run as the owner at the end
+    notify_url: str | None = Field(default=None, max_length=2048)  # POSTed the job's JSON
+    host_mem_mib: int | None = Field(default=None, gt=0)  # --host-mem: containers' RAM limit
     kind: str = "job"  # "job", or a TAO stage ("tao:train", ...)
     stage: dict[str, Any] | None = None  # TAO stage details (later issues)
     pipeline_id: int | None = None
@@ -117,12 +126,43 @@ class JobSpec(BaseModel):
                 raise ValueError(f"environment variable {k} contains a NUL byte")
         return v
 
+    @field_validator("output", "notify_cmd", "notify_url")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and ("\x00" in v or not v.strip()):
+            raise ValueError("must be non-empty and free of NUL bytes")
+        return v
+
+    @field_validator("notify_url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("--notify-url takes an http:// or https:// URL with a host")
+        return v
+
+    @model_validator(mode="after")
+    def _limit_bounds_estimate(self) -> JobSpec:
+        # a job backfills on its estimate; the limit is what makes that estimate safe
+        if self.time_limit_s is None and self.est_runtime_s is not None:
+            self.time_limit_s = self.est_runtime_s
+        if self.time_limit_s is not None and (self.est_runtime_s is None
+                                              or self.est_runtime_s > self.time_limit_s):
+            self.est_runtime_s = self.time_limit_s
+        return self
+
     @model_validator(mode="after")
     def _runner_fields(self) -> JobSpec:
         if self.runner == "docker" and not self.image:
             raise ValueError("a docker job needs --image")
         if self.runner == "local" and (self.image or self.mounts or self.shm_size):
             raise ValueError("--image, --mount and --shm-size need the docker runner")
+        if self.runner == "local" and self.host_mem_mib:
+            raise ValueError("--host-mem is enforced for containers only (docker's memory "
+                             "limit); a local job's host memory is not limited")
         return self
 
 

@@ -296,6 +296,17 @@ TAO_MOUNTS_HINTS = {
 }
 
 
+def validate_notify_url(url: str, allowed_hosts: list[str]) -> None:
+    """A --notify-url is POSTed by the daemon (root): http or https only (the model checks
+    that), and a host that ``notify.allowed_hosts`` lets through when it is set."""
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if allowed_hosts and not any(fnmatch.fnmatch(host, p.lower()) for p in allowed_hosts):
+        raise SpecError(f"--notify-url host {host!r} is not in notify.allowed_hosts "
+                        f"({', '.join(allowed_hosts)})")
+
+
 def parse_tao_mounts(text: str) -> tuple[list[Mount], dict[str, str], dict[str, Any]]:
     """Parse a user's ``~/.tao_mounts.json``: (mounts, environment, docker options).
 

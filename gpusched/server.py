@@ -61,7 +61,7 @@ _PUBLIC_REASONS = [re.compile(p) for p in (
     r"dependency job \d+ (failed|cancelled|lost); not run",
     r"GPU \d+ failed \([^()]{0,200}\); queued again", r"runner reachable again",
     r"(docker|local) (unreachable|unavailable)",
-    r"the daemon stopped before the attempt started",
+    r"the daemon stopped before the attempt started", r"time limit( \([\d.e+]+ s\))?",
 )]
 _RETRY_SUFFIX = re.compile(r"; retrying \(\d+ retries left\)$")
 
@@ -140,7 +140,8 @@ class Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/v1/jobs"), "submit"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)"), "show"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/log"), "log"),
-        ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release)"), "action"),
+        ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release|requeue)"),
+         "action"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/artifacts"), "artifacts"),
         ("GET", re.compile(r"/v1/epochs"), "epochs"),
         ("GET", re.compile(r"/v1/spans"), "spans"),
@@ -381,6 +382,7 @@ class Handler(BaseHTTPRequestHandler):
         svc = self.server.service
         if (prev := self._repeat(uid, idem)) is not None:
             return 200, {"id": prev["job_id"], "status": "held" if spec.hold else "queued"}
+        spec = svc.with_notify_default(spec)
         svc.validate_spec(spec, uid)
         job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
                                                 now=svc.clock.now(), idempotency=idem)
@@ -401,7 +403,7 @@ class Handler(BaseHTTPRequestHandler):
             first = json.loads(svc.store.get_job(prev["job_id"])["spec"])
             return 200, {"id": prev["job_id"], "status": "held" if req.hold else "queued",
                          "command": first["command"]}
-        spec = build_job(req, svc.settings, owner_uid=uid)
+        spec = svc.with_notify_default(build_job(req, svc.settings, owner_uid=uid))
         svc.validate_spec(spec, uid)
         job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
                                                 now=svc.clock.now(), idempotency=idem)
@@ -531,6 +533,10 @@ class Handler(BaseHTTPRequestHandler):
         view["waiting_reason"] = _with_start(self._waiting_reasons([row]).get(job_id),
                                              starts.get(job_id))
         view["spec"] = json.loads(row["spec"]) if mine else None
+        # what its end sends (--notify, --notify-url, --output): delivered, failed, and why
+        view["notifications"] = ([{k: (iso(v) if k.endswith("_at") else v) for k, v in n.items()
+                                   if k not in ("job_id", "next_at")}
+                                  for n in svc.store.notifications(job_id)] if mine else [])
         view["artifacts"] = ([{**a, "created_at": iso(a["created_at"])}
                               for a in svc.store.artifacts(job_id)] if mine else [])
         return 200, view
@@ -572,6 +578,9 @@ class Handler(BaseHTTPRequestHandler):
         elif action == "hold":
             svc.store.hold(job_id, actor=actor, now=now)
             result = "held"
+        elif action == "requeue":
+            svc.store.requeue(job_id, actor=actor, now=now)
+            result = "queued"
         else:
             svc.store.release(job_id, actor=actor, now=now)
             result = "queued"

@@ -184,6 +184,12 @@ class Service:
         except KeyError:
             return False
 
+    def with_notify_default(self, spec: JobSpec) -> JobSpec:
+        """A job that names no --notify-url gets the configured notify.url."""
+        if spec.notify_url or not self.settings.notify.url:
+            return spec
+        return spec.model_copy(update={"notify_url": self.settings.notify.url})
+
     def validate_spec(self, spec: JobSpec, uid: int) -> None:
         """Refuse what must never be stored: runner off, paths and images out of policy."""
         from gpusched import policy
@@ -196,6 +202,8 @@ class Service:
                                 "not ended: give this stage its own -r")
         if spec.runner not in self.daemon.runners:
             raise SpecError(f"the {spec.runner} runner is not enabled on this daemon")
+        if spec.notify_url and spec.notify_url != self.settings.notify.url:  # the admin's is fine
+            policy.validate_notify_url(spec.notify_url, self.settings.notify.allowed_hosts)
         if spec.runner == "docker":
             policy.validate_docker_spec(spec, self.settings.docker, uid=uid, is_admin=self.is_admin(uid))
         elif spec.workdir:
@@ -217,7 +225,7 @@ class Service:
                 return f"GPU {g.index} is a {g.name}, not --gpu-type {req.gpu_type}"
             if req.mem_mib and g.memory_total_mib < req.mem_mib:
                 return (f"GPU {g.index} ({g.name}) has {g.memory_total_mib} MiB in all, less "
-                        f"than --mem {req.mem_mib} MiB")
+                        f"than --gpu-mem {req.mem_mib} MiB")
             return None
 
         if req.ids is not None:
@@ -239,7 +247,7 @@ class Service:
         if not big:
             largest = max(typed, key=lambda g: g.memory_total_mib)
             kind = f" {req.gpu_type}" if req.gpu_type else ""
-            raise SpecError(f"--mem {req.mem_mib} MiB is more than the largest{kind} GPU has "
+            raise SpecError(f"--gpu-mem {req.mem_mib} MiB is more than the largest{kind} GPU has "
                             f"(GPU {largest.index}, {largest.name}: {largest.memory_total_mib} "
                             f"MiB); {have}")
         if req.count > len(big):

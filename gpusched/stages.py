@@ -74,6 +74,9 @@ class StageRequest(BaseModel):
     user: str | None = None
     hold: bool = False
     retries: int = Field(default=0, ge=0, le=100)
+    time_limit_s: float | None = Field(default=None, gt=0)  # --time
+    notify_cmd: str | None = None  # --notify
+    notify_url: str | None = None  # --notify-url
     pipeline_id: int | None = None
     branch: dict[str, Any] | None = None  # pipeline bookkeeping: stage, branch, value, round
     # `--set` / pipeline `overrides`: the spec the user named and what was changed in it
@@ -267,6 +270,7 @@ def build_job(req: StageRequest, settings: Settings,
     common: dict[str, Any] = dict(
         name=req.name or f"{stage.task}", gpus=gpus, priority=req.priority, after=req.after,
         env={**TAO_ENV, **req.env}, retries=req.retries, hold=req.hold,
+        time_limit_s=req.time_limit_s, notify_cmd=req.notify_cmd, notify_url=req.notify_url,
         kind=f"tao:{stage.task}", pipeline_id=req.pipeline_id,
         stage={"request": req.model_dump(mode="json"), "stage": stage.model_dump(mode="json"),
                "refs": refs, "branch": req.branch,

@@ -28,7 +28,9 @@ ACTIVE: frozenset[JobStatus] = frozenset({S.STARTING, S.RUNNING, S.UNKNOWN})
 
 #: to-status -> the statuses it may be entered from
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
-    S.QUEUED: frozenset({S.HELD, S.STARTING, S.RUNNING, S.UNKNOWN}),  # release, requeue, retry
+    # release, requeue after a GPU failure, retry; `gpusched requeue` of an ended job
+    S.QUEUED: frozenset({S.HELD, S.STARTING, S.RUNNING, S.UNKNOWN, S.SUCCEEDED, S.FAILED,
+                         S.CANCELLED, S.LOST}),
     S.HELD: frozenset({S.QUEUED, S.STARTING}),  # hold; a launch refused for a lasting reason
     S.STARTING: frozenset({S.QUEUED}),  # claim
     S.RUNNING: frozenset({S.STARTING, S.UNKNOWN}),  # launched; backend reachable again

@@ -199,8 +199,30 @@ def _v5(db: sqlite_utils.Database) -> None:
     db["attempts"].add_column("command", str)  # type: ignore[union-attr]
 
 
+def _v6(db: sqlite_utils.Database) -> None:
+    """What runs when a job ends (--notify, --notify-url, --output): one row each, made at
+    submission, due once the job ended, done once delivered (so a restart neither loses nor,
+    past one delivery in flight, repeats one)."""
+    db.executescript(
+        """
+        CREATE TABLE notifications (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            kind TEXT NOT NULL,           -- cmd, url, output
+            target TEXT NOT NULL,         -- the command line, the URL, the path
+            state TEXT NOT NULL,          -- waiting (job not ended), pending, sending, done, failed
+            tries INTEGER NOT NULL DEFAULT 0,
+            next_at REAL,
+            last_error TEXT,
+            done_at REAL
+        );
+        CREATE INDEX notifications_state ON notifications(state);
+        """
+    )
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -357,14 +379,15 @@ class Store:
                         raise Conflict(f"Idempotency-Key {idempotency[0]} was already used for "
                                        "a different request: use a new key")
                     return int(prev["job_id"]), False
-            if spec.after:
-                wanted = sorted(set(spec.after))
+            if spec.after or spec.after_any:
+                wanted = sorted({*spec.after, *spec.after_any})
                 marks = ",".join("?" * len(wanted))
                 found = {r[0] for r in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})",
                                                     wanted)}
                 missing = [i for i in wanted if i not in found]
                 if missing:
-                    raise SpecError(f"--after names jobs that do not exist: {missing}")
+                    raise SpecError(f"--after/--after-any names jobs that do not exist: "
+                                    f"{missing}")
             cur = conn.execute(
                 "INSERT INTO jobs (name, owner_uid, owner, status, priority, runner, kind, spec,"
                 " request, submitted_at, retries_left, pipeline_id, updated_at)"
@@ -377,6 +400,11 @@ class Store:
             conn.executemany("INSERT INTO job_deps (job_id, after_id) VALUES (?, ?)",
                              [(job_id, a) for a in sorted(set(spec.after))])
             self._event(conn, job_id, now, None, status, "submitted", owner)
+            conn.executemany(
+                "INSERT INTO notifications (job_id, kind, target, state) VALUES (?,?,?,'waiting')",
+                [(job_id, kind, target) for kind, target in (
+                    ("output", spec.output), ("cmd", spec.notify_cmd), ("url", spec.notify_url))
+                 if target])
             if idempotency is not None:
                 conn.execute("INSERT INTO submissions (owner_uid, key, fingerprint, job_id,"
                              " created_at) VALUES (?,?,?,?,?)",
@@ -572,7 +600,8 @@ class Store:
         return rows[0] if rows else None
 
     def live_attempts(self, runner: str | None = None) -> list[Row]:
-        sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.retries_left,"
+        sql = ("SELECT a.*, j.status AS job_status, j.cancel_requested_at, j.cancel_by,"
+               " j.retries_left,"
                " j.requeue_reason, j.owner_uid, j.owner, j.spec AS job_spec FROM attempts a"
                " JOIN jobs j ON j.id = a.job_id"
                " WHERE a.state IN ('starting', 'live')")
@@ -674,6 +703,48 @@ class Store:
                 return "already"
             raise Conflict(f"job {job_id} has already ended ({status.value}); nothing to cancel")
 
+    # -- notifications --------------------------------------------------------------------
+
+    def due_notifications(self, now: float) -> list[Row]:
+        """Notifications of ended jobs not yet delivered, with their job's row (as ``job_*``):
+        waiting ones whose job has ended, pending ones whose retry is due."""
+        return self.query(
+            "SELECT n.*, j.status AS job_status, j.owner_uid, j.owner, j.name AS job_name,"
+            " j.exit_code, j.reason, j.attempt, j.submitted_at, j.started_at, j.ended_at,"
+            " j.kind AS job_kind, j.runner, j.spec AS job_spec FROM notifications n"
+            " JOIN jobs j ON j.id = n.job_id WHERE (n.state = 'waiting' AND j.status IN"
+            " ('succeeded', 'failed', 'cancelled', 'lost')) OR (n.state = 'pending' AND"
+            " n.next_at <= ?) ORDER BY n.id LIMIT 256", [now])
+
+    def notifications(self, job_id: int | None = None, state: str | None = None) -> list[Row]:
+        clause, params = _where(job_id=job_id, state=state)
+        return self.query(f"SELECT * FROM notifications WHERE {clause} ORDER BY id", params)
+
+    def notification(self, note_id: int) -> Row | None:
+        rows = self.query("SELECT * FROM notifications WHERE id = ?", [note_id])
+        return rows[0] if rows else None
+
+    def update_notification(self, note_id: int, **fields: Any) -> None:
+        assign = ", ".join(f"{k} = ?" for k in fields)
+        with self.write() as conn:
+            conn.execute(f"UPDATE notifications SET {assign} WHERE id = ?",
+                         [*fields.values(), note_id])
+
+    def requeue_sending_notifications(self) -> int:
+        """After a restart: deliveries that were in flight are due again (at least once)."""
+        with self.write() as conn:
+            return conn.execute("UPDATE notifications SET state = 'pending', next_at = 0"
+                                " WHERE state = 'sending'").rowcount
+
+    def request_stop(self, job_id: int, *, by: str, now: float, reason: str) -> None:
+        """The daemon stops an active job (its time limit): marked like a cancel, by ``by``."""
+        with self.write() as conn:
+            cur = conn.execute("UPDATE jobs SET cancel_requested_at=?, cancel_by=?, updated_at=?"
+                               " WHERE id=? AND cancel_requested_at IS NULL AND status IN"
+                               " ('starting', 'running', 'unknown')", (now, by, now, job_id))
+            if cur.rowcount == 1:
+                self._event(conn, job_id, now, None, "stop", reason, "daemon")
+
     def hold(self, job_id: int, *, actor: str, now: float) -> None:
         status = JobStatus(self.get_job(job_id)["status"])
         if status == JobStatus.HELD:
@@ -681,6 +752,28 @@ class Store:
         if not self.transition(job_id, JobStatus.HELD, now, reason=f"held by {actor}",
                                actor=actor, allowed={JobStatus.QUEUED}):
             raise Conflict(f"job {job_id} is {status.value}: only queued jobs can be held")
+
+    def requeue(self, job_id: int, *, actor: str, now: float) -> None:
+        """Queue an ended job again: its next attempt is a new one (its retries start over),
+        and what it asked for at its end (--notify, --output) is due again then."""
+        row = self.get_job(job_id)
+        status = JobStatus(row["status"])
+        if row["pipeline_id"] is not None:
+            raise Conflict(f"job {job_id} is a stage of pipeline {row['pipeline_id']}: run the "
+                           "pipeline again instead")
+        retries = int(json.loads(row["spec"]).get("retries") or 0)
+        with self.write() as conn:
+            if self._transition(
+                    conn, job_id, JobStatus.QUEUED, now, reason=f"requeued by {actor}",
+                    actor=actor, allowed={JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                          JobStatus.CANCELLED, JobStatus.LOST},
+                    fields={"ended_at": None, "exit_code": None, "cancel_requested_at": None,
+                            "cancel_by": None, "requeue_reason": None,
+                            "retries_left": retries}) is None:
+                raise Conflict(f"job {job_id} is {status.value}: only ended jobs can be "
+                               "requeued")
+            conn.execute("UPDATE notifications SET state = 'waiting', tries = 0, next_at = NULL"
+                         " WHERE job_id = ?", (job_id,))
 
     def release(self, job_id: int, *, actor: str, now: float) -> None:
         status = JobStatus(self.get_job(job_id)["status"])

@@ -112,7 +112,8 @@ class _Parser(argparse.ArgumentParser):
 #: gpusched's own options of ``gpusched tao``: given after ``ssd`` they are a misplaced option,
 #: not a TAO flag (TAO would reject them after minutes of start-up, or take ``--on`` for nothing)
 GPUSCHED_OPTIONS = ("--on", "--name", "--priority", "--image", "--mount", "--after", "--hold",
-                    "--runner", "--gpu-type", "--mem", "--retries", "--env", "--json")
+                    "--runner", "--gpu-type", "--gpu-mem", "--mem", "--retries", "--env",
+                    "--time", "--notify", "--notify-url", "--json")
 
 
 @dataclass

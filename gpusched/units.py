@@ -69,3 +69,34 @@ def parse_gpus(gpus: str | None, gpu_type: str | None = None,
     if len(set(ids)) != len(ids):
         raise SpecError(f"bad --gpus {text!r}: a GPU is named twice")
     return {**out, "count": len(ids), "ids": ids}
+
+
+_SUFFIX_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SLURM_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_time_limit(text: str) -> float:
+    """``--time`` in Slurm's formats, seconds out: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+    ``D-HH:MM``, ``D-HH:MM:SS`` (a bare number is minutes, as in Slurm), or with a unit:
+    ``90s``, ``20m``, ``2h``, ``1d``."""
+    t = text.strip().lower()
+    bad = SpecError(f"bad --time {text!r}: use Slurm's MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                    "D-HH:MM:SS, or 90s, 20m, 2h")
+    if t and t[-1] in _SUFFIX_S and t[:-1].replace(".", "", 1).isdigit():
+        seconds = float(t[:-1]) * _SUFFIX_S[t[-1]]
+    else:
+        m = _SLURM_TIME_RE.match(t)
+        if not m:
+            raise bad
+        days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+        if days is not None:  # D-HH[:MM[:SS]]
+            seconds = days * 86400 + (a or 0) * 3600 + (b or 0) * 60 + (c or 0)
+        elif c is not None:  # HH:MM:SS
+            seconds = (a or 0) * 3600 + (b or 0) * 60 + c
+        elif b is not None:  # MM:SS
+            seconds = (a or 0) * 60 + b
+        else:  # MM
+            seconds = (a or 0) * 60
+    if seconds <= 0:
+        raise SpecError(f"bad --time {text!r}: the limit must be more than 0")
+    return seconds

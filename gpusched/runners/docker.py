@@ -212,6 +212,8 @@ class ContainerRunner:
                 "max-size": s.log_max_size, "max-file": str(s.log_max_file)}),
             "device_requests": device_requests,
         }
+        if spec.host_mem_mib:  # --host-mem: RAM and swap together, so it is a real cap
+            cfg["mem_limit"] = cfg["memswap_limit"] = f"{spec.host_mem_mib}m"
         return {k: v for k, v in cfg.items() if v is not None}
 
     def _mount_source(self, source: str) -> str:

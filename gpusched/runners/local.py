@@ -51,6 +51,11 @@ EXIT_FILE_MAX = 64
 CD_FAILED = "cd"
 JOB_UMASK = 0o022  # what a login shell gives: a job's files are readable as users expect
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: variables a local job does not get from the submitter: they change how /bin/sh (the shim)
+#: starts or parses. LD_PRELOAD and the like stay: the shim runs as the job's user, so they
+#: change nothing that user could not change in their own job
+SHIM_UNSAFE_ENV = frozenset({"ENV", "BASH_ENV", "IFS", "CDPATH", "PS4", "SHELLOPTS",
+                             "BASHOPTS", "GLOBIGNORE", "POSIXLY_CORRECT"})
 
 
 def _stat(pid: int) -> list[bytes] | None:
@@ -173,7 +178,10 @@ class LocalRunner:
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name,
                        SHELL=user.pw_shell or "/bin/sh")
-        env.update(req.spec.env)
+        # the submitter's environment (--export), less what would change how the shim's own
+        # shell behaves (its startup files, word splitting, cd): the shim must record the
+        # exit status the same way whatever a user exports
+        env.update({k: v for k, v in req.spec.env.items() if k not in SHIM_UNSAFE_ENV})
         env.update(req.env)  # the daemon's variables (CUDA_*, GPUSCHED_*) win
         return env
 

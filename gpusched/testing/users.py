@@ -7,6 +7,7 @@ users are ``gsuser1``, ``gsuser2`` (plain) and ``gsadmin1`` (member of ``gsrel-a
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
 import shutil
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gpusched.testing.harness import DaemonProcess, short_tmpdir
 
@@ -102,3 +104,17 @@ def as_user(d: DaemonProcess, user: pwd.struct_passwd | None, *args: str,
                        env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert "Traceback" not in r.stderr, r.stderr
     return r
+
+
+def submit_as(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:
+    """``gpusched submit ARGS`` as ``user`` in ``cwd``; the job id (the submission must work)."""
+    r = as_user(d, user, "submit", *args, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def show_as_root(d: DaemonProcess, job: int) -> dict[str, Any]:
+    """``gpusched show JOB --json`` as root."""
+    r = as_user(d, None, "show", str(job), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

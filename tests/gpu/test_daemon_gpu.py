@@ -331,10 +331,10 @@ def test_foreign_process_memory_and_waiting_job(
 
     big_mib = g["memory_total_mib"] - 4 * 1024  # fits the GPU, not beside 20 GiB of foreign use
     assert big_mib > g["memory_free_mib"]
-    big = d.submit("--name", "big", "--mem", f"{big_mib}M", "--",
+    big = d.submit("--name", "big", "--gpu-mem", f"{big_mib}M", "--",
                    "sh", "-c", 'echo "big ran on $CUDA_VISIBLE_DEVICES"')
     waiting = until(lambda: d.show(big).get("waiting_reason"), 15, f"job {big}'s waiting reason")
-    print(f"big job {big} (--mem {big_mib}M) waits: {waiting}")
+    print(f"big job {big} (--gpu-mem {big_mib}M) waits: {waiting}")
     assert "MiB free" in waiting and str(big_mib) in waiting
     time.sleep(4 * POLL_S + 1)  # several ticks and NVML polls
     assert d.show(big)["status"] == "queued"
@@ -342,13 +342,13 @@ def test_foreign_process_memory_and_waiting_job(
     # At the head of the queue the big job holds a reservation with no known start (the foreign
     # process may never end): an equal-priority job behind it waits (no starvation). A job of
     # higher priority is looked at first and runs beside the foreign process.
-    same = d.submit("--name", "same-prio", "--mem", "1G", "--", "true")
+    same = d.submit("--name", "same-prio", "--gpu-mem", "1G", "--", "true")
     reason = until(lambda: d.show(same).get("waiting_reason"), 15, f"job {same}'s waiting reason")
     print(f"equal-priority small job {same} waits: {reason}")
     assert d.show(same)["status"] == "queued" and f"reserved for job {big}" in reason
     assert d.cli("cancel", str(same)).returncode == 0
 
-    small = d.submit("--name", "small", "--priority", "1", "--mem", "1G", "--",
+    small = d.submit("--name", "small", "--priority", "1", "--gpu-mem", "1G", "--",
                      torch_python, TRAIN, "--epochs", "3", "--steps", "300")
 
     def both_listed() -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -21,21 +21,11 @@ import pytest
 from gpusched.testing.harness import DaemonProcess
 from gpusched.testing.users import UNAVAILABLE, as_user
 from gpusched.testing.users import available as users_available
+from gpusched.testing.users import show_as_root as show
+from gpusched.testing.users import submit_as as submit
 
 pytestmark = pytest.mark.skipif(
     not users_available(), reason=UNAVAILABLE)
-
-
-def submit(d: DaemonProcess, user: pwd.struct_passwd, cwd: Path, *args: str) -> int:
-    r = as_user(d, user, "submit", *args, cwd=cwd)
-    assert r.returncode == 0, r.stderr
-    return int(r.stdout)
-
-
-def show(d: DaemonProcess, job: int) -> dict[str, Any]:
-    r = as_user(d, None, "show", str(job), "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def wait_status(d: DaemonProcess, job: int, want: set[str], timeout: float = 30) -> dict[str, Any]:

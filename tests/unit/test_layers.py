@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "throughput": 3, "policy": 3, "specedit": 3, "speedmodel": 3, "simulate": 3, "traces": 3,
     "store": 4, "gpus": 4, "runners": 4, "progress": 4,
     "daemon": 5, "service": 5, "server": 5, "client": 5, "stages": 5, "pipeline_runner": 5,
-    "admin": 5,
+    "admin": 5, "notifier": 5,
     "metrics": 5,
     "cli": 6, "render": 6, "reports": 6, "top": 6, "demo": 6,
 }

@@ -152,6 +152,21 @@ def test_oom_killed_container(env: Env) -> None:
     assert (out.exit_code, out.oom, out.reason) == (137, True, "killed: out of memory")
 
 
+def test_host_mem_is_the_containers_memory_limit(env: Env) -> None:
+    """--host-mem (host_mem_mib) becomes Docker's memory limit, swap included: a job past it
+    is OOM-killed and reported as such; one under it runs."""
+    r = env.runner()
+    hog = env.req('x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo survived ${#x}',
+                  job=1, host_mem_mib=32)
+    ref = env.ref(hog, launched := r.launch(hog))
+    hc = env.client.api.inspect_container(launched.container_id)["HostConfig"]
+    assert hc["Memory"] == hc["MemorySwap"] == 32 * 1024 * 1024
+    out = wait(r, ref)
+    assert (out.exit_code, out.oom, out.reason) == (137, True, "killed: out of memory")
+    small = env.req("echo fine", job=2, host_mem_mib=64)
+    assert wait(r, env.ref(small, r.launch(small))).exit_code == 0
+
+
 def test_cancel_sends_term_then_kill(env: Env) -> None:
     r = env.runner()
     polite = env.req('trap "echo got-term; exit 7" TERM; echo ready; '
