@@ -277,11 +277,13 @@ def build_job(req: StageRequest, settings: Settings,
             raise SpecError(f"{err.message} (ssd {stage.task})") from err
         return JobSpec(command=command, runner="docker", image=req.image or settings.tao.image,
                        mounts=mounts, shm_size=req.shm_size, user=req.user, **common)
-    if runner != "local":
-        raise SpecError(f"unknown runner {runner!r}: use docker or local")
+    if runner not in ("local", "slurm"):
+        raise SpecError(f"unknown runner {runner!r}: use docker, local or slurm")
     workdir = stage.results_dir or posixpath.dirname(stage.output or "/tmp/x")
     command = [*settings.tao.local_command, *stage_argv(stage, None)]
-    return JobSpec(command=command, runner="local", workdir=_existing_parent(workdir),
+    # slurm: TAO runs on the node as on a host (no container), on the GPUs Slurm gives it
+    return JobSpec(command=command, runner="slurm" if runner == "slurm" else "local",
+                   workdir=_existing_parent(workdir),
                    **common)
 
 
