@@ -34,6 +34,7 @@ from gpusched.safefs import (
 from gpusched.tao import (
     REF_KINDS,
     REF_ROOT,
+    SLURM_GPU_INDEX,
     TAO_ENV,
     TaoStage,
     export_output_file,
@@ -342,6 +343,11 @@ def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
     indices = list(gpu_indices) if spec.runner == "local" else list(range(len(gpu_indices)))
     command = set_gpu_index(spec.command, indices) if indices else list(spec.command)
     launch: dict[str, Any] = {"attempt": attempt, "gpu_index": indices}
+    if spec.runner == "slurm":  # TAO's entrypoint replaces CUDA_VISIBLE_DEVICES by these
+        command = set_gpu_index(spec.command, [])
+        at = command.index("--gpu_index") + 1
+        command = [*command[:at], SLURM_GPU_INDEX, *command[at:]]
+        launch["gpu_index"] = "slurm"
     if stage.task in ("train", "retrain") and stage.results_dir and (
             attempt > 1 or stage.resume):
         weights = Path(stage.results_dir) / "weights"

@@ -39,6 +39,7 @@ from gpusched.runners.local import (
     describe_exit,
     read_exit,
 )
+from gpusched.tao import SLURM_GPU_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ LOG_FILE = "output.log"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                       "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
 # set by Slurm from its own allocation, or meaningless on another host: never passed on
-_DROPPED_ENV = ("CUDA_VISIBLE_DEVICES", "GPUSCHED_GPUS", "GPUSCHED_GPU_NAMES",
-                "GPUSCHED_SIMULATED_HOST_GPUS")
+# (GPUSCHED_SIMULATED_HOST_GPUS, set only on a simulated host, is kept for the fake TAO)
+_DROPPED_ENV = ("CUDA_VISIBLE_DEVICES", "GPUSCHED_GPUS", "GPUSCHED_GPU_NAMES")
 # stderr of a Slurm command that could not reach slurmctld (not a refusal of the request)
 _UNREACHABLE = re.compile(r"Unable to contact slurm controller|Socket timed out|"
                           r"Zero Bytes were transmitted|Communication connection failure|"
@@ -73,12 +74,19 @@ class SlurmJob:
 def shim_script(job_id: int, attempt: int, workdir: str, exit_file: Path,
                 command: list[str]) -> str:
     """The batch script: the local shim's steps, with the arguments quoted into it (sbatch
-    keeps the script's text; nothing is re-parsed but by this one sh)."""
+    keeps the script's text; nothing is re-parsed but by this one sh). A TAO stage's
+    ``--gpu_index`` placeholder becomes the host indices Slurm allocated, split on commas."""
     q, f = shlex.quote, shlex.quote(str(exit_file))
+    words = [q(a) if a != SLURM_GPU_INDEX else "$g" for a in command]
+    gpus = ""
+    if SLURM_GPU_INDEX in command:
+        gpus = ('g=$CUDA_VISIBLE_DEVICES; case $g in ""|*[!0-9,]*) echo "gpusched: Slurm '
+                'allocated no GPU indices (CUDA_VISIBLE_DEVICES=$g)" >&2; '
+                f"printf '125\\n' > {f}; exit 125;; esac; set -f; IFS=,\n")
     return (f"#!/bin/sh\n# gpusched job {job_id} attempt {attempt}\n"
             "trap : TERM INT HUP\n"
             f"cd -- {q(workdir)} || {{ printf '126 {CD_FAILED}\\n' > {f}; exit 126; }}\n"
-            f"{' '.join(q(a) for a in command)}\n"
+            f"{gpus}{' '.join(words)}\n"
             f"s=$?; printf '%s\\n' $s > {f}; exit $s\n")
 
 
