@@ -326,10 +326,12 @@ class SlurmRunner:
     # -- reconcile ------------------------------------------------------------------------
 
     def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
-        """Slurm jobs with this instance's comment whose attempt is not live in the store."""
+        """Slurm jobs with this instance's comment, not ended, whose attempt is not live in the
+        store (an ended one holds nothing; a "starting" attempt whose Slurm job already ended
+        is judged from its exit file by reconcile)."""
         found = []
         for job in self.queue().values():
-            if not job.comment.startswith(self.prefix):
+            if not job.comment.startswith(self.prefix) or job.state in TERMINAL:
                 continue
             ids = job.comment[len(self.prefix):].split(":")
             if len(ids) != 2 or not all(i.isdigit() for i in ids):
