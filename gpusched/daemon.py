@@ -603,6 +603,8 @@ class Daemon:
         handed = [j for j in jobs if by_id[j.id]["runner"] == "slurm"]
         jobs = [j for j in jobs if by_id[j.id]["runner"] != "slurm"]
         for job in handed:
+            if "slurm" in self.degraded:
+                break  # Slurm stopped answering during this tick: the rest wait, unclaimed
             def hand(row: Row = by_id[job.id]) -> None:
                 self._launch(row, (), now)
             self._contain(job.id, "hand it to Slurm", hand, now)
