@@ -5,6 +5,7 @@ Every wait is on a state (gpusched's store through the CLI, or squeue), never a 
 
 from __future__ import annotations
 
+import pwd
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -151,3 +152,37 @@ def test_root_jobs_are_never_run_by_slurm(slurm_daemon: SlurmDaemon) -> None:
     assert r.returncode == 0, r.stderr
     row = d.wait_status(int(r.stdout), {"held"}, timeout=60)
     assert "does not run jobs as root" in row["reason"]
+
+
+def test_a_slurm_job_of_another_user_with_our_comment_is_not_adopted(
+        slurm_daemon_factory: Callable[..., SlurmDaemon], users: dict[str, pwd.struct_passwd],
+        shared_dir: Path) -> None:
+    d = slurm_daemon_factory()
+    job, sid, _ = d.running(shared_dir)
+    run_dir = Path(d.attempt(job)["run_dir"])
+    d.kill9()
+    # the crash came before sbatch: no Slurm job of this attempt ever ran
+    assert d.cluster.run("scancel", sid).returncode == 0
+    wait_until("the real job gone", lambda: d.cluster.job(sid).get("state") == "CANCELLED")
+    (run_dir / "exit").write_text("")
+    with d.db() as db:
+        db.execute("UPDATE attempts SET state='starting', slurm_job_id=NULL WHERE job_id=?",
+                   (job,))
+        db.execute("UPDATE jobs SET status='starting' WHERE id=?", (job,))
+    db.close()
+    comment = f"gpusched:{d.env['GPUSCHED_SLURM__INSTANCE']}:{job}:1"
+    other = users["gsuser2"]
+    r = d.cluster.run("sbatch", "--parsable", f"--uid={other.pw_uid}", f"--gid={other.pw_gid}",
+                      f"--comment={comment}", "--output=/dev/null", "--chdir=/tmp",
+                      "--wrap", "sleep 300")
+    assert r.returncode == 0, r.stderr
+    impostor = r.stdout.strip()
+    wait_until("the impostor to run", lambda: d.cluster.job(impostor).get("state") == "RUNNING")
+    d2 = slurm_daemon_factory()
+    # gsuser1's attempt is queued again as never started, and runs as a new Slurm job; the
+    # job of gsuser2 that claims to be it is cancelled, never adopted
+    wait_until("attempt 2", lambda: len(d2.show(job)["attempts"]) == 2)
+    assert d2.slurm_id(job, 2) not in (sid, impostor)
+    wait_until("the impostor cancelled",
+               lambda: d2.cluster.job(impostor).get("state") == "CANCELLED")
+    assert "not adopting" in d2.log()
