@@ -115,10 +115,19 @@ def daemon(
 def gpus(as_json: JsonOpt = False) -> None:
     """List the GPUs the daemon sees, with memory, use, state and foreign processes."""
     try:
-        data = _client().get("/v1/gpus")
+        client = _client()
+        data = client.get("/v1/gpus")
+        cluster = None if as_json else client.get("/v1/cluster")
     except GpuschedError as err:
         _fail(err)
-    render.emit_json(data) if as_json else typer.echo(render.gpus_table(data))
+    if as_json:
+        render.emit_json(data)
+        return
+    typer.echo(render.gpus_table(data))
+    if cluster and (cluster.get("slurm") is not None or cluster.get("error")):
+        typer.echo("\nSlurm cluster:")
+        typer.echo(render.cluster_table(cluster["slurm"]) if cluster.get("slurm") is not None
+                   else f"  unreachable: {render.safe(cluster['error'])}")
 
 
 @app.command()
@@ -203,6 +212,9 @@ def submit(
     user: Annotated[str | None, typer.Option(help="Container user UID:GID.")] = None,
     tao_mounts: Annotated[bool, typer.Option("--tao-mounts", help="Use the mounts, envs and "
                                              "docker options of ~/.tao_mounts.json.")] = False,
+    runner: Annotated[str | None, typer.Option(help="local, docker (implied by --image) or "
+                                               "slurm (hand the job to the Slurm cluster).")
+                      ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue a job; prints its id. Everything after `--` is the command, taken literally."""
@@ -239,6 +251,10 @@ def submit(
                 raise SpecError("--mount, --shm-size, --host-mem, --user and --tao-mounts need "
                                 "--image (a local job's host memory is not limited)")
             spec["workdir"] = workdir or os.getcwd()
+        if runner:
+            if runner not in ("local", "docker", "slurm") or (runner == "docker") != bool(image):
+                raise SpecError(f"--runner {runner}: use local or slurm, or docker with --image")
+            spec["runner"] = runner
         result = _submit("/v1/jobs", spec)
     except ValueError as err:
         _fail(SpecError(f"bad --after, --after-any or --retry-on: give numbers like 12,13 "
@@ -309,8 +325,8 @@ def tao(
     after: Annotated[str | None, typer.Option(help="Job ids that must succeed first.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="A name to find it by.")] = None,
     ntasks: Annotated[str | None, typer.Option("-n", hidden=True)] = None,
-    runner: Annotated[str | None, typer.Option(help="docker or local (default: the daemon's "
-                                               "tao.runner).")] = None,
+    runner: Annotated[str | None, typer.Option(help="docker, local or slurm (default: the "
+                                               "daemon's tao.runner).")] = None,
     image: Annotated[str | None, typer.Option(help="TAO image (default: tao.image).")] = None,
     mount: Annotated[list[str], typer.Option("--mount", "-v", help="SRC:DST[:ro] (repeatable); "
                                              "default: ~/.tao_mounts.json.")] = [],  # noqa: B006

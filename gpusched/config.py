@@ -76,8 +76,27 @@ class DockerSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+class SlurmSettings(BaseModel):
+    """The Slurm runner: jobs with ``runner = "slurm"`` are handed to a Slurm cluster."""
+
+    enabled: bool = False
+    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # in --comment
+    partition: str | None = None
+    account: str | None = None
+    extra_sbatch_args: list[str] = Field(default_factory=list)
+    # run folders (exit status, output) on a filesystem every node mounts at the same path;
+    # None: <state_dir>/slurm-runs, enough for a one-host cluster
+    shared_dir: Path | None = None
+    conf: str | None = None  # SLURM_CONF for the commands; None: theirs (/etc/slurm/slurm.conf)
+    sbatch: str = "sbatch"
+    squeue: str = "squeue"
+    scancel: str = "scancel"
+    scontrol: str = "scontrol"
+    timeout_s: float = Field(default=20.0, gt=0)  # a Slurm command slower than this: unavailable
+
+
 class TaoSettings(BaseModel):
-    runner: Literal["docker", "local"] = "docker"
+    runner: Literal["docker", "local", "slurm"] = "docker"
     image: str = "nvcr.io/nvidia/tao/tao-toolkit:5.0.0-tf1.15.5"
     local_command: list[str] = Field(default_factory=list)  # prepended to `ssd TASK ...`
 
@@ -125,6 +144,7 @@ class Settings(BaseSettings):
     gpus: GpusSettings = GpusSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     docker: DockerSettings = DockerSettings()
+    slurm: SlurmSettings = SlurmSettings()
     tao: TaoSettings = TaoSettings()
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
@@ -168,6 +188,10 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.state_dir / "runs"
+
+    @property
+    def slurm_runs_dir(self) -> Path:
+        return self.slurm.shared_dir or self.state_dir / "slurm-runs"
 
     @property
     def backups_dir(self) -> Path:

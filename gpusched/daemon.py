@@ -326,7 +326,7 @@ class Daemon:
             to, reason, requeue, consume = S.QUEUED, row["requeue_reason"], True, False
         elif row["cancel_requested_at"] is not None and row.get("cancel_by") == TIME_LIMIT:
             to, reason = S.FAILED, self._limit_reason(row)  # never retried, as in Slurm
-        elif row["cancel_requested_at"] is not None:
+        elif row["cancel_requested_at"] is not None or outcome.cancelled:
             why = outcome.reason or "cancelled"
             to, reason = S.CANCELLED, why if why.startswith("cancel") else f"cancelled ({why})"
         elif outcome.lost:
@@ -545,8 +545,10 @@ class Daemon:
         for (job_id, n), row in starting.items():
             maybe = self._runner(row["runner"])
             ref = AttemptRef.from_row(row)
-            # a local attempt may have run and finished while we were down: its exit file says
-            outcome = maybe.poll(ref, now) if maybe and row["runner"] == "local" else None
+            # a local (or Slurm) attempt may have run and finished while we were down, or
+            # Slurm forgot it since: its exit file says
+            outcome = (maybe.poll(ref, now) if maybe and row["runner"] in ("local", "slurm")
+                       else None)
             if outcome is not None and not outcome.lost and maybe is not None:
                 runner = maybe
                 self.store.mark_launched(job_id, n, now=now)
@@ -580,6 +582,8 @@ class Daemon:
         if runner == "local":
             pid, start = handle
             self.store.mark_launched(job_id, n, now=now, pid=pid, pid_start=start)
+        elif runner == "slurm":
+            self.store.mark_launched(job_id, n, now=now, slurm_job_id=str(handle))
         else:
             self.store.mark_launched(job_id, n, now=now, container_id=str(handle))
 
@@ -744,6 +748,16 @@ class Daemon:
             jobs.append(job)
         if len(cache) > 4 * PLAN_WINDOW:
             self._queued_cache = {j.id: j for j in jobs}
+        # Slurm owns its cluster's GPUs: a runnable slurm job is handed to Slurm, which queues
+        # it; it takes no local GPU and never enters the local plan
+        handed = [j for j in jobs if by_id[j.id]["runner"] == "slurm"]
+        jobs = [j for j in jobs if by_id[j.id]["runner"] != "slurm"]
+        for job in handed:
+            if "slurm" in self.degraded:
+                break  # Slurm stopped answering during this tick: the rest wait, unclaimed
+            def hand(row: Row = by_id[job.id]) -> None:
+                self._launch(row, (), now)
+            self._contain(job.id, "hand it to Slurm", hand, now)
         result = plan(jobs, self._slots(now), now,
                       foreign_policy=self.settings.gpus.foreign_policy,
                       policy=self.settings.scheduler.policy, model=self._model(now))
@@ -799,6 +813,11 @@ class Daemon:
         run_dir = self.settings.runs_dir / str(job_id) / str(n)
         return str(log_path), str(run_dir)
 
+    def slurm_paths(self, job_id: int, n: int) -> tuple[str, str]:
+        """A Slurm attempt's output and run folder, on the filesystem its nodes share."""
+        run_dir = self.settings.slurm_runs_dir / str(job_id) / str(n)
+        return str(run_dir / "output.log"), str(run_dir)
+
     def job_env(self, job_id: int, n: int, gpus: tuple[Gpu, ...]) -> dict[str, str]:
         uuids = ",".join(g.uuid for g in gpus)
         env = {
@@ -832,11 +851,12 @@ class Daemon:
             self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},
                                   reason=f"the {spec.runner} runner is not enabled on this daemon")
             return
+        paths = self.slurm_paths if runner.name == "slurm" else self.paths
         n = self.store.claim(job_id, [g.uuid for g in gpus], runner=runner.name, now=now,
-                             paths=self.paths, reason=f"placed: {why}" if why else None)
+                             paths=paths, reason=f"placed: {why}" if why else None)
         if n is None:
             return
-        log_path, run_dir = self.paths(job_id, n)
+        log_path, run_dir = paths(job_id, n)
         if spec.kind.startswith("tao:"):
             # the GPUs are known now: TAO's --gpu_index (host indices for a host TAO, which
             # sets CUDA_VISIBLE_DEVICES itself), and a retried train resumes from its latest
@@ -890,7 +910,8 @@ class Daemon:
             return
         self.store.mark_launched(job_id, n, now=now, pid=launched.pid,
                                  pid_start=launched.pid_start, container_id=launched.container_id,
-                                 container_name=launched.container_name)
+                                 container_name=launched.container_name,
+                                 slurm_job_id=launched.slurm_job_id)
         self.placed_last_tick += 1
         log.info("job %s attempt %s started on %s", job_id, n,
                  ",".join(str(g.index) for g in gpus) or "no GPU")
@@ -900,6 +921,39 @@ class Daemon:
     def step_notify(self, now: float) -> None:
         """--output, --notify and --notify-url of jobs that ended (see notifier.py)."""
         self.notifier.step(now, self._contain)
+
+    # -- Slurm ----------------------------------------------------------------------------
+
+    def slurm_hold(self, job_id: int, *, release: bool, actor: str, now: float) -> str | None:
+        """Hold or release a job already handed to Slurm (``scontrol hold/release``, for a job
+        Slurm has not started yet). None when the job has no live Slurm attempt (the store's
+        own hold/release applies)."""
+        from gpusched.errors import Conflict
+        from gpusched.runners.slurm import SlurmRunner
+
+        runner = self.runners.get("slurm")
+        with self.lock:
+            row = next((r for r in self.store.live_attempts(runner="slurm")
+                        if r["job_id"] == job_id and r["state"] == "live"), None)
+        if row is None or not isinstance(runner, SlurmRunner):
+            return None
+        ref = AttemptRef.from_row(row)
+        verb = "release" if release else "hold"
+        why = runner.hold(ref, release=release)
+        if why:
+            raise Conflict(f"Slurm would not {verb} job {job_id} (Slurm job "
+                           f"{ref.slurm_job_id}): {why}")
+        done = "released" if release else "held"
+        self.store.note(job_id, f"{done} in Slurm by {actor} (Slurm job {ref.slurm_job_id})",
+                        actor=actor, now=now)
+        return f"{done} in Slurm"
+
+    def slurm_nodes(self) -> list[dict[str, str]] | None:
+        """The Slurm cluster's nodes and their GPUs (Gres, GresUsed); None without Slurm."""
+        from gpusched.runners.slurm import SlurmRunner
+
+        runner = self.runners.get("slurm")
+        return runner.nodes() if isinstance(runner, SlurmRunner) else None
 
     # -- views for the API ----------------------------------------------------------------
 

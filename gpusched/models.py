@@ -80,7 +80,7 @@ class JobSpec(BaseModel):
     after: list[int] = Field(default_factory=list, max_length=1000)
     workdir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    runner: Literal["local", "docker"] = "local"
+    runner: Literal["local", "docker", "slurm"] = "local"
     image: str | None = None
     mounts: list[Mount] = Field(default_factory=list, max_length=100)
     shm_size: str | None = None
@@ -158,7 +158,7 @@ class JobSpec(BaseModel):
     def _runner_fields(self) -> JobSpec:
         if self.runner == "docker" and not self.image:
             raise ValueError("a docker job needs --image")
-        if self.runner == "local" and (self.image or self.mounts or self.shm_size):
+        if self.runner != "docker" and (self.image or self.mounts or self.shm_size):
             raise ValueError("--image, --mount and --shm-size need the docker runner")
         if self.runner == "local" and self.host_mem_mib:
             raise ValueError("--host-mem is enforced for containers only (docker's memory "

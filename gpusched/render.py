@@ -98,6 +98,13 @@ def gpus_table(gpus: list[dict[str, Any]]) -> str:
     return table(["IDX", "NAME", "MEMORY", "UTIL", "TEMP", "FOREIGN", "STATE", "UUID"], rows)
 
 
+def cluster_table(nodes: list[dict[str, Any]]) -> str:
+    """Slurm's nodes with their GPUs (gres) and those in use."""
+    return table(["NODE", "STATE", "GPUS", "IN USE", "PARTITIONS"],
+                 [[safe(n["node"]), safe(n["state"]), safe(n["gres"]) or "-",
+                   safe(n["gres_used"]) or "-", safe(n["partitions"])] for n in nodes])
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     rows = []
     for j in jobs:

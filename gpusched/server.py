@@ -134,6 +134,7 @@ class Handler(BaseHTTPRequestHandler):
     ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", re.compile(r"/v1/health"), "health"),
         ("GET", re.compile(r"/v1/gpus"), "gpus"),
+        ("GET", re.compile(r"/v1/cluster"), "cluster"),
         ("POST", re.compile(r"/v1/gpus/(?P<ref>[^/]+)/drain"), "drain"),
         ("POST", re.compile(r"/v1/gpus/(?P<ref>[^/]+)/resume"), "resume"),
         ("GET", re.compile(r"/v1/jobs"), "list_jobs"),
@@ -340,6 +341,14 @@ class Handler(BaseHTTPRequestHandler):
         d = self.server.service.daemon
         with d.lock:
             return 200, [g.model_dump() for g in d.gpu_states()]
+
+    def do_cluster(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """The Slurm cluster's nodes and GPUs (asked outside the daemon's lock)."""
+        try:
+            nodes = self.server.service.daemon.slurm_nodes()
+        except GpuschedError as err:
+            return 200, {"slurm": None, "error": err.message}
+        return 200, {"slurm": nodes, "error": None}
 
     def do_drain(self, uid: int, query: dict[str, str], ref: str) -> tuple[int, Any]:
         self._need_admin(uid, "drain a GPU")
@@ -575,6 +584,10 @@ class Handler(BaseHTTPRequestHandler):
         now, actor = svc.clock.now(), user_name(uid)
         if action == "cancel":
             result = svc.store.request_cancel(job_id, actor=actor, now=now)
+        elif (row["runner"] == "slurm" and row["status"] in ("running", "unknown") and
+              (slurm := svc.daemon.slurm_hold(job_id, release=action == "release",
+                                              actor=actor, now=now)) is not None):
+            result = slurm  # handed to Slurm already: Slurm holds it (while still pending)
         elif action == "hold":
             svc.store.hold(job_id, actor=actor, now=now)
             result = "held"

@@ -131,6 +131,10 @@ def make_runners(settings: Settings) -> dict[str, Runner]:
 
         runners["docker"] = ContainerRunner(settings.docker, state_dir=settings.state_dir,
                                             kill_grace_s=settings.docker.stop_grace_s)
+    if settings.slurm.enabled:
+        from gpusched.runners.slurm import SlurmRunner
+
+        runners["slurm"] = SlurmRunner(settings.slurm, settings.slurm_runs_dir)
     return runners
 
 
@@ -208,6 +212,11 @@ class Service:
             policy.validate_docker_spec(spec, self.settings.docker, uid=uid, is_admin=self.is_admin(uid))
         elif spec.workdir:
             policy.validate_local_workdir(spec.workdir)
+        if spec.runner == "slurm":  # Slurm owns (and checks) its cluster's GPUs
+            if spec.gpus.ids is not None or spec.gpus.mem_mib is not None:
+                raise SpecError("a slurm job asks for a number of GPUs (and --gpu-type): Slurm "
+                                "picks them, so GPU ids and --mem cannot be given")
+            return
         self._check_gpus_exist(spec.gpus)
 
     def _check_gpus_exist(self, req: GpuRequest) -> None:

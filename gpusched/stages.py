@@ -34,6 +34,7 @@ from gpusched.safefs import (
 from gpusched.tao import (
     REF_KINDS,
     REF_ROOT,
+    SLURM_GPU_INDEX,
     TAO_ENV,
     TaoStage,
     export_output_file,
@@ -285,11 +286,13 @@ def build_job(req: StageRequest, settings: Settings,
             raise SpecError(f"{err.message} (ssd {stage.task})") from err
         return JobSpec(command=command, runner="docker", image=req.image or settings.tao.image,
                        mounts=mounts, shm_size=req.shm_size, user=req.user, **common)
-    if runner != "local":
-        raise SpecError(f"unknown runner {runner!r}: use docker or local")
+    if runner not in ("local", "slurm"):
+        raise SpecError(f"unknown runner {runner!r}: use docker, local or slurm")
     workdir = stage.results_dir or posixpath.dirname(stage.output or "/tmp/x")
     command = [*settings.tao.local_command, *stage_argv(stage, None)]
-    return JobSpec(command=command, runner="local", workdir=_existing_parent(workdir),
+    # slurm: TAO runs on the node as on a host (no container), on the GPUs Slurm gives it
+    return JobSpec(command=command, runner="slurm" if runner == "slurm" else "local",
+                   workdir=_existing_parent(workdir),
                    **common)
 
 
@@ -372,6 +375,11 @@ def for_launch(spec: JobSpec, *, attempt: int, gpu_indices: list[int],
         if at + 1 < len(command):
             command[at + 1] = str(len(indices))
     launch: dict[str, Any] = {"attempt": attempt, "gpu_index": indices}
+    if spec.runner == "slurm":  # TAO's entrypoint replaces CUDA_VISIBLE_DEVICES by these
+        command = set_gpu_index(spec.command, [])
+        at = command.index("--gpu_index") + 1
+        command = [*command[:at], SLURM_GPU_INDEX, *command[at:]]
+        launch["gpu_index"] = "slurm"
     if stage.task in ("train", "retrain") and stage.results_dir and (
             attempt > 1 or stage.resume):
         weights = Path(stage.results_dir) / "weights"

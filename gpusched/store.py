@@ -221,8 +221,13 @@ def _v6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v7(db: sqlite_utils.Database) -> None:
+    """An attempt handed to Slurm remembers its Slurm job id (adoption, cancel, hold)."""
+    db["attempts"].add_column("slurm_job_id", str)  # type: ignore[union-attr]
+
+
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -572,14 +577,14 @@ class Store:
 
     def mark_launched(self, job_id: int, n: int, *, now: float, pid: int | None = None,
                       pid_start: int | None = None, container_id: str | None = None,
-                      container_name: str | None = None) -> bool:
+                      container_name: str | None = None, slurm_job_id: str | None = None) -> bool:
         # durable: after a power loss the shim is gone too, and without this record the
         # attempt would look never started and be run again as if it had not run
         with self.write() as conn:
             conn.execute(
                 "UPDATE attempts SET state='live', pid=?, pid_start=?, container_id=?,"
-                " container_name=? WHERE job_id=? AND n=? AND state='starting'",
-                (pid, pid_start, container_id, container_name, job_id, n))
+                " container_name=?, slurm_job_id=? WHERE job_id=? AND n=? AND state='starting'",
+                (pid, pid_start, container_id, container_name, slurm_job_id, job_id, n))
             return self._transition(conn, job_id, JobStatus.RUNNING, now, reason=None,
                                     actor="daemon", allowed={JobStatus.STARTING},
                                     fields={"started_at": now}) is not None
@@ -744,6 +749,16 @@ class Store:
                                " ('starting', 'running', 'unknown')", (now, by, now, job_id))
             if cur.rowcount == 1:
                 self._event(conn, job_id, now, None, "stop", reason, "daemon")
+
+    def note(self, job_id: int, text: str, *, actor: str, now: float) -> None:
+        """Record an event that changes no status (a Slurm job held or released in Slurm)."""
+        with self.write() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            conn.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?",
+                         (text, now, job_id))
+            self._event(conn, job_id, now, row[0], row[0], text, actor)
 
     def hold(self, job_id: int, *, actor: str, now: float) -> None:
         status = JobStatus(self.get_job(job_id)["status"])

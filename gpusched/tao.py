@@ -303,6 +303,11 @@ def stage_argv(stage: TaoStage, mounts: list[Mount] | None, *,
     return argv
 
 
+#: the value of ``--gpu_index`` for a stage run through Slurm: the batch script replaces it with
+#: the host indices Slurm allocated (its CUDA_VISIBLE_DEVICES), known only on the node
+SLURM_GPU_INDEX = "{slurm:gpu_index}"
+
+
 def set_gpu_index(argv: list[str], indices: list[int]) -> list[str]:
     """``argv`` with the values of its last ``--gpu_index`` replaced (appended when absent):
     TAO's own flags come after any tao.local_command prefix."""

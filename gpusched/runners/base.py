@@ -30,6 +30,7 @@ class AttemptRef:
     pid_start: int | None = None
     container_id: str | None = None
     container_name: str | None = None
+    slurm_job_id: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> AttemptRef:
@@ -39,6 +40,7 @@ class AttemptRef:
             run_dir=Path(row["run_dir"]), started_at=float(row["started_at"]),
             pid=row.get("pid"), pid_start=row.get("pid_start"),
             container_id=row.get("container_id"), container_name=row.get("container_name"),
+            slurm_job_id=row.get("slurm_job_id"),
         )
 
     @property
@@ -66,6 +68,7 @@ class Launched:
     pid_start: int | None = None
     container_id: str | None = None
     container_name: str | None = None
+    slurm_job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Outcome:
     oom: bool = False
     lost: bool = False
     reason: str | None = None
+    cancelled: bool = False  # stopped outside gpusched (scancel, preemption): not a failure
 
 
 @dataclass
