@@ -89,9 +89,13 @@ def test_after_unknown_job_is_refused(service: Service) -> None:
 
 
 def test_cancel_queued_and_running(service: Service) -> None:
-    running = submit(service, "sleep", "30")
+    # cancel once the command runs: a SIGTERM that lands while the shim is between fork and
+    # exec is caught by the shim's trap and lost (the SIGKILL after the grace still ends the
+    # job, but this test holds the fake clock still, so the grace would never pass)
+    running = submit(service, "sh", "-c", "echo ready; exec sleep 30")
     service.daemon.tick(service.clock.now())
     assert status(service, running) == "running"
+    run_until(service, lambda: "ready" in log_of(service, running, 1), step=0.0)
     queued = submit(service, "true", gpus=GpuRequest(count=2))
     service.daemon.tick(service.clock.now())
     assert status(service, queued) == "queued"
