@@ -6,6 +6,7 @@ wiring that loops, listens on the socket and handles signals is in ``service.py`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import json
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +32,7 @@ from gpusched.models import Gpu, GpuRequest, GpuState, JobSpec
 from gpusched.notifier import Notifier
 from gpusched.pipeline_runner import PipelineRunner
 from gpusched.progress import ProgressTracker, workload_of
-from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome, Runner
+from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Outcome, Runner
 from gpusched.scheduling import (
     MAX_WAIT_FOR_FASTER_S,
     WAITS_FOR_FASTER,
@@ -49,6 +51,7 @@ S = JobStatus
 # Queued jobs the planner looks at per tick, in priority/submission order (the idea of Slurm's
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
+TICK_STATS = 256  # the last ticks whose durations health reports
 MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most this often
 EPOCH_SLACK_S = 60.0  # clock steps and polling delay when checking an epoch against wall time
 MODEL_MAX_EPOCHS = 20_000  # the newest epochs the speed model is fitted from (a tick's cost)
@@ -72,6 +75,10 @@ def transient(err: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+class _Paused(Exception):
+    """A start not made: launches were paused (the host ran short of resources)."""
 
 
 class Daemon:
@@ -108,6 +115,13 @@ class Daemon:
         self._model_stale = False  # a job that timed epochs ended since the last fit
         self._waiting_since: dict[int, float] = {}  # job -> when it began waiting for a faster GPU
         self._live: list[Row] = []  # live attempts, read once per tick
+        # starts not yet recorded (see _launch_all): (job, attempt) -> (launched, when)
+        self._pending_marks: dict[tuple[int, int], tuple[Launched, float]] = {}
+        self.defer_marks = False  # the service's loop sets it; tests tick with it off
+        self._after_commit: list[Callable[[], None]] = []  # what waits for the tick's commit
+        self.tick_seconds: collections.deque[float] = collections.deque(maxlen=TICK_STATS)
+        self.ticks = 0
+        self._dep_events = 0  # job_events id up to which dependencies were checked (0: none)
         self.notifier = Notifier(settings, store, lambda job, n: self.paths(job, n)[0])
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.RLock()  # the API reads daemon state while the loop ticks
@@ -157,15 +171,60 @@ class Daemon:
         """Run every step. A step that fails is logged and reported by health; the steps
         after it still run (one bad job or pipeline must never stop scheduling for everyone:
         the steps contain failures to the job or pipeline that caused them)."""
+        started = time.perf_counter()
         with self.lock:
             self.step_errors = {}
-            for step in self.STEPS:
-                try:
-                    getattr(self, f"step_{step}")(now)
-                except Exception as err:
-                    log.exception("tick step %s failed", step)
-                    self.step_errors[step] = f"{type(err).__name__}: {err}"
+            self._after_commit = []
+            # one transaction for the whole tick where it can be (group commit: the ends,
+            # epochs and claims of a tick cost one fsync), committed before anything that
+            # waits on the outside world (a launch, Docker, NVML, a notification), so no
+            # other writer (a submission) ever waits on that
+            with self.store.batch():
+                for step in self.STEPS:
+                    outside = self._waits_outside(step, now)
+                    if outside and not self.commit():
+                        continue  # what it would do rests on what could not be saved
+                    try:
+                        if outside:
+                            with self.store.unbatched():
+                                getattr(self, f"step_{step}")(now)
+                        else:
+                            getattr(self, f"step_{step}")(now)
+                    except Exception as err:
+                        log.exception("tick step %s failed", step)
+                        self.step_errors[step] = f"{type(err).__name__}: {err}"
+                self.commit()
             self.last_tick = now
+            self.tick_seconds.append(time.perf_counter() - started)
+            self.ticks += 1
+
+    def _waits_outside(self, step: str, now: float) -> bool:
+        """Whether a step may wait on something outside the process this tick."""
+        if step == "cancels":
+            return any(r["cancel_requested_at"] is not None for r in self._live)
+        if step == "inventory":
+            return now >= self._next_inventory
+        if step == "reconcile":
+            return self._reconcile_now or now >= self._next_reconcile
+        return step == "notify"
+
+    def commit(self) -> bool:
+        """Commit what the tick wrote so far, then do what waited for it (a runner may forget
+        an end only once it is saved). False when it could not be saved: nothing of it was,
+        and the next tick does it again (the runners still report the ends)."""
+        try:
+            self.store.commit_batch()
+        except StoreError as err:
+            log.warning("could not save this tick's changes (%s); trying again on the next "
+                        "tick", err)
+            self.step_errors["commit"] = err.message
+            self._after_commit = []
+            self._dep_events = 0  # the events it read past may be undone: check them all
+            return False
+        done, self._after_commit = self._after_commit, []
+        for call in done:
+            call()
+        return True
 
     def _contain(self, job_id: int, what: str, call: Callable[[], None], now: float) -> None:
         """Run one job's part of a step. A store error is transient (the step tries again on
@@ -201,10 +260,13 @@ class Daemon:
         return self.runners.get(name)
 
     def step_reap(self, now: float) -> None:
+        """Poll every live attempt, then record all the ends found (and the launches of the
+        last tick not yet recorded) in one transaction: one fsync however many jobs ended.
+        Each job's records are a savepoint of it, so one that fails is rolled back alone."""
         self._live = self.store.live_attempts()
-        ended = False
+        ended: list[tuple[Row, AttemptRef, Runner, Outcome]] = []
         for row in self._live:
-            if row["state"] != "live":
+            if row["state"] != "live" and (row["job_id"], row["n"]) not in self._pending_marks:
                 continue  # never confirmed launched: reconcile decides
             runner = self._runner(row["runner"])
             if runner is None:
@@ -221,13 +283,20 @@ class Daemon:
                 continue
             self._runner_up(runner.name, now)
             if outcome is not None:
-                def end(row: Row = row, ref: AttemptRef = ref, runner: Runner = runner,
-                        outcome: Outcome = outcome) -> None:
-                    self._record_end(row, ref, runner, outcome, now)
-                self._contain(ref.job_id, "record the end of its attempt", end, now)
-                ended = True
-        if ended:
-            self._live = self.store.live_attempts()
+                ended.append((row, ref, runner, outcome))
+        if not ended and not self._pending_marks:
+            return
+        self._write_marks()
+        for row, ref, runner, outcome in ended:
+            def end(row: Row = row, ref: AttemptRef = ref, runner: Runner = runner,
+                    outcome: Outcome = outcome) -> None:
+                with self.store.write():
+                    what = self._record_end(row, ref, outcome, now)
+                # only once committed may the runner forget the end (until then every poll
+                # reports it again, so an end whose commit failed is recorded next tick)
+                self._after_commit.append(lambda: self._forget_attempt(ref, runner, what))
+            self._contain(ref.job_id, "record the end of its attempt", end, now)
+        self._live = self.store.live_attempts()
 
     def _runner_down(self, name: str, why: str, now: float) -> None:
         if name not in self.degraded:
@@ -313,8 +382,8 @@ class Daemon:
                       if s["max_epoch"] else None)
         return s
 
-    def _record_end(self, row: Row, ref: AttemptRef, runner: Runner, outcome: Outcome,
-                    now: float) -> None:
+    def _record_end(self, row: Row, ref: AttemptRef, outcome: Outcome, now: float) -> str:
+        """Record an attempt's end (in the caller's transaction); says what became of it."""
         job_id, n = ref.job_id, ref.n
         self._follow(row, ref, now)  # the last epochs, before the attempt is closed
         if self.progress.summary(ref.key) is not None:
@@ -347,21 +416,24 @@ class Daemon:
                 requeue = True
                 reason = f"{reason}; retrying ({row['retries_left'] - 1} retries left)"
         release_now = self.inventory.simulated or not ref.gpus
-        # If this commit fails (state disk full) nothing below runs: the runner keeps the
-        # attempt and reports the same outcome on the next tick, until the end is recorded.
+        # If this commit fails (state disk full) the caller does not forget the attempt: the
+        # runner keeps it and reports the same outcome on the next tick, until it is recorded.
         self.store.finish_attempt(job_id, n, to=to, now=now, ended_at=outcome.ended_at,
                                   exit_code=outcome.exit_code, reason=reason, oom=outcome.oom,
                                   release_now=release_now, requeue=requeue,
                                   consume_retry=consume)
+        return f"{'requeued' if requeue else to.value} ({reason or f'exit {outcome.exit_code}'})"
+
+    def _forget_attempt(self, ref: AttemptRef, runner: Runner, what: str) -> None:
+        """After the end of an attempt is committed: let go of what followed it."""
         self.progress.forget(ref.key)
         self._specs.pop(ref.key, None)
         self._unfollowable.discard(ref.key)
         try:
             runner.cleanup(ref)
         except GpuschedError as err:
-            log.warning("cleanup of job %s attempt %s failed: %s", job_id, n, err)
-        log.info("job %s attempt %s ended: %s (%s)", job_id, n,
-                 "requeued" if requeue else to.value, reason or f"exit {outcome.exit_code}")
+            log.warning("cleanup of job %s attempt %s failed: %s", ref.job_id, ref.n, err)
+        log.info("job %s attempt %s ended: %s", ref.job_id, ref.n, what)
 
     def _judge(self, row: Row, ref: AttemptRef, outcome: Outcome,
                now: float) -> tuple[JobStatus, str | None] | None:
@@ -550,10 +622,10 @@ class Daemon:
             outcome = (maybe.poll(ref, now) if maybe and row["runner"] in ("local", "slurm")
                        else None)
             if outcome is not None and not outcome.lost and maybe is not None:
-                runner = maybe
-                self.store.mark_launched(job_id, n, now=now)
-                self._record_end(row, ref,
-                                 runner, outcome, now)
+                with self.store.write():
+                    self.store.mark_launched(job_id, n, now=now)
+                    what = self._record_end(row, ref, outcome, now)
+                self._forget_attempt(ref, maybe, what)  # reconcile runs unbatched: saved
                 continue
             log.warning("job %s attempt %s never started; queueing it again", job_id, n)
             self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
@@ -598,7 +670,9 @@ class Daemon:
     def step_dependencies(self, now: float) -> None:
         """Fail queued jobs whose ``--after`` job failed; repeat so chains fail in one tick."""
         while True:
-            broken = self.store.broken_dependencies()
+            last = self.store.last_event_id()
+            broken = self.store.broken_dependencies(after_event=self._dep_events)
+            self._dep_events = last  # the transitions below are newer: the next pass sees them
             for job_id, (after_id, after_status) in broken.items():
                 self.store.transition(job_id, S.FAILED, now, fields={"ended_at": now},
                                       reason=f"dependency job {after_id} {after_status}; not run")
@@ -775,15 +849,8 @@ class Daemon:
                 return
             self._launch_pause = None
         gpus = {g.uuid: g for g in self.gpus}
-        for placement in result.placements:
-            if self._launch_pause is not None:
-                break  # the host ran short of resources during this tick
-            row = by_id[placement.job_id]
-
-            def launch(row: Row = row, placement: Any = placement) -> None:
-                self._launch(row, tuple(gpus[u] for u in placement.gpu_uuids), now,
-                             why=placement.reason)
-            self._contain(row["id"], "launch it", launch, now)
+        self._launch_all([(by_id[p.job_id], tuple(gpus[u] for u in p.gpu_uuids), p.reason)
+                          for p in result.placements], now)
 
     def _resolve_stage(self, job_id: int, spec: JobSpec, now: float) -> JobSpec | None:
         """Hand upstream results (best checkpoint, pruned model) to a stage that needs them."""
@@ -838,24 +905,100 @@ class Daemon:
 
     def _launch(self, row: Row, gpus: tuple[Gpu, ...], now: float,
                 why: str | None = None) -> None:
+        self._launch_all([(row, gpus, why)], now)
+
+    def _launch_all(self, todo: list[tuple[Row, tuple[Gpu, ...], str | None]],
+                    now: float) -> None:
+        """Start these placements in three steps: claim them all in one transaction (durable
+        before any process exists, so a crash can never run a job twice), start them, and
+        record what each start did. A start's record is kept for the next tick's first
+        transaction when ``defer_marks`` is set (the service's loop under load: one fsync
+        for the ends and starts of a tick); a crash before that commit leaves the attempt
+        "starting", which reconcile adopts (it runs) or queues again (it never started)."""
+        specs: dict[int, JobSpec] = {}
+        for row, _, _ in todo:
+            def prepare(row: Row = row) -> None:
+                spec = self._launch_spec(row, now)
+                if spec is not None:
+                    specs[row["id"]] = spec
+            self._contain(row["id"], "launch it", prepare, now)
+        ready: list[LaunchRequest] = []
+        for row, gpus, why in todo:
+            if row["id"] not in specs:
+                continue
+
+            def claim(row: Row = row, gpus: tuple[Gpu, ...] = gpus,
+                      why: str | None = why) -> None:
+                with self.store.write():
+                    req = self._claim(row, specs[row["id"]], gpus, now, why)
+                if req is not None:
+                    ready.append(req)
+            self._contain(row["id"], "launch it", claim, now)
+        if not ready or not self.commit():
+            return  # a claim not saved starts nothing: the next tick plans it again
+        results: list[tuple[LaunchRequest, Launched | BaseException]] = []
+        for i, req in enumerate(ready):
+            if self._launch_pause is not None:  # the host ran short of resources
+                for rest in ready[i:]:
+                    results.append((rest, _Paused(self._launch_pause[1])))
+                break
+            try:
+                results.append((req, self._runner_of(req).launch(req)))
+            except Exception as err:
+                results.append((req, err))
+                if isinstance(err, (RunnerError, OSError)) and transient(err):
+                    self._launch_pause = (now + RESOURCE_BACKOFF_S, f"the host is short of "
+                                          f"resources ({err}); trying again shortly")
+        for req, result in results:
+            if isinstance(result, Launched):
+                self._record_start(req, result, now)  # kept in memory until written
+                continue
+
+            def record(req: LaunchRequest = req,
+                       result: Launched | BaseException = result) -> None:
+                with self.store.write():
+                    self._record_start(req, result, now)
+            self._contain(req.job_id, "record its start", record, now)
+        if not self.defer_marks:
+            self._write_marks()
+        # a start that failed and whose record is not saved stays "starting" with no
+        # process: the reconcile asked for here queues it again
+        if not self.commit():
+            self.request_reconcile()
+
+    def _runner_of(self, req: LaunchRequest) -> Runner:
+        runner = self._runner(req.spec.runner)
+        assert runner is not None  # checked by _claim
+        return runner
+
+    def _launch_spec(self, row: Row, now: float) -> JobSpec | None:
+        """The spec a job starts with: a stage gets its upstream results here. That checks
+        the user's paths (mounts), which may be slow: it runs outside the tick's open
+        transaction, so no submission waits on it."""
         job_id = row["id"]
         self._queued_cache.pop(job_id, None)
         spec = JobSpec.model_validate_json(self.store.get_job(job_id)["spec"])
         if spec.kind.startswith("tao:") and (spec.stage or {}).get("refs"):
-            resolved = self._resolve_stage(job_id, spec, now)
-            if resolved is None:
-                return
-            spec = resolved
+            if not self.commit():
+                return None  # planned again on the next tick
+            with self.store.unbatched():
+                return self._resolve_stage(job_id, spec, now)
+        return spec
+
+    def _claim(self, row: Row, spec: JobSpec, gpus: tuple[Gpu, ...], now: float,
+               why: str | None) -> LaunchRequest | None:
+        """Claim the job's GPUs and make its launch request (None: it does not start)."""
+        job_id = row["id"]
         runner = self._runner(spec.runner)
         if runner is None:
             self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},
                                   reason=f"the {spec.runner} runner is not enabled on this daemon")
-            return
+            return None
         paths = self.slurm_paths if runner.name == "slurm" else self.paths
         n = self.store.claim(job_id, [g.uuid for g in gpus], runner=runner.name, now=now,
                              paths=paths, reason=f"placed: {why}" if why else None)
         if n is None:
-            return
+            return None
         log_path, run_dir = paths(job_id, n)
         if spec.kind.startswith("tao:"):
             # the GPUs are known now: TAO's --gpu_index (host indices for a host TAO, which
@@ -875,46 +1018,81 @@ class Daemon:
                 reason = err.message if isinstance(err, SpecError) else f"bad stage: {err}"
                 self.store.finish_attempt(job_id, n, to=S.FAILED, now=now, ended_at=now,
                                           exit_code=None, reason=f"could not start: {reason}")
-                return
-        req = LaunchRequest(job_id=job_id, attempt=n, spec=spec, gpus=gpus,
-                            simulated=self.inventory.simulated, env=self.job_env(job_id, n, gpus),
-                            log_path=Path(log_path), run_dir=Path(run_dir),
-                            owner_uid=row["owner_uid"], owner=row["owner"])
-        try:
-            launched = runner.launch(req)
-        except LaunchRefused as err:
-            self.store.finish_attempt(job_id, n, to=S.HELD, now=now, ended_at=now, exit_code=None,
-                                      reason=err.message, requeue=False)
-            self.store.transition(job_id, S.HELD, now, reason=err.message, allowed={S.STARTING})
-            log.warning("job %s held: %s", job_id, err.message)
-            return
-        except RunnerUnavailable as err:
+                return None
+        return LaunchRequest(job_id=job_id, attempt=n, spec=spec, gpus=gpus,
+                             simulated=self.inventory.simulated,
+                             env=self.job_env(job_id, n, gpus), log_path=Path(log_path),
+                             run_dir=Path(run_dir), owner_uid=row["owner_uid"],
+                             owner=row["owner"])
+
+    def _record_start(self, req: LaunchRequest, result: Launched | BaseException,
+                      now: float) -> None:
+        """Record what one start did: launched (now, or at the next tick's first commit), or
+        why not (held, queued again, failed)."""
+        job_id, n, runner = req.job_id, req.attempt, self._runner_of(req)
+        if isinstance(result, Launched):
+            self._pending_marks[(job_id, n)] = (result, now)
+            self.placed_last_tick += 1
+            log.info("job %s attempt %s started on %s", job_id, n,
+                     ",".join(str(g.index) for g in req.gpus) or "no GPU")
+        elif isinstance(result, _Paused):
             self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
-                                      exit_code=None, reason=f"{runner.name} unavailable: {err}",
-                                      requeue=True, consume_retry=False)
-            self._runner_down(runner.name, str(err), now)
-            return
-        except (RunnerError, OSError) as err:
-            if transient(err):  # the host is short of fds/processes/memory: not the job's fault
-                log.warning("job %s: launch failed for lack of resources (%s); queued again",
-                            job_id, err)
-                self._launch_pause = (now + RESOURCE_BACKOFF_S, f"the host is short of "
-                                      f"resources ({err}); trying again shortly")
-                self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
-                                          exit_code=None, reason=f"could not start (host short "
-                                          f"of resources: {err}); queued again", requeue=True,
-                                          consume_retry=False)
-                return
+                                      exit_code=None, reason=f"launches paused: {result}; "
+                                      "queued again", requeue=True, consume_retry=False)
+        elif isinstance(result, LaunchRefused):
+            self.store.finish_attempt(job_id, n, to=S.HELD, now=now, ended_at=now, exit_code=None,
+                                      reason=result.message, requeue=False)
+            self.store.transition(job_id, S.HELD, now, reason=result.message,
+                                  allowed={S.STARTING})
+            log.warning("job %s held: %s", job_id, result.message)
+        elif isinstance(result, RunnerUnavailable):
+            self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
+                                      exit_code=None, reason=f"{runner.name} unavailable: "
+                                      f"{result}", requeue=True, consume_retry=False)
+            self._runner_down(runner.name, str(result), now)
+        elif isinstance(result, (RunnerError, OSError)) and transient(result):
+            # the host is short of fds/processes/memory: not the job's fault
+            log.warning("job %s: launch failed for lack of resources (%s); queued again",
+                        job_id, result)
+            self.store.finish_attempt(job_id, n, to=S.QUEUED, now=now, ended_at=now,
+                                      exit_code=None, reason=f"could not start (host short "
+                                      f"of resources: {result}); queued again", requeue=True,
+                                      consume_retry=False)
+        elif isinstance(result, (RunnerError, OSError)):
             self.store.finish_attempt(job_id, n, to=S.FAILED, now=now, ended_at=now,
-                                      exit_code=None, reason=f"could not start: {err}")
-            return
-        self.store.mark_launched(job_id, n, now=now, pid=launched.pid,
-                                 pid_start=launched.pid_start, container_id=launched.container_id,
-                                 container_name=launched.container_name,
-                                 slurm_job_id=launched.slurm_job_id)
-        self.placed_last_tick += 1
-        log.info("job %s attempt %s started on %s", job_id, n,
-                 ",".join(str(g.index) for g in gpus) or "no GPU")
+                                      exit_code=None, reason=f"could not start: {result}")
+        else:
+            raise result  # a bug: _contain fails this job, with the reason
+
+    def _write_marks(self) -> None:
+        """Record the starts kept (see _launch_all) in the open transaction; they are kept
+        until it commits (a commit that fails leaves them for the next one)."""
+        marks = dict(self._pending_marks)
+        for (job_id, n), (launched, at) in marks.items():
+            self.store.mark_launched(job_id, n, now=at, pid=launched.pid,
+                                     pid_start=launched.pid_start,
+                                     container_id=launched.container_id,
+                                     container_name=launched.container_name,
+                                     slurm_job_id=launched.slurm_job_id)
+
+        def written() -> None:
+            for key in marks:
+                self._pending_marks.pop(key, None)
+        self._after_commit.append(written)
+
+    def has_pending_marks(self) -> bool:
+        return bool(self._pending_marks)
+
+    def flush_marks(self) -> None:
+        """Commit the starts kept for the next tick (the loop is about to sleep, or stop)."""
+        with self.lock:
+            if not self._pending_marks:
+                return
+            self._after_commit = []
+            with self.store.batch():
+                self._write_marks()
+                if not self.commit():
+                    raise StoreError(self.step_errors.get("commit", "not saved"))
 
     # -- notify ---------------------------------------------------------------------------
 
@@ -958,10 +1136,13 @@ class Daemon:
     # -- views for the API ----------------------------------------------------------------
 
     def gpu_states(self) -> list[GpuState]:
+        """The GPUs as `gpusched gpus` shows them (API threads, without the daemon's lock:
+        the inventory list is replaced whole by the tick, never changed in place)."""
         rows = {r["uuid"]: r for r in self.store.gpu_rows()}
         allocs = {a["gpu_uuid"]: a["job_id"] for a in self.store.allocations()}
+        speeds = self.prior_speeds()
         out = []
-        for g in self.gpus:
+        for g in list(self.gpus):
             r = rows.get(g.uuid, {})
             state: Literal["idle", "busy", "foreign", "drained", "lost"]
             if g.health == "lost":
@@ -982,13 +1163,19 @@ class Daemon:
                 compute_capability=g.compute_capability, mig_mode=g.mig_mode, state=state,
                 job_id=allocs.get(g.uuid), drain_reason=r.get("drain_reason"),
                 processes=g.processes, health=g.health, simulated=g.simulated,
-                speed=self.prior_speeds().get(g.name)))
+                speed=speeds.get(g.name)))
         return out
 
     def health(self) -> dict[str, Any]:
+        """The daemon's checks. Called from API threads without the daemon's lock: it reads
+        only fields the tick replaces whole (or copies them in one step), and the store's
+        check runs on a read connection, so health neither waits for a tick nor holds one
+        up (quick_check of a big database takes a while)."""
         checks: dict[str, dict[str, Any]] = {}
-        problems = [self.tick_error] if self.tick_error else []
-        problems += [f"step {k} failed: {v}" for k, v in self.step_errors.items()]
+        tick_error, step_errors = self.tick_error, dict(self.step_errors)
+        degraded, gpus = dict(self.degraded), list(self.gpus)
+        problems = [tick_error] if tick_error else []
+        problems += [f"step {k} failed: {v}" for k, v in step_errors.items()]
         checks["daemon"] = {"ok": not problems,
                             "detail": "; ".join(problems) or "tick loop running"}
         try:
@@ -996,19 +1183,29 @@ class Daemon:
             checks["store"] = {"ok": qc == "ok", "detail": f"quick_check {qc}"}
         except GpuschedError as err:
             checks["store"] = {"ok": False, "detail": err.message}
-        lost = [g for g in self.gpus if g.health != "ok"]
+        lost = [g for g in gpus if g.health != "ok"]
         checks["gpus"] = {
-            "ok": bool(self.gpus) and not lost,
-            "detail": (f"{len(self.gpus)} GPU(s), simulated" if self.inventory.simulated else
-                       f"{len(self.gpus)} GPU(s) through NVML")
+            "ok": bool(gpus) and not lost,
+            "detail": (f"{len(gpus)} GPU(s), simulated" if self.inventory.simulated else
+                       f"{len(gpus)} GPU(s) through NVML")
             + (f"; unhealthy: {', '.join(f'{g.index} {g.health_reason}' for g in lost)}"
                if lost else ""),
         }
         for name, runner in self.runners.items():
-            ok, detail = runner.health() if name not in self.degraded else (False,
-                                                                             self.degraded[name])
+            ok, detail = runner.health() if name not in degraded else (False, degraded[name])
             checks[name] = {"ok": ok, "detail": detail}
         return {"ok": all(c["ok"] for c in checks.values()),
                 "status": "ok" if all(c["ok"] for c in checks.values()) else "degraded",
-                "checks": checks}
+                "checks": checks, "tick": self.tick_stats()}
+
+    def tick_stats(self) -> dict[str, Any]:
+        """How long the last ticks took (ms): what a big queue or a slow step costs."""
+        recent = list(self.tick_seconds)
+        secs = sorted(recent)
+        if not secs:
+            return {"ticks": self.ticks}
+        return {"ticks": self.ticks, "last_ms": round(recent[-1] * 1000, 3),
+                "median_ms": round(secs[len(secs) // 2] * 1000, 3),
+                "p95_ms": round(secs[min(len(secs) - 1, int(len(secs) * 0.95))] * 1000, 3),
+                "max_ms": round(secs[-1] * 1000, 3), "over_last": len(secs)}
 

@@ -193,11 +193,15 @@ class ProgressTracker:
     def summary(self, key: tuple[int, int]) -> dict[str, Any] | None:
         """Epoch N/M and recent s/epoch of a followed attempt (for ls/show/top)."""
         st = self._attempts.get(key)
-        if st is None or not st.last_seen:
+        if st is None:
             return None
-        last = max(st.last_seen)
-        training = [r["seconds"] for e, r in sorted(st.last_seen.items())
-                    if r.get("seconds") and e > 1][-5:]
-        seen = [float(r["ended_at"]) for r in st.last_seen.values() if r.get("ended_at")]
+        # API threads call this while the tick's poll may add epochs: work on a copy (made
+        # in one step under the GIL), never on the dict itself
+        items = sorted(st.last_seen.items())
+        if not items:
+            return None
+        last = items[-1][0]
+        training = [r["seconds"] for e, r in items if r.get("seconds") and e > 1][-5:]
+        seen = [float(r["ended_at"]) for _, r in items if r.get("ended_at")]
         return {"epoch": last, "max_epoch": st.max_epoch, "recent_seconds": training,
                 "last_at": max(seen) if seen else None}

@@ -339,8 +339,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_gpus(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         d = self.server.service.daemon
-        with d.lock:
-            return 200, [g.model_dump() for g in d.gpu_states()]
+        return 200, [g.model_dump() for g in d.gpu_states()]  # lock-free: reads never wait
 
     def do_cluster(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """The Slurm cluster's nodes and GPUs (asked outside the daemon's lock)."""
@@ -499,10 +498,11 @@ class Handler(BaseHTTPRequestHandler):
         consider, that their runner is unavailable or which ``--after`` jobs (pipeline
         stages: the upstream stage) have not succeeded yet. Nothing waits silently."""
         svc = self.server.service
-        with svc.daemon.lock:
-            waiting = dict(svc.daemon.waiting)
-            degraded = dict(svc.daemon.degraded)
-            runners = set(svc.daemon.runners)
+        # copies made in one step each (the tick replaces these dicts, or changes them
+        # under the GIL): an API read never waits for a tick, nor a tick for it
+        waiting = dict(svc.daemon.waiting)
+        degraded = dict(svc.daemon.degraded)
+        runners = set(svc.daemon.runners)
         queued = [r for r in rows if r["status"] == "queued" and r["id"] not in waiting]
         deps = svc.store.unmet_dependencies([r["id"] for r in queued])
         for r in queued:
@@ -535,9 +535,8 @@ class Handler(BaseHTTPRequestHandler):
         view["events"], view["attempts"] = events, attempts
         starts = {}
         if row["status"] == "queued":
-            with svc.daemon.lock:
-                starts = svc.queue_starts(svc.store.list_jobs(
-                    statuses=["starting", "running", "unknown"]))
+            starts = svc.queue_starts(svc.store.list_jobs(
+                statuses=["starting", "running", "unknown"]))
         view["expected_start_s"] = starts.get(job_id)
         view["waiting_reason"] = _with_start(self._waiting_reasons([row]).get(job_id),
                                              starts.get(job_id))
@@ -635,12 +634,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_top(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """One frame for `gpusched top`: GPUs, active jobs with progress, the queue's head."""
         svc = self.server.service
-        with svc.daemon.lock:
-            gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
+        gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
         rows = svc.store.list_jobs(statuses=["starting", "running", "unknown", "queued", "held"])
         waiting = self._waiting_reasons(rows[:200])
-        with svc.daemon.lock:
-            starts = svc.queue_starts(rows)
+        starts = svc.queue_starts(rows)
         jobs = []
         for v in self._views(uid, rows[:200]):
             d = v.model_dump()

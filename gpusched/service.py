@@ -44,6 +44,8 @@ from gpusched.server import ApiServer, admin_uids, job_view
 from gpusched.store import Row, Store
 
 log = logging.getLogger(__name__)
+#: how long the loop waits for more work before it commits the last tick's starts alone
+GROUP_COMMIT_WAIT_MS = 5
 
 
 def sd_notify(message: str) -> bool:
@@ -355,8 +357,7 @@ class Service:
         return out
 
     def health(self) -> dict[str, Any]:
-        with self.daemon.lock:
-            h = self.daemon.health()
+        h = self.daemon.health()  # lock-free: see Daemon.health
         h["pid"] = os.getpid()
         h["state_dir"] = str(self.settings.state_dir)
         h["socket"] = str(self.settings.socket)
@@ -388,8 +389,7 @@ class Service:
         """One scrape: GPU state, jobs by state, queue length, the last day's epoch times."""
         from gpusched.metrics import metric_families
 
-        with self.daemon.lock:
-            gpus = [g.model_dump() for g in self.daemon.gpu_states()]
+        gpus = [g.model_dump() for g in self.daemon.gpu_states()]  # lock-free
         counts = self.store.count_by_status()
         epochs = self.store.epochs(since=self.clock.now() - 86400)
         return metric_families(gpus, counts, counts.get("queued", 0), epochs)
@@ -424,6 +424,7 @@ class Service:
         old_umask = os.umask(DAEMON_UMASK)
         self.start_server()
         sched = self._housekeeping()
+        self.daemon.defer_marks = True
         try:
             self.daemon.tick(self.clock.now())
             sd_notify("READY=1\nSTATUS=serving")
@@ -450,6 +451,7 @@ class Service:
                     break
         finally:
             sd_notify("STOPPING=1")
+            self._flush_marks()
             sched.shutdown(wait=False)
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
@@ -506,5 +508,16 @@ class Service:
         for fd in self.daemon.wait_fds():
             poller.register(fd, select.POLLIN)
         with contextlib.suppress(InterruptedError, OSError):
+            # starts of the last tick not yet committed (defer_marks): when more comes within
+            # GROUP_COMMIT_WAIT_MS (a job ended, a submission), the next tick commits them
+            # with its own writes, in one fsync; else they are committed before sleeping
+            if self.daemon.has_pending_marks() and not poller.poll(GROUP_COMMIT_WAIT_MS):
+                self._flush_marks()
             poller.poll(timeout * 1000)
         self.daemon.drain_wake()
+
+    def _flush_marks(self) -> None:
+        try:
+            self.daemon.flush_marks()
+        except Exception as err:  # the next tick's first transaction tries again
+            log.warning("could not record the last starts yet: %s", err)

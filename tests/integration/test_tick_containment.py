@@ -77,7 +77,7 @@ def test_a_failing_step_does_not_stop_the_steps_after_it(service: Service,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a whole step that raises (here: the dependency step) leaves launches running, and
     health names the step."""
-    def broken() -> dict[int, tuple[int, str]]:
+    def broken(after_event: int = 0) -> dict[int, tuple[int, str]]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(service.store, "broken_dependencies", broken)

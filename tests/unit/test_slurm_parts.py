@@ -119,11 +119,14 @@ def test_a_v5_database_gains_notifications_and_the_slurm_job_id(tmp_path: Path) 
     db.conn.close()
     store = Store(path)
     try:
-        assert store.schema_version() == len(MIGRATIONS) == 7
+        assert store.schema_version() == len(MIGRATIONS) == 8
         cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(attempts)")]
         assert "slurm_job_id" in cols
         tables = {r[0] for r in sqlite3.connect(path).execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "notifications" in tables
+        indexes = {r[0] for r in sqlite3.connect(path).execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "jobs_queue_order" in indexes  # v8: the queue in planning order
     finally:
         store.close()
