@@ -116,7 +116,7 @@ class Daemon:
         self._waiting_since: dict[int, float] = {}  # job -> when it began waiting for a faster GPU
         self._live: list[Row] = []  # live attempts, read once per tick
         # starts not yet recorded (see _launch_all): (job, attempt) -> (launched, when)
-        self._pending_marks: dict[tuple[int, int], tuple[Launched, float]] = {}
+        self._pending_marks: dict[tuple[int, int], tuple[Launched, float, str]] = {}
         self.defer_marks = False  # the service's loop sets it; tests tick with it off
         self._after_commit: list[Callable[[], None]] = []  # what waits for the tick's commit
         self.tick_seconds: collections.deque[float] = collections.deque(maxlen=TICK_STATS)
@@ -263,6 +263,7 @@ class Daemon:
         """Poll every live attempt, then record all the ends found (and the launches of the
         last tick not yet recorded) in one transaction: one fsync however many jobs ended.
         Each job's records are a savepoint of it, so one that fails is rolled back alone."""
+        self._confirm_marks()  # before the polls: an ended shim is waited for by its poll
         self._live = self.store.live_attempts()
         ended: list[tuple[Row, AttemptRef, Runner, Outcome]] = []
         for row in self._live:
@@ -783,11 +784,15 @@ class Daemon:
                          request=request, est_runtime_s=r["est_runtime_s"], workload=workload,
                          epochs=epochs, short=kind in ("tao:evaluate", "tao:prune", "tao:export"))
 
-    def runnable(self) -> list[Row]:
-        """Queued jobs whose dependencies all succeeded, in planning order."""
+    def runnable(self, lean: bool = False) -> list[Row]:
+        """Queued jobs whose dependencies all succeeded, in planning order (the index
+        jobs_queue_order gives it without sorting). ``lean``: only what the tick needs of a
+        job it has already built (_queued_cache); _queued_job reads the rest."""
+        columns = ("j.id, j.priority, j.runner, j.owner_uid, j.owner" if lean else
+                   "j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
+                   " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s")
         rows = self.store.query(
-            "SELECT j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
-            " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s FROM jobs j"
+            f"SELECT {columns} FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
             " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
             " AND NOT EXISTS (SELECT 1 FROM json_each(j.spec, '$.after_any') e JOIN jobs a"
@@ -797,19 +802,27 @@ class Daemon:
         return [r for r in rows if r["runner"] not in self.degraded]
 
     def step_plan_and_launch(self, now: float) -> None:
-        rows = self.runnable()
+        rows = self.runnable(lean=True)
         self.placed_last_tick = 0
         if not rows:
             self.waiting = {}
             return
         by_id = {r["id"]: r for r in rows}
         cache = self._queued_cache
+        missing = [r["id"] for r in rows if r["id"] not in cache
+                   or cache[r["id"]].priority != r["priority"]]
+        full = {r["id"]: r for r in self.store.query(
+            "SELECT id, priority, submitted_at, request, runner, owner_uid, owner,"
+            " json_extract(spec, '$.est_runtime_s') AS est_runtime_s FROM jobs"
+            f" WHERE id IN ({','.join('?' * len(missing))})", missing)} if missing else {}
         jobs = []
         for r in rows:
             job = cache.get(r["id"])
             if job is None or job.priority != r["priority"]:
                 try:
-                    built = self._queued_job(r)
+                    if r["id"] not in full:
+                        continue  # it changed since (claimed, cancelled): the next tick
+                    built = self._queued_job(full[r["id"]])
                 except Exception as err:  # one job that cannot be planned stops nobody else
                     self._fail_job(r["id"], f"it cannot be planned: {err}", now)
                     continue
@@ -1031,7 +1044,7 @@ class Daemon:
         why not (held, queued again, failed)."""
         job_id, n, runner = req.job_id, req.attempt, self._runner_of(req)
         if isinstance(result, Launched):
-            self._pending_marks[(job_id, n)] = (result, now)
+            self._pending_marks[(job_id, n)] = (result, now, runner.name)
             self.placed_last_tick += 1
             log.info("job %s attempt %s started on %s", job_id, n,
                      ",".join(str(g.index) for g in req.gpus) or "no GPU")
@@ -1068,7 +1081,10 @@ class Daemon:
         """Record the starts kept (see _launch_all) in the open transaction; they are kept
         until it commits (a commit that fails leaves them for the next one)."""
         marks = dict(self._pending_marks)
-        for (job_id, n), (launched, at) in marks.items():
+        for (job_id, n), (launched, at, name) in marks.items():
+            confirm = getattr(self.runners.get(name), "confirm", None)
+            if confirm is not None:  # what a runner learns once the process runs (pid start)
+                launched = confirm(launched)
             self.store.mark_launched(job_id, n, now=at, pid=launched.pid,
                                      pid_start=launched.pid_start,
                                      container_id=launched.container_id,
@@ -1079,6 +1095,12 @@ class Daemon:
             for key in marks:
                 self._pending_marks.pop(key, None)
         self._after_commit.append(written)
+
+    def _confirm_marks(self) -> None:
+        for key, (launched, at, name) in list(self._pending_marks.items()):
+            confirm = getattr(self.runners.get(name), "confirm", None)
+            if confirm is not None:
+                self._pending_marks[key] = (confirm(launched), at, name)
 
     def has_pending_marks(self) -> bool:
         return bool(self._pending_marks)

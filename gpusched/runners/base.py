@@ -101,6 +101,11 @@ class Orphan:
 
 
 class Runner(Protocol):
+    """What the daemon asks of a runner. Optional extras, looked up with getattr:
+    ``confirm(launched) -> Launched`` (complete a launch record with what is cheap to learn
+    once the process runs, e.g. the local shim's /proc start time; called before the launch
+    is recorded) and ``close()``."""
+
     name: str
 
     def launch(self, req: LaunchRequest) -> Launched:

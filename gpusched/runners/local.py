@@ -18,6 +18,7 @@ through :mod:`gpusched.safefs`. An attempt's end is reported by every ``poll`` u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -225,7 +226,16 @@ class LocalRunner:
             os.close(logfd)
         self._procs[key] = proc
         self._watch(key, proc.pid)
-        return Launched(pid=proc.pid, pid_start=proc_start_time(proc.pid))
+        # the start time is read later (confirm): /proc/PID/stat of a process in the middle
+        # of its exec waits for the exec to finish, half a launch's cost
+        return Launched(pid=proc.pid)
+
+    def confirm(self, launched: Launched) -> Launched:
+        """The launch with what is cheap to learn once the process runs: its /proc start time
+        (read before the launch is recorded; the shim, not yet waited for, is there)."""
+        if launched.pid is None or launched.pid_start is not None:
+            return launched
+        return dataclasses.replace(launched, pid_start=proc_start_time(launched.pid))
 
     @staticmethod
     def _private_run_dir(run_dir: Path, owner: tuple[int, int] | None) -> None:
