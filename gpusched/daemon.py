@@ -108,6 +108,7 @@ class Daemon:
         self._launch_pause: tuple[float, str] | None = None  # (until, why): host out of fds...
         self.progress = ProgressTracker()
         self.pipelines = PipelineRunner(settings, store)
+        self.pipelines.before_advance = self.commit
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s

@@ -37,6 +37,8 @@ class PipelineRunner:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        # the daemon's commit of its tick so far (False: not saved, the round waits)
+        self.before_advance: Callable[[], bool] = lambda: True
 
     # -- submission -----------------------------------------------------------------------
 
@@ -111,7 +113,12 @@ class PipelineRunner:
             if any(j["status"] not in TERMINAL for j in jobs):
                 continue
             try:
-                added |= self._advance(row, jobs, now)
+                # a gate round checks stage specs (the user's paths, maybe slow): the tick's
+                # open transaction is committed first, so no submission waits on that
+                if not self.before_advance():
+                    return added
+                with self.store.unbatched():
+                    added |= self._advance(row, jobs, now)
             except StoreError:
                 raise  # the state disk: nothing is this pipeline's fault; the tick retries
             except Exception as err:  # one pipeline's bad data fails that pipeline only
