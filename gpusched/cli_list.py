@@ -13,7 +13,7 @@ import sys
 
 from gpusched import render
 from gpusched.cli_submit import client, echo, fail
-from gpusched.errors import GpuschedError
+from gpusched.errors import GpuschedError, SpecError
 
 #: queued and held rows ``gpusched ls`` shows by default
 LS_HEAD = 30
@@ -22,21 +22,25 @@ LS_HEAD = 30
 def more_line(more: dict[str, int], shown: int) -> str | None:
     """What a page left out, and how to see it ('... 99,970 more queued, 5 held not shown
     ...'), or None."""
-    parts = [f"{more[k]:,} {'more ' if not i else ''}{k}"
-             for i, k in enumerate(k for k in ("queued", "held") if more.get(k))]
+    pending = [k for k in ("queued", "held") if more.get(k)]
+    parts = [f"{more[k]:,} {'more ' if i == 0 else ''}{k}" for i, k in enumerate(pending)]
     ended = sum(v for k, v in more.items() if k not in ("queued", "held"))
     if ended:
         parts.append(f"{ended:,} {'' if parts else 'more '}ended")
     if not parts:
         return None
-    return (f"... {', '.join(parts)} not shown (above: the first {shown:,} of the queue, in "
-            "planning order): `gpusched ls --limit N` shows N, `gpusched ls --all` every job")
+    above = (f"the first {shown:,} of the queue, in planning order" if pending else
+             f"the newest {shown:,}")
+    return (f"... {', '.join(parts)} not shown (above: {above}): `gpusched ls --limit N` "
+            "shows N, `gpusched ls --all` every job")
 
 
 def run_list(*, all_: bool, status: str | None, mine: bool, name: str | None,
              limit: int | None, as_json: bool) -> None:
     from urllib.parse import quote
 
+    if limit is not None and limit < 0:
+        fail(SpecError(f"--limit {limit}: give a number of jobs (1 or more)"))
     q = []
     if all_:
         q.append("all=1")

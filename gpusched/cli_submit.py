@@ -72,9 +72,9 @@ def client() -> Any:
 def send(path: str, body: Any) -> Any:
     """A submission, retried with the same idempotency key while its reply is lost (the
     daemon restarting): the user gets one job id (one set of ids), never two jobs."""
-    from gpusched import render
-
     def say(message: str) -> None:
+        from gpusched import render
+
         echo(f"gpusched: {render.safe(message)}", err=True)
 
     return client().submit(path, body, on_retry=say)
