@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 LOG_CHUNK = 256 * 1024
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 MAX_IDS = 1000  # ?ids=...
-MAX_BATCH = 10_000  # jobs of one POST /v1/jobs/batch (--array, --from-file); the CLI's too
+MAX_BATCH = 10_000  # jobs of one POST /v1/jobs/batch (--array, --from-file); = cli_submit.MAX_BATCH
 MAX_ARRAY_INDEX = 1_000_000
 MAX_HEAD = 100_000  # ?head=: queued/held rows of one listing page
 ARRAY_INDEX_ENV = "GPUSCHED_ARRAY_INDEX"  # each --array job's index, as SLURM_ARRAY_TASK_ID

@@ -150,3 +150,10 @@ def test_an_array_jobs_index_is_never_exported_into_a_submission(
     monkeypatch.setenv("GPUSCHED_JOB_ID", "12")
     env = cli_submit.exported_env(None, container=False)
     assert "GPUSCHED_ARRAY_INDEX" not in env and "GPUSCHED_JOB_ID" not in env
+
+
+def test_the_cli_and_the_daemon_agree_on_the_batch_limits() -> None:
+    from gpusched import server  # the daemon side (pydantic): the CLI keeps its own copy
+
+    assert (cli_submit.MAX_BATCH, cli_submit.MAX_ARRAY_INDEX, cli_submit.ARRAY_INDEX_ENV) == (
+        server.MAX_BATCH, server.MAX_ARRAY_INDEX, server.ARRAY_INDEX_ENV)
