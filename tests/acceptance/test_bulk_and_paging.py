@@ -166,3 +166,13 @@ def test_ls_shows_running_jobs_and_the_head_of_the_queue(daemon: DaemonProcess) 
             daemon.client().get("/v1/jobs?head=0")
     finally:
         _cli(daemon, "cancel", "--mine")
+
+
+def test_a_batch_larger_than_the_request_limit_says_how_to_split_it(state_dir: Path) -> None:
+    with DaemonProcess(state_dir, env={"GPUSCHED_API__MAX_BODY_BYTES": "4096"}) as d:
+        lines = "".join(f"python train.py --seed {i}\n" for i in range(400))
+        r = _cli(d, "submit", "--export", "NONE", "--from-file", "-", stdin=lines)
+        assert r.returncode == 2, r.stdout
+        assert "larger than the limit (4096)" in r.stderr
+        assert "split the batch into smaller ones" in r.stderr
+        assert _count(d) == 0
