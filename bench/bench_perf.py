@@ -14,7 +14,10 @@ Sections (each prints its target from issue 15 next to the figure):
    The jobs queue behind blockers on both sides.
 3. CLI start-up: median wall of ``gpusched submit -- true`` and ``gpusched ls`` versus
    ``tsp true``, ``tsp -l`` and ``python -c pass``, round-robin; ``python -X importtime`` of
-   ``gpusched.cli``, top modules by cumulative time.
+   ``import gpusched.cli`` (the typer app, which every other command builds) and of a real
+   ``gpusched submit -- true`` (the fast path, ``gpusched.fastcli``), top modules by cumulative
+   time. Run it with the Python of a normal install (``pip install .`` or the wheel into a
+   venv) for the issue's figure: an editable install's import hook costs about 11 ms.
 4. Big queue: with 100 / 2,000 / 20,000 / 100,000 queued jobs (pinned to GPU 1 behind a blocker
    there, so the planner sees them; ``--queue-kind held`` queues them ``--hold`` instead): the
    daemon's own tick figures if its health exposes any, else the submit->done latency of one
@@ -657,15 +660,34 @@ class Perf:
 
     # 3 -------------------------------------------------------------------------------------
 
-    def importtime(self) -> list[tuple[str, float, float]]:
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import gpusched.cli"],
-                           capture_output=True, text=True, timeout=120, cwd="/tmp")
+    def importtime(self, argv: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> list[tuple[str, float, float]]:
+        """``python -X importtime`` of ``argv`` (default: ``-c 'import gpusched.cli'``):
+        (module, self ms, cumulative ms) per module."""
+        r = subprocess.run([sys.executable, "-X", "importtime",
+                            *(argv or ["-c", "import gpusched.cli"])], capture_output=True,
+                           text=True, timeout=120, cwd="/tmp", env=env)
         rows = []
         for line in r.stderr.splitlines():
             m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*(.*)$", line)
             if m:
                 rows.append((m.group(3).rstrip(), int(m.group(1)) / 1000, int(m.group(2)) / 1000))
         return rows
+
+    def print_importtime(self, title: str, rows: list[tuple[str, float, float]]) -> None:
+        total = sum(self_ms for _, self_ms, _ in rows)
+        ours = sum(self_ms for name, self_ms, _ in rows if name.strip().startswith("gpusched"))
+        out(f"   python -X importtime {title}: {len(rows)} modules, {total:.1f} ms in all "
+            f"(gpusched's own {ours:.1f} ms); top {self.a.import_top} by cumulative time (ms):")
+        top = sorted(rows, key=lambda r: -r[2])[:self.a.import_top]
+        for name, self_ms, cum in top:
+            out(f"     {cum:8.1f} cumulative  {self_ms:7.1f} self   {name.strip()}")
+        heavy = {m: next((c for n, _, c in rows if n.strip() == m), None)
+                 for m in ("typer", "click", "pydantic", "rich", "gpusched.render",
+                           "gpusched.errors", "gpusched.units", "gpusched.models",
+                           "gpusched.daemon", "sqlite3")}
+        out("     imported (cumulative ms, '-' = not imported): "
+            + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in heavy.items()))
 
     def s3_startup(self) -> None:
         runs = self.a.startup_runs
@@ -675,7 +697,9 @@ class Perf:
         durl = next(iter((REPO / ".venv/lib").glob("python*/site-packages/tao_gpusched-*"
                                                    ".dist-info/direct_url.json")), None)
         editable = bool(durl and '"editable": true' in durl.read_text())
-        if PKG_SRC != REPO:
+        if PKG_SRC != REPO and Path(sys.prefix) != REPO / ".venv":
+            how = f"normal (non-editable) install in {sys.prefix}: gpusched from {PKG_SRC}"
+        elif PKG_SRC != REPO:
             how = (f"gpusched imported from {PKG_SRC} (PYTHONPATH), ahead of the venv's "
                    f"{'editable ' if editable else ''}install")
         else:
@@ -712,6 +736,7 @@ class Perf:
                     if r.returncode != 0:
                         raise RuntimeError(f"{label} failed ({r.returncode}): "
                                            f"{r.stderr.decode(errors='replace')[-300:]}")
+            fast = self.importtime([self.gs, "submit", "--", "true"], env=b.env)
         finally:
             if t:
                 t.close()
@@ -727,21 +752,14 @@ class Perf:
             out(f"   task-spooler: skipped: {self.tsp_version}")
         rows = self.importtime()
         total = next((c for name, _, c in rows if name.strip() == "gpusched.cli"), None)
-        out(f"   python -X importtime -c 'import gpusched.cli': gpusched.cli cumulative "
-            f"{total if total is not None else float('nan'):.1f} ms; top {self.a.import_top} "
-            "by cumulative time (ms):")
         top = sorted(rows, key=lambda r: -r[2])[:self.a.import_top]
-        for name, self_ms, cum in top:
-            out(f"     {cum:8.1f} cumulative  {self_ms:7.1f} self   {name.strip()}")
-        heavy = {m: next((c for n, _, c in rows if n.strip() == m), None)
-                 for m in ("typer", "click", "pydantic", "rich", "gpusched.render",
-                           "gpusched.errors", "gpusched.units", "gpusched.models",
-                           "gpusched.daemon", "sqlite3")}
-        out("     imported by `import gpusched.cli` (cumulative ms, '-' = not imported): "
-            + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in heavy.items()))
+        self.print_importtime("-c 'import gpusched.cli' (the typer app: every other command)",
+                              rows)
+        self.print_importtime("of `gpusched submit -- true` itself (the fast path)", fast)
         self.results["startup"] = {"runs": runs, "walls_ms": walls, "editable": editable,
                                    "medians_ms": {k: med(v) for k, v in walls.items()},
                                    "importtime_top": top, "importtime_gpusched_cli_ms": total,
+                                   "importtime_submit": fast,
                                    "target_submit_ms": 60}
 
     # 4 -------------------------------------------------------------------------------------

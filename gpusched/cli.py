@@ -6,7 +6,6 @@ Heavy imports (pydantic, the daemon, rich) happen inside the commands that need 
 
 
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -16,9 +15,11 @@ from typing import Annotated, Any
 
 import typer
 
+from gpusched import cli_submit as cs
 from gpusched import render
+from gpusched.cli_list import LS_HEAD, run_list
 from gpusched.errors import GpuschedError, NotFound, SpecError
-from gpusched.units import parse_gpus, parse_size_mib, parse_time_limit
+from gpusched.units import parse_size_mib, parse_time_limit
 
 app = typer.Typer(
     help="gpusched: queue GPU jobs and NVIDIA TAO stages on this host's GPUs.",
@@ -27,47 +28,23 @@ app = typer.Typer(
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # models.ENV_KEY_RE, without pydantic
-#: what the daemon sets for each job: never exported from a shell inside another job
-JOB_IDENTITY_ENV = frozenset({"GPUSCHED_JOB_ID", "GPUSCHED_ATTEMPT", "GPUSCHED_GPUS",
-                              "GPUSCHED_GPU_NAMES", "GPUSCHED_SIMULATED_HOST_GPUS",
-                              "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
-                              "NVIDIA_VISIBLE_DEVICES"})
+_env_pairs, _no_dash_n, _gpu_mem = cs.env_pairs, cs.no_dash_n, cs.gpu_mem_option
+_mount, _apply_tao_mounts = cs.mount_option, cs.apply_tao_mounts
 
 
 def _client() -> Any:
-    from gpusched.client import Client
-    from gpusched.paths import client_socket
-
-    return Client(client_socket())
+    return cs.client()
 
 
 def _submit(path: str, body: Any) -> Any:
     """A submission, retried with the same idempotency key while its reply is lost (the
     daemon restarting): the user gets one job id, never two jobs."""
-    def say(message: str) -> None:
-        typer.echo(f"gpusched: {render.safe(message)}", err=True)
-
-    return _client().submit(path, body, on_retry=say)
+    return cs.send(path, body)
 
 
 def _fail(err: GpuschedError) -> None:
-    # one line per problem (a validation error lists each field on its own line)
-    for line in err.message.split("\n"):
-        typer.echo(f"gpusched: {render.safe(line)}", err=True)
+    cs.report(err)
     raise typer.Exit(err.exit_code)
-
-
-def _env_pairs(env: list[str]) -> dict[str, str]:
-    out = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            if key not in os.environ:
-                raise SpecError(f"--env {item}: use K=V, or K alone to pass K from your shell")
-            value = os.environ[key]
-        out[key] = value
-    return out
 
 
 # -- daemon ------------------------------------------------------------------------------
@@ -215,98 +192,26 @@ def submit(
     runner: Annotated[str | None, typer.Option(help="local, docker (implied by --image) or "
                                                "slurm (hand the job to the Slurm cluster).")
                       ] = None,
+    array: Annotated[str | None, typer.Option("--array", help="Queue one job per index: "
+                                              "0-999, 1,3,5 or 0-10:2 (Slurm's); each gets "
+                                              f"{cs.ARRAY_INDEX_ENV}. At most "
+                                              f"{cs.MAX_BATCH:,}.")] = None,
+    from_file: Annotated[str | None, typer.Option("--from-file", help="Queue one job per line "
+                                                  "of this file (- for stdin): a command line, "
+                                                  "split as a shell would; blank lines and # "
+                                                  "comments skipped.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Queue a job; prints its id. Everything after `--` is the command, taken literally."""
-    try:
-        _no_dash_n(ntasks)
-        if wrap is not None:
-            if command:
-                raise SpecError("--wrap takes the whole command: give it or `-- CMD`, not both")
-            command = ["/bin/sh", "-c", wrap]
-        if not command:
-            raise SpecError("no command: give `-- CMD [ARGS]...` or --wrap \"CMD && CMD\"")
-        spec: dict[str, Any] = {
-            "command": command, "priority": priority,
-            "gpus": parse_gpus(gpus, gpu_type, _gpu_mem(gpu_mem, mem)),
-            "name": name, "retries": retries, "hold": hold,
-            "retry_on": [int(x) for x in retry_on.split(",") if x.strip()] if retry_on else None,
-            "after": [int(a) for a in after.split(",") if a.strip()] if after else [],
-            "after_any": ([int(a) for a in after_any.split(",") if a.strip()]
-                          if after_any else []),
-            "notify_cmd": notify, "notify_url": notify_url,
-            "output": os.path.abspath(output) if output else None,
-            "env": {**_exported_env(export, container=bool(image)), **_env_pairs(env)},
-        }
-        if est_time is not None:
-            spec["time_limit_s"] = parse_time_limit(est_time)
-        if image:
-            spec.update(runner="docker", image=image, workdir=workdir,
-                        mounts=[_mount(m) for m in mount], shm_size=shm_size, user=user,
-                        host_mem_mib=parse_size_mib(host_mem) if host_mem else None)
-            if tao_mounts:
-                _apply_tao_mounts(spec)
-        else:
-            if mount or shm_size or user or tao_mounts or host_mem:
-                raise SpecError("--mount, --shm-size, --host-mem, --user and --tao-mounts need "
-                                "--image (a local job's host memory is not limited)")
-            spec["workdir"] = workdir or os.getcwd()
-        if runner:
-            if runner not in ("local", "docker", "slurm") or (runner == "docker") != bool(image):
-                raise SpecError(f"--runner {runner}: use local or slurm, or docker with --image")
-            spec["runner"] = runner
-        result = _submit("/v1/jobs", spec)
-    except ValueError as err:
-        _fail(SpecError(f"bad --after, --after-any or --retry-on: give numbers like 12,13 "
-                        f"({err})"))
-    except GpuschedError as err:
-        _fail(err)
-    render.emit_json(result) if as_json else typer.echo(result["id"])
-
-
-def _no_dash_n(value: str | None) -> None:
-    """``-n`` is Slurm's --ntasks: it no longer names the job (``submit -n 2`` did)."""
-    if value is not None:
-        raise SpecError(f"-n {value}: -n is not --name here (in Slurm it is --ntasks): "
-                        "use --name NAME to name the job, --gpus N for N GPUs")
-
-
-def _gpu_mem(gpu_mem: str | None, mem: str | None) -> str | None:
-    """--gpu-mem, or the deprecated --mem (in Slurm --mem is host memory) with a note."""
-    if mem is not None:
-        typer.echo("gpusched: --mem is deprecated: it is GPU memory here; use --gpu-mem",
-                   err=True)
-        if gpu_mem is not None and gpu_mem != mem:
-            raise SpecError("--mem (deprecated) and --gpu-mem disagree: give --gpu-mem only")
-    return gpu_mem if gpu_mem is not None else mem
-
-
-def _exported_env(export: str | None, *, container: bool) -> dict[str, str]:
-    """--export, as Slurm: ALL (the default for local jobs) sends this shell's environment,
-    NONE (the default for containers: the image brings its own) nothing, VAR,VAR=VALUE,...
-    only those (after ALL, in addition to it). Names a job cannot take (exported bash
-    functions) and a surrounding job's identity (a submission from inside a job) are left
-    out."""
-    text = (export if export is not None else ("NONE" if container else "ALL")).strip()
-    items = [i.strip() for i in text.split(",") if i.strip()]
-    out: dict[str, str] = {}
-    if items and items[0].upper() in ("ALL", "NONE"):
-        if items.pop(0).upper() == "ALL":
-            if container:
-                raise SpecError("--export ALL is for local jobs: a container's PATH and "
-                                "libraries are its image's; name the variables "
-                                "(--export VAR,...) or use --env")
-            out = {k: v for k, v in os.environ.items()
-                   if ENV_NAME.match(k) and k not in JOB_IDENTITY_ENV and "\x00" not in v}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not ENV_NAME.match(key):
-            raise SpecError(f"--export {item!r}: not a variable name")
-        if sep:
-            out[key] = value
-        elif key in os.environ:
-            out[key] = os.environ[key]
-    return out
+    """Queue a job; prints its id. Everything after `--` is the command, taken literally.
+    --array and --from-file queue many jobs in one call (all or none); their ids print one
+    per line."""
+    cs.run_submit(_submit, command=command, gpus=gpus, gpu_type=gpu_type, gpu_mem=gpu_mem,
+                  mem=mem, priority=priority, after=after, after_any=after_any, name=name,
+                  ntasks=ntasks, workdir=workdir, env=env, export=export, wrap=wrap,
+                  output=output, notify=notify, notify_url=notify_url, retries=retries,
+                  retry_on=retry_on, hold=hold, est_time=est_time, image=image, mount=mount,
+                  shm_size=shm_size, host_mem=host_mem, user=user, tao_mounts=tao_mounts,
+                  runner=runner, array=array, from_file=from_file, as_json=as_json)
 
 
 @app.command(context_settings={"allow_interspersed_args": False,
@@ -476,74 +381,21 @@ def _tao_move_aside(stage: Any) -> None:
     typer.echo(f"gpusched: moved {', '.join(names)} aside into {old}", err=True)
 
 
-def _mount(text: str) -> dict[str, Any]:
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (
-            len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise SpecError(f"bad --mount {text!r}: use SRC:DST or SRC:DST:ro")
-    return {"source": os.path.abspath(parts[0]), "target": parts[1],
-            "read_only": len(parts) == 3 and parts[2] == "ro"}
-
-
-TAO_MOUNTS_MAX_BYTES = 1024 * 1024
-
-
-def _apply_tao_mounts(spec: dict[str, Any]) -> None:
-    """Read ~/.tao_mounts.json here, as the user, and send its content with the spec; the
-    daemon validates the mounts like any other before storing anything."""
-    from gpusched.policy import parse_tao_mounts
-    from gpusched.safefs import read_user_bytes
-
-    path = Path.home() / ".tao_mounts.json"
-    try:  # never blocks on a FIFO, only a regular file, capped (safefs)
-        text = read_user_bytes(path, max_bytes=TAO_MOUNTS_MAX_BYTES).decode(errors="replace")
-    except OSError as err:
-        raise SpecError(f"--tao-mounts: cannot read {path}: {err}") from err
-    mounts, envs, options = parse_tao_mounts(text)
-    spec["mounts"] = [m.model_dump() for m in mounts] + spec["mounts"]
-    spec["env"] = {**envs, **spec["env"]}
-    if options.get("privileged") or options.get("network") == "host":
-        raise SpecError(f"{path} asks for privileged or host-network containers: no gpusched "
-                        "job runs privileged, and the host network is an admin setting "
-                        "(docker.network); remove them from DockerOptions")
-    spec["shm_size"] = spec["shm_size"] or options.get("shm_size")
-    spec["user"] = spec["user"] or options.get("user")
-    spec["use_tao_mounts"] = True
-
-
 @app.command("ls")
 def list_jobs(
-    all_: Annotated[bool, typer.Option("--all", "-a", help="Include ended jobs.")] = False,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Every job, ended ones too (no "
+                                       "paging).")] = False,
     status: Annotated[str | None, typer.Option(help="Only these statuses (comma list).")] = None,
     mine: Annotated[bool, typer.Option("--mine", help="Only my jobs.")] = False,
     name: Annotated[str | None, typer.Option(help="Only jobs with this name.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the newest N jobs.")] = None,
+    limit: Annotated[int | None, typer.Option(help=f"Show N queued/held jobs (default "
+                                              f"{LS_HEAD}); with --all, the newest N jobs."
+                                              )] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs: queued and running by default."""
-    q = []
-    if all_:
-        q.append("all=1")
-    if status:
-        q.append(f"status={status}")
-    if mine:
-        q.append(f"owner={os.getuid()}")
-    if name:
-        from urllib.parse import quote
-
-        q.append(f"name={quote(name)}")
-    if limit:
-        q.append(f"limit={limit}")
-    try:
-        data = _client().get("/v1/jobs" + ("?" + "&".join(q) if q else ""))
-    except GpuschedError as err:
-        _fail(err)
-    if as_json:
-        render.emit_json(data)
-    elif not data:
-        typer.echo("no jobs" if all_ else "no queued or running jobs (ls --all shows ended ones)")
-    else:
-        typer.echo(render.jobs_table(data))
+    """List jobs: running ones and the head of the queue (planning order) by default, with a
+    line saying how many more are queued or held."""
+    run_list(all_=all_, status=status, mine=mine, name=name, limit=limit, as_json=as_json)
 
 
 @app.command()
@@ -1087,7 +939,12 @@ def simulate(
 
 
 def main() -> None:
-    app()
+    """``python -m gpusched.cli``: as the ``gpusched`` command (``gpusched.fastcli``), which
+    answers submit and ls without building this app."""
+    from gpusched.fastcli import run_fast
+
+    if not run_fast(sys.argv[1:]):
+        app()
 
 
 if __name__ == "__main__":

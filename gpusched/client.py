@@ -12,13 +12,14 @@ import os
 import socket
 import struct
 import time
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpusched import errors
 from gpusched.errors import DaemonUnavailable, GpuschedError
+
+if TYPE_CHECKING:  # pathlib costs ms at every CLI start
+    from collections.abc import Callable
+    from pathlib import Path
 
 #: how long the CLI keeps retrying a submission whose reply was lost (the daemon restarting)
 SUBMIT_RETRY_S = 10.0
@@ -141,7 +142,7 @@ class Client:
         with the same key again for up to ``retry_s``: the daemon returns the submission the
         first request made, so a retry never queues the work twice. A daemon that is not
         running at the first try is reported at once."""
-        key = key or uuid.uuid4().hex
+        key = key or os.urandom(16).hex()  # as uuid4().hex, without importing uuid
         headers = {"Idempotency-Key": key}
         deadline = time.monotonic() + retry_s
         delay, tries = 0.1, 0

@@ -22,10 +22,17 @@ import struct
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, urlparse
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from gpusched.clock import iso
 from gpusched.errors import (
@@ -48,6 +55,10 @@ log = logging.getLogger(__name__)
 LOG_CHUNK = 256 * 1024
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 MAX_IDS = 1000  # ?ids=...
+MAX_BATCH = 10_000  # jobs of one POST /v1/jobs/batch (--array, --from-file); = cli_submit.MAX_BATCH
+MAX_ARRAY_INDEX = 1_000_000
+MAX_HEAD = 100_000  # ?head=: queued/held rows of one listing page
+ARRAY_INDEX_ENV = "GPUSCHED_ARRAY_INDEX"  # each --array job's index, as SLURM_ARRAY_TASK_ID
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 STATUSES = frozenset(s.value for s in JobStatus)
@@ -71,6 +82,40 @@ class PipelineBody(BaseModel):
     base_dir: str  # the file's directory: relative paths resolve here
     mounts: list[Mount] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+
+
+class BatchBody(BaseModel):
+    """POST /v1/jobs/batch: one job per array index (``spec`` has the command; each job gets
+    GPUSCHED_ARRAY_INDEX) or one per command (``spec`` has none; ``lines``, the commands' line
+    numbers in the user's file, only label errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any]
+    array: list[Annotated[StrictInt, Field(ge=0, le=MAX_ARRAY_INDEX)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_BATCH)
+    commands: list[list[StrictStr]] | None = Field(default=None, min_length=1,
+                                                   max_length=MAX_BATCH)
+    lines: list[Annotated[StrictInt, Field(ge=1, le=MAX_ID)]] | None = None
+
+    def check(self) -> None:
+        """What pydantic's types do not say, as messages that say what to do."""
+        if (self.array is None) == (self.commands is None):
+            raise SpecError("a batch gives either array (indices, with spec.command) or "
+                            "commands (one per job, spec without command)")
+        if self.array is not None:
+            if len(set(self.array)) != len(self.array):
+                raise SpecError("--array lists an index twice: give each index once")
+            if "command" not in self.spec:
+                raise SpecError("an --array batch needs a command: `-- CMD [ARGS]...`")
+            env = self.spec.get("env")
+            if isinstance(env, dict) and ARRAY_INDEX_ENV in env:
+                raise SpecError(f"{ARRAY_INDEX_ENV} is set by gpusched for each job of an "
+                                "--array: do not set it (--env, --export)")
+        if self.commands is not None and "command" in self.spec:
+            raise SpecError("--from-file gives every job its command: the spec takes none")
+        if self.lines is not None and len(self.lines) != len(self.commands or []):
+            raise SpecError("a batch's lines give one line number per command")
 
 
 class DrainBody(BaseModel):
@@ -139,6 +184,7 @@ class Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/v1/gpus/(?P<ref>[^/]+)/resume"), "resume"),
         ("GET", re.compile(r"/v1/jobs"), "list_jobs"),
         ("POST", re.compile(r"/v1/jobs"), "submit"),
+        ("POST", re.compile(r"/v1/jobs/batch"), "submit_batch"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)"), "show"),
         ("GET", re.compile(r"/v1/jobs/(?P<id>\d+)/log"), "log"),
         ("POST", re.compile(r"/v1/jobs/(?P<id>\d+)/(?P<action>cancel|hold|release|requeue)"),
@@ -377,9 +423,9 @@ class Handler(BaseHTTPRequestHandler):
                            "request: use a new key for a new submission")
         return row
 
-    def do_submit(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
-        body = self._body()
-        idem = self._idempotency(body)
+    @staticmethod
+    def _job_spec(body: Any) -> JobSpec:
+        """A plain job's spec from a request body (pydantic's checks, then ours)."""
         spec = JobSpec.model_validate(body)
         if spec.kind != "job" or spec.stage is not None:
             # a TAO stage is built by the daemon (POST /v1/stages, pipelines): a forged kind
@@ -387,16 +433,57 @@ class Handler(BaseHTTPRequestHandler):
             # and the progress readers fields no validation ever saw
             raise SpecError("kind and stage are set by the daemon for TAO stages: queue a stage "
                             "with `gpusched tao` (POST /v1/stages) or a pipeline")
+        return spec
+
+    def _admitted(self, spec: JobSpec, uid: int) -> JobSpec:
+        """The spec as it will be stored, once the daemon's policy admits it."""
+        spec = self.server.service.with_notify_default(spec)
+        self.server.service.validate_spec(spec, uid)
+        return spec
+
+    def do_submit(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        body = self._body()
+        idem = self._idempotency(body)
+        spec = self._job_spec(body)
         svc = self.server.service
         if (prev := self._repeat(uid, idem)) is not None:
             return 200, {"id": prev["job_id"], "status": "held" if spec.hold else "queued"}
-        spec = svc.with_notify_default(spec)
-        svc.validate_spec(spec, uid)
+        spec = self._admitted(spec, uid)
         job_id, created = svc.store.submit_once(spec, owner_uid=uid, owner=user_name(uid),
                                                 now=svc.clock.now(), idempotency=idem)
         svc.daemon.wake()
         return 201 if created else 200, {"id": job_id,
                                          "status": "held" if spec.hold else "queued"}
+
+    def do_submit_batch(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """Many jobs in one request and one transaction (``--array``, ``--from-file``): each
+        validated exactly as POST /v1/jobs validates one, the first bad one refusing the
+        whole batch (nothing stored); an Idempotency-Key makes a retry return the same ids."""
+        body = self._body()
+        idem = self._idempotency(body)
+        req = BatchBody.model_validate(body)
+        req.check()
+        svc = self.server.service
+        items = _batch_items(req)
+        if (prev := self._repeat(uid, idem)) is not None:
+            if prev["job_id"] is None:
+                raise Conflict(f"{IDEMPOTENCY_HEADER} {prev['key']} was already used for a "
+                               "pipeline: use a new key for a new submission")
+            first, count = int(prev["job_id"]), int(prev["job_count"] or 1)
+            hold = self._job_spec(items[0][1]).hold
+            return 200, _batch_reply(list(range(first, first + count)), hold)
+        specs = []
+        for label, item in items:
+            try:
+                specs.append(self._admitted(self._job_spec(item), uid))
+            except ValidationError as err:
+                raise SpecError(f"{label}: {_validation_message(err)}") from err
+            except GpuschedError as err:
+                raise _relabel(err, label) from err
+        ids, created = svc.store.submit_many(specs, owner_uid=uid, owner=user_name(uid),
+                                             now=svc.clock.now(), idempotency=idem)
+        svc.daemon.wake()
+        return 201 if created else 200, _batch_reply(ids, specs[0].hold)
 
     def do_stage(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
         """Queue a TAO stage (``gpusched tao ...``): validated and built here, with the
@@ -473,6 +560,10 @@ class Handler(BaseHTTPRequestHandler):
         return out
 
     def do_list_jobs(self, uid: int, query: dict[str, str]) -> tuple[int, Any]:
+        """The jobs a filter matches: a list (every match, or the newest ``?limit=``), or with
+        ``?head=N`` one page, ``{"jobs": [...], "more": {status: count left out}}``: the
+        starting/running/unknown jobs, the first N queued/held ones in planning order (and of
+        ended statuses asked for, the newest N). Views are built only for the rows returned."""
         svc = self.server.service
         statuses = None
         if query.get("status"):
@@ -485,13 +576,22 @@ class Handler(BaseHTTPRequestHandler):
             raise SpecError(f"bad ?all={query['all'][:20]!r}: give 1 or 0")
         elif query.get("all") not in ("1", "true"):
             statuses = ["queued", "held", "starting", "running", "unknown"]
-        rows = svc.store.list_jobs(statuses=statuses, ids=self._ids(query),
-                                   name=query.get("name") or None,
-                                   owner_uid=self._int(query, "owner"),
-                                   limit=self._int(query, "limit", minimum=1))
+        head = self._int(query, "head", minimum=1)
+        filters: dict[str, Any] = {"ids": self._ids(query), "name": query.get("name") or None,
+                                   "owner_uid": self._int(query, "owner")}
+        more: dict[str, int] | None = None
+        if head is not None:
+            if head > MAX_HEAD:
+                raise SpecError(f"bad ?head={head}: at most {MAX_HEAD:,} rows a page")
+            rows, more = svc.store.list_page(statuses=statuses or sorted(STATUSES), head=head,
+                                             **filters)
+        else:
+            rows = svc.store.list_jobs(statuses=statuses,
+                                       limit=self._int(query, "limit", minimum=1), **filters)
         waiting = self._waiting_reasons(rows)
-        return 200, [{**v.model_dump(), "waiting_reason": waiting.get(v.id)}
-                     for v in self._views(uid, rows)]
+        jobs = [{**v.model_dump(), "waiting_reason": waiting.get(v.id)}
+                for v in self._views(uid, rows)]
+        return 200, jobs if more is None else {"jobs": jobs, "more": more}
 
     def _waiting_reasons(self, rows: list[Row]) -> dict[int, str]:
         """Why each queued job waits: the planner's reason, or, for the jobs it does not
@@ -635,11 +735,14 @@ class Handler(BaseHTTPRequestHandler):
         """One frame for `gpusched top`: GPUs, active jobs with progress, the queue's head."""
         svc = self.server.service
         gpus = [g.model_dump() for g in svc.daemon.gpu_states()]
-        rows = svc.store.list_jobs(statuses=["starting", "running", "unknown", "queued", "held"])
-        waiting = self._waiting_reasons(rows[:200])
+        # the active jobs and the head of the queue (not all 100,000 queued rows)
+        rows, _ = svc.store.list_page(
+            statuses=["starting", "running", "unknown", "queued", "held"], head=200)
+        rows = rows[:200]
+        waiting = self._waiting_reasons(rows)
         starts = svc.queue_starts(rows)
         jobs = []
-        for v in self._views(uid, rows[:200]):
+        for v in self._views(uid, rows):
             d = v.model_dump()
             d["waiting_reason"] = _with_start(waiting.get(v.id), starts.get(v.id))
             d["expected_start_s"] = starts.get(v.id)
@@ -676,6 +779,37 @@ def _with_start(reason: str | None, start_s: float | None) -> str | None:
     mins = start_s / 60
     when = f"{start_s:.0f} s" if start_s < 120 else f"{mins:.0f} min"
     return f"{reason}; expected to start in about {when}"
+
+
+def _batch_items(req: BatchBody) -> list[tuple[str, dict[str, Any]]]:
+    """(label for errors, single-submission body) of each job of a batch."""
+    out = []
+    for k in range(len(req.array or req.commands or [])):
+        item = dict(req.spec)
+        if req.array is not None:
+            label = f"array index {req.array[k]}"
+            env = item.get("env", {})
+            if isinstance(env, dict):  # anything else: JobSpec says what is wrong
+                item["env"] = {**env, ARRAY_INDEX_ENV: str(req.array[k])}
+        else:
+            assert req.commands is not None
+            label = f"line {req.lines[k]}" if req.lines is not None else f"command {k + 1}"
+            item["command"] = req.commands[k]
+        out.append((label, item))
+    return out
+
+
+def _batch_reply(ids: list[int], hold: bool) -> dict[str, Any]:
+    return {"ids": ids, "count": len(ids), "first": ids[0], "last": ids[-1],
+            "status": "held" if hold else "queued"}
+
+
+def _relabel(err: GpuschedError, label: str) -> GpuschedError:
+    """The same error, naming the batch's job it is about."""
+    try:
+        return type(err)(f"{label}: {err.message}")
+    except TypeError:
+        return SpecError(f"{label}: {err.message}")
 
 
 def _validation_message(err: ValidationError) -> str:

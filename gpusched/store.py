@@ -33,6 +33,10 @@ from gpusched.states import ACTIVE, ALLOWED_FROM, JobStatus
 
 Row = dict[str, Any]
 FAILED_STATUSES = frozenset({"failed", "cancelled", "lost"})
+#: the planner's order of the queue (daemon.runnable), served by the jobs_queue_order index
+QUEUE_ORDER = "priority DESC, submitted_at, id"
+#: statuses a paged listing always shows whole: the jobs that hold or may hold GPUs
+ACTIVE_LISTED = ("starting", "running", "unknown")
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -227,16 +231,26 @@ def _v7(db: sqlite_utils.Database) -> None:
     db["attempts"].add_column("slurm_job_id", str)  # type: ignore[union-attr]
 
 
-def _v8(db: sqlite_utils.Database) -> None:
-    """The queue in planning order as an index: the tick reads the head of the queue (the
-    plan window) by walking it, instead of sorting every queued row each tick."""
-    db.executescript("CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs"
-                     "(status, priority DESC, submitted_at, id);")
+def _v8_batches_and_queue_order(db: sqlite_utils.Database) -> None:
+    """Bulk submission and a paged ``ls`` (issue 15): a batch's idempotency key remembers how
+    many jobs it made (its first job is ``job_id``, the others follow it); the queue's planning
+    order (priority, submission) and each owner's jobs are indexed, so the head of a 100,000-job
+    queue and its counts are read without sorting or scanning it. Written to be safe to apply
+    under another number (IF NOT EXISTS, the column only where missing)."""
+    if "job_count" not in db["submissions"].columns_dict:
+        db["submissions"].add_column("job_count", int)  # type: ignore[union-attr]
+    db.executescript(
+        """
+        CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs(status, priority DESC,
+                                                             submitted_at, id);
+        CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs(owner_uid, status);
+        """
+    )
 
 
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7,
-                                                             _v8]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8_batches_and_queue_order]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -583,6 +597,32 @@ class Store:
                              (owner_uid, idempotency[0], idempotency[1], job_id, now))
         return job_id, True
 
+    def submit_many(self, specs: Sequence[JobSpec], *, owner_uid: int, owner: str, now: float,
+                    idempotency: tuple[str, str] | None = None) -> tuple[list[int], bool]:
+        """Insert every job of a batch (``--array``, ``--from-file``) in ONE transaction: all
+        of them or, on any error, none. Their ids are consecutive (one writer, AUTOINCREMENT
+        inside one transaction). With ``idempotency`` a key this uid already used returns that
+        batch's ids instead. Returns (job ids, created)."""
+        if not specs:
+            raise SpecError("a batch needs at least one job")
+        with self.write() as conn:
+            # each job exactly as a single submission stores it, joined to this transaction;
+            # the first one also checks and records the key
+            first, created = self.submit_once(specs[0], owner_uid=owner_uid, owner=owner,
+                                              now=now, idempotency=idempotency)
+            if not created:
+                assert idempotency is not None
+                prev = self._submission(conn, owner_uid, idempotency[0]) or {}
+                return list(range(first, first + int(prev.get("job_count") or 1))), False
+            ids = [first] + [self.submit_once(spec, owner_uid=owner_uid, owner=owner, now=now)[0]
+                             for spec in specs[1:]]
+            if ids != list(range(first, first + len(ids))):  # never: one writer holds the lock
+                raise StoreError(f"a batch's job ids are not consecutive ({first}..{ids[-1]})")
+            if idempotency is not None:
+                conn.execute("UPDATE submissions SET job_count = ? WHERE owner_uid = ? AND"
+                             " key = ?", (len(ids), owner_uid, idempotency[0]))
+        return ids, True
+
     @staticmethod
     def _submission(conn: sqlite3.Connection, owner_uid: int, key: str) -> Row | None:
         cur = conn.execute("SELECT * FROM submissions WHERE owner_uid = ? AND key = ?",
@@ -635,11 +675,59 @@ class Store:
         self, *, statuses: Iterable[str] | None = None, owner_uid: int | None = None,
         name: str | None = None, limit: int | None = None, ids: Iterable[int] | None = None,
     ) -> list[Row]:
+        """Matching jobs in id order (``limit``: the newest N of them)."""
         clause, params = _where(status=statuses, owner_uid=owner_uid, name=name, id=ids)
         sql = f"SELECT * FROM jobs WHERE {clause} ORDER BY id"
         if limit:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
         return self.query(sql, params)
+
+    def list_page(
+        self, *, statuses: Iterable[str], head: int, owner_uid: int | None = None,
+        name: str | None = None, ids: Iterable[int] | None = None,
+    ) -> tuple[list[Row], dict[str, int]]:
+        """One page of a listing (``gpusched ls``): every matching starting, running and
+        unknown job (id order); then queued, then held jobs in the planner's order (priority,
+        submission; the jobs_queue_order index) up to ``head`` rows; then ended ones, newest
+        first, up to ``head``. Only the rows returned are read whole; the rest are counted:
+        returns (rows, status -> how many matching jobs of that status were left out)."""
+        wanted = list(dict.fromkeys(statuses))
+        ids = list(ids) if ids is not None else None
+
+        def select(status: str | list[str], order: str, limit: int | None = None) -> list[Row]:
+            clause, params = _where(status=status, owner_uid=owner_uid, name=name, id=ids)
+            return self.query(f"SELECT * FROM jobs WHERE {clause} ORDER BY {order}"
+                              + (f" LIMIT {int(limit)}" if limit is not None else ""), params)
+
+        active = [s for s in wanted if s in ACTIVE_LISTED]
+        rows = select(active, "id") if active else []
+        shown: dict[str, int] = {}
+        room = head
+        for status in ("queued", "held"):
+            if status in wanted and room > 0:
+                page = select(status, QUEUE_ORDER, room)
+                rows += page
+                shown[status] = len(page)
+                room -= len(page)
+        ended = [s for s in wanted if s not in ACTIVE_LISTED and s not in ("queued", "held")]
+        if ended:
+            page = select(ended, "id DESC", head)
+            rows += page
+            for r in page:
+                shown[r["status"]] = shown.get(r["status"], 0) + 1
+        paged = [s for s in wanted if s not in ACTIVE_LISTED]
+        counts = (self.count_jobs(statuses=paged, owner_uid=owner_uid, name=name, ids=ids)
+                  if paged else {})
+        more = {s: n - shown.get(s, 0) for s, n in counts.items() if n > shown.get(s, 0)}
+        return rows, more
+
+    def count_jobs(self, *, statuses: Iterable[str] | None = None,
+                   owner_uid: int | None = None, name: str | None = None,
+                   ids: Iterable[int] | None = None) -> dict[str, int]:
+        """status -> number of matching jobs (from the status indexes; no row is read)."""
+        clause, params = _where(status=statuses, owner_uid=owner_uid, name=name, id=ids)
+        return {r["status"]: r["n"] for r in self.query(
+            f"SELECT status, count(*) AS n FROM jobs WHERE {clause} GROUP BY status", params)}
 
     def last_event_id(self) -> int:
         rows = self.query("SELECT max(id) AS id FROM job_events")

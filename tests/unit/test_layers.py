@@ -17,7 +17,8 @@ LAYERS: dict[str, int] = {
     "daemon": 5, "service": 5, "server": 5, "client": 5, "stages": 5, "pipeline_runner": 5,
     "admin": 5, "notifier": 5,
     "metrics": 5,
-    "cli": 6, "render": 6, "reports": 6, "top": 6, "demo": 6,
+    "cli": 6, "cli_submit": 6, "cli_list": 6, "fastcli": 6, "render": 6, "reports": 6,
+    "top": 6, "demo": 6,
 }
 OWNERS = {"sqlite_utils": {"store"}, "pynvml": {"gpus"}, "docker": {"runners"},
           "subprocess": {"runners"}}
