@@ -21,6 +21,7 @@ Pure layer-3 code (models, scheduling, speedmodel, throughput, traces); SciPy on
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import itertools
 import json
@@ -34,7 +35,15 @@ from typing import Any, cast
 
 from gpusched.errors import GpuschedError, SpecError
 from gpusched.models import GpuRequest
-from gpusched.scheduling import POLICIES, GpuSlot, PlacementPolicy, QueuedJob, plan
+from gpusched.scheduling import (
+    MAX_WAIT_FOR_FASTER_S,
+    POLICIES,
+    WAITS_FOR_FASTER,
+    GpuSlot,
+    PlacementPolicy,
+    QueuedJob,
+    plan,
+)
 from gpusched.speedmodel import SpeedModel
 from gpusched.throughput import SetStats, gpu_set_key, summarize
 from gpusched.traces import Trace, TraceJob, load_trace
@@ -154,6 +163,7 @@ class _Engine:
         self.wakes: set[float] = set()
         self.plan_ms: list[float] = []
         self.last_waiting: dict[int, str] = {}  # the latest plan's reasons, for a deadlock
+        self.waiting_since: dict[int, float] = {}  # waiting for another GPU since (as the daemon)
         for jid, j in self.by_id.items():
             self._push(j.submit_s, _SUBMIT, jid)
 
@@ -280,11 +290,18 @@ class _Engine:
         runnable = [self.queued[j] for j in self.waiting if all(a in self.done for a in self.after[j])]
         if not runnable:
             return
+        # as the daemon's tick: the wait for another GPU is bounded in all, not per pass
+        for i, job in enumerate(runnable):
+            since = self.waiting_since.get(job.id)
+            if since is not None and now - since > MAX_WAIT_FOR_FASTER_S and job.may_wait:
+                runnable[i] = self.queued[job.id] = dataclasses.replace(job, may_wait=False)
         slots = self._slots(now)
         t0 = time.perf_counter()
         result = plan(runnable, slots, now, policy=self.policy, model=self.model)
         self.plan_ms.append((time.perf_counter() - t0) * 1000)
         self.last_waiting = result.waiting
+        self.waiting_since = {j: self.waiting_since.get(j, now) for j, why in result.waiting.items()
+                              if why.startswith(WAITS_FOR_FASTER)}
         for p in result.placements:
             self._start(p.job_id, p.gpu_uuids, now)
         if result.impossible:
