@@ -52,7 +52,6 @@ class QueuedJob:
     epochs: int | None = None  # epochs of work left (training); with the model: a run time
     short: bool = False  # evaluate/prune/export: leaves the fast GPUs to training
     may_wait: bool = True  # False once it waited MAX_WAIT_FOR_FASTER_S for a faster GPU in all
-    ready_at: float | None = None  # when it became runnable (its last ``after`` job ended)
 
 
 @dataclass(frozen=True)
@@ -103,12 +102,7 @@ SHORT_HEAD_START_S = 3600.0
 
 
 def throughput_order_key(job: QueuedJob) -> tuple[int, float, int]:
-    """Priority, then first come first served by when the job became runnable (a pipeline's
-    later stage queues from its upstream's end, not from the pipeline's submission, so it does
-    not jump another user's job that waited all along), short stages with a bounded head start.
-    The key of a runnable job never changes, so FCFS by it starves nobody."""
-    ready = job.submitted_at if job.ready_at is None else max(job.submitted_at, job.ready_at)
-    return (-job.priority, ready - (SHORT_HEAD_START_S if job.short else 0.0), job.id)
+    return (-job.priority, job.submitted_at - (SHORT_HEAD_START_S if job.short else 0.0), job.id)
 
 
 def _plural(n: int, word: str = "GPU") -> str:

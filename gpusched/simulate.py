@@ -290,11 +290,8 @@ class _Engine:
         runnable = [self.queued[j] for j in self.waiting if all(a in self.done for a in self.after[j])]
         if not runnable:
             return
+        # as the daemon's tick: the wait for another GPU is bounded in all, not per pass
         for i, job in enumerate(runnable):
-            if job.ready_at is None:  # runnable from its last dependency's end
-                ready = max([job.submitted_at, *(self.records[a].end_s for a in self.after[job.id])])
-                runnable[i] = job = self.queued[job.id] = dataclasses.replace(job, ready_at=ready)
-            # as the daemon's tick: the wait for another GPU is bounded in all, not per pass
             since = self.waiting_since.get(job.id)
             if since is not None and now - since > MAX_WAIT_FOR_FASTER_S and job.may_wait:
                 runnable[i] = self.queued[job.id] = dataclasses.replace(job, may_wait=False)

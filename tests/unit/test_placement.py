@@ -3,7 +3,6 @@ policy of ``scheduling.plan``, with examples for each rule and properties over r
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 import re
@@ -388,21 +387,3 @@ def test_a_job_that_waited_long_enough_takes_the_free_gpu() -> None:
     busy = box(a={"job": 9, "until": 600.0})
     got = plan([q(1, workload="train", epochs=80, may_wait=False)], busy, 0.0, model=seed_model())
     assert [p.gpu_uuids for p in got.placements] == [("GPU-1",)]
-
-
-def test_a_later_stage_queues_from_when_it_became_runnable() -> None:
-    """Under throughput a pipeline's retrain (submitted at 0, runnable at 3000) does not jump
-    another user's train that has waited since 600; without ``ready_at`` (a caller that does
-    not know it) the submission time decides, as under fifo."""
-    one = box(b={"job": 9, "until": 9000.0})
-    retrain = QueuedJob(id=1, priority=0, submitted_at=0.0, request=GpuRequest(),
-                        workload="train", epochs=80, ready_at=3000.0)
-    other = QueuedJob(id=2, priority=0, submitted_at=600.0, request=GpuRequest(),
-                      workload="train", epochs=80)
-    got = plan([retrain, other], one, 3000.0, model=seed_model())
-    assert [p.job_id for p in got.placements] == [2]
-    got = plan([dataclasses.replace(retrain, ready_at=None), other], one, 3000.0,
-               model=seed_model())
-    assert [p.job_id for p in got.placements] == [1]
-    got = plan([retrain, other], one, 3000.0, model=seed_model(), policy="fifo")
-    assert [p.job_id for p in got.placements] == [1]

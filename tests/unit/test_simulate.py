@@ -66,21 +66,17 @@ def test_an_elastic_request_gangs_under_fifo() -> None:
     assert by_key(r) == {"j": (0.0, pytest.approx(1000.0), (0, 1))}
 
 
-def test_dependencies_are_respected_and_the_order_is_first_come_first_served_once_runnable() -> None:
+def test_dependencies_are_respected_and_the_order_is_first_come_first_served() -> None:
     t = tiny('{ id = "a", submit = 0, duration_s = 100 },\n'
              '{ id = "b", submit = 0, duration_s = 50, after = ["a"] },\n'
              '{ id = "c", submit = 0, duration_s = 30 },', box='["A"]')
-    r = simulate(t, "ab", "fifo")
-    # a first (file order breaks the tie), then b (listed before c) once a is done, then c
-    assert by_key(r) == {"a": (0.0, 100.0, (0,)), "b": (100.0, 150.0, (0,)),
-                         "c": (150.0, 180.0, (0,))}
-    assert r.makespan_s == 180.0
-    assert r.mean_jct_s == pytest.approx((100 + 150 + 180) / 3)
-    # throughput queues b from a's end (100), behind c, which has waited since 0
-    r = simulate(t, "ab", "throughput")
-    assert by_key(r) == {"a": (0.0, 100.0, (0,)), "c": (100.0, 130.0, (0,)),
-                         "b": (130.0, 180.0, (0,))}
-    assert r.mean_jct_s == pytest.approx((100 + 130 + 180) / 3)
+    for policy in ("fifo", "throughput"):
+        r = simulate(t, "ab", policy)
+        # a first (file order breaks the tie), then b (listed before c) once a is done, then c
+        assert by_key(r) == {"a": (0.0, 100.0, (0,)), "b": (100.0, 150.0, (0,)),
+                             "c": (150.0, 180.0, (0,))}, policy
+        assert r.makespan_s == 180.0
+        assert r.mean_jct_s == pytest.approx((100 + 150 + 180) / 3)
 
 
 def test_a_gang_waits_for_both_gpus_and_is_not_starved_by_a_long_single() -> None:
