@@ -155,7 +155,7 @@ def jct_bound(trace: Trace, box: str) -> float:
     return (best - sum(j.submit_s for j in trace.jobs)) / len(trace.jobs)
 
 
-def exact_makespan(trace: Trace, box: str, time_limit_s: float = 600.0) -> tuple[float, bool]:
+def exact_makespan(trace: Trace, box: str, time_limit_s: float = 300.0) -> tuple[float, bool]:
     """The optimal non-preemptive makespan (minutes from the first submission) by a MILP with
     SciPy's HiGHS (``milp``), and whether HiGHS proved it optimal within the time limit (else it
     is the best schedule found). Variables: a start per job, a 0/1 choice of GPU set per job, and
