@@ -394,6 +394,39 @@ def _wait_for_faster(job: QueuedJob, now_best: _Option, slots: Sequence[GpuSlot]
     return o, why
 
 
+def _wait_for_slower(job: QueuedJob, now_best: _Option, slots: Sequence[GpuSlot],
+                     taken: dict[str, int], model: SpeedModel, now: float,
+                     long_waits: bool) -> tuple[_Option, str] | None:
+    """A short stage whose only free choice is faster than a busy GPU that frees within the
+    stage's own run time waits for that slower GPU when a long job waits that could use the
+    fast one now: the fast card goes to training, and the short stage loses at most its own
+    run time. It then holds the reservation, so the usual backfill rule applies; an
+    overrunning holder's end is unknown, and nobody waits on it."""
+    req = job.request
+    if (not job.short or not long_waits or not job.may_wait or job.est_runtime_s is None
+            or req.ids is not None or req.count_max is not None or req.count != 1):
+        return None
+    found: tuple[float, float, GpuSlot] | None = None
+    for s in slots:
+        if (s.uuid in taken or not s.usable or not _type_ok(s, req.gpu_type)
+                or s.memory_total_mib < (req.mem_mib or 0) or s.has_foreign
+                or s.allocated_to in (None, ORPHAN_HOLDER) or s.busy_until is None
+                or not now < s.busy_until <= now + job.est_runtime_s):
+            continue
+        factor = model.predict(job.workload, [s.name]).factor
+        if factor <= now_best.factor:
+            continue
+        if found is None or (s.busy_until, -factor) < found[:2]:
+            found = (s.busy_until, -factor, s)
+    if found is None:
+        return None
+    target = _Option((found[2],), -found[1], None, found[0])
+    why = (f"{WAITS_FOR_FASTER}{set_label(target.gpus)} (slower), free in "
+           f"{fmt_duration(found[0] - now)}: a short stage leaves {set_label(now_best.gpus)} to a "
+           "waiting training job")
+    return target, why
+
+
 def _wait_reason(
     job: QueuedJob,
     slots: Sequence[GpuSlot],
@@ -486,7 +519,9 @@ def plan(
     gets the single reservation; later jobs backfill around it (see ``_may_backfill``).
     Under ``throughput`` a job takes the free set the speed model expects to finish it soonest
     (see ``_pick``), and a long job may instead wait for a busier, faster set: it then holds the
-    reservation, so the same backfill rule keeps everyone else moving and nobody starves.
+    reservation, so the same backfill rule keeps everyone else moving and nobody starves. A
+    short stage whose only free GPU is faster than one that frees within its own run time waits
+    for that slower one when a training job could use the fast GPU now (``_wait_for_slower``).
     The result depends only on the contents of ``jobs`` and ``gpus``, never on their order.
     """
     slots = sorted(gpus, key=lambda s: (s.index, s.uuid))
@@ -523,6 +558,17 @@ def plan(
                 if named:  # its GPUs are all among the free ones: split to leave them
                     return True
             elif sum(_placeable(s, o.request, foreign_policy) for s in free) >= o.request.count:
+                return True
+        return False
+
+    def long_waits(job: QueuedJob, best: _Option) -> bool:
+        """Does a long (not short) job wait that could start on ``best``'s GPUs now?"""
+        free = list(best.gpus)
+        for o in jobs:
+            if o.short or o.id == job.id or o.id in decided or o.request.ids is not None:
+                continue
+            if o.request.count <= len(free) and sum(
+                    _placeable(g, o.request, foreign_policy) for g in free) >= o.request.count:
                 return True
         return False
 
@@ -574,6 +620,9 @@ def plan(
             if reservation is None:
                 later = _wait_for_faster(job, best, slots, taken, req, list(req.counts), speed,
                                          foreign_policy, now)
+            if reservation is None and later is None and job.short:
+                later = _wait_for_slower(job, best, slots, taken, speed, now,
+                                         long_waits(job, best))
             if later is not None:
                 target, text = later
                 waiting[job.id] = text

@@ -20,7 +20,10 @@ Pure layer-3 code (models, scheduling, speedmodel, throughput, traces); SciPy on
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import heapq
+import itertools
 import json
 import statistics
 import time
@@ -32,7 +35,15 @@ from typing import Any, cast
 
 from gpusched.errors import GpuschedError, SpecError
 from gpusched.models import GpuRequest
-from gpusched.scheduling import POLICIES, GpuSlot, PlacementPolicy, QueuedJob, plan
+from gpusched.scheduling import (
+    MAX_WAIT_FOR_FASTER_S,
+    POLICIES,
+    WAITS_FOR_FASTER,
+    GpuSlot,
+    PlacementPolicy,
+    QueuedJob,
+    plan,
+)
 from gpusched.speedmodel import SpeedModel
 from gpusched.throughput import SetStats, gpu_set_key, summarize
 from gpusched.traces import Trace, TraceJob, load_trace
@@ -78,11 +89,13 @@ class Bound:
     ``lp_s``: the LP relaxation over all jobs. ``release_lp_s``: the best of ``t + LP(jobs that
     cannot start before t)`` over cut-offs t (t = the first submission is ``lp_s``).
     ``critical_path_s``: the latest of submit + fastest durations along a dependency chain.
-    ``value_s``: the largest of them."""
+    ``window_lp_s``: the least T whose time-indexed LP, each job inside its window between
+    release and T − its tail, is feasible. ``value_s``: the largest of them."""
 
     lp_s: float
     release_lp_s: float
     critical_path_s: float
+    window_lp_s: float
     value_s: float
 
 
@@ -150,6 +163,7 @@ class _Engine:
         self.wakes: set[float] = set()
         self.plan_ms: list[float] = []
         self.last_waiting: dict[int, str] = {}  # the latest plan's reasons, for a deadlock
+        self.waiting_since: dict[int, float] = {}  # waiting for another GPU since (as the daemon)
         for jid, j in self.by_id.items():
             self._push(j.submit_s, _SUBMIT, jid)
 
@@ -276,11 +290,18 @@ class _Engine:
         runnable = [self.queued[j] for j in self.waiting if all(a in self.done for a in self.after[j])]
         if not runnable:
             return
+        # as the daemon's tick: the wait for another GPU is bounded in all, not per pass
+        for i, job in enumerate(runnable):
+            since = self.waiting_since.get(job.id)
+            if since is not None and now - since > MAX_WAIT_FOR_FASTER_S and job.may_wait:
+                runnable[i] = self.queued[job.id] = dataclasses.replace(job, may_wait=False)
         slots = self._slots(now)
         t0 = time.perf_counter()
         result = plan(runnable, slots, now, policy=self.policy, model=self.model)
         self.plan_ms.append((time.perf_counter() - t0) * 1000)
         self.last_waiting = result.waiting
+        self.waiting_since = {j: self.waiting_since.get(j, now) for j, why in result.waiting.items()
+                              if why.startswith(WAITS_FOR_FASTER)}
         for p in result.placements:
             self._start(p.job_id, p.gpu_uuids, now)
         if result.impossible:
@@ -396,30 +417,142 @@ def _lp(trace: Trace, box: str, jobs: Sequence[TraceJob]) -> float:
     return float(res.x[0])
 
 
+def _chains(trace: Trace, box: str) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per job: its fastest duration, its earliest start es (submit, and every ``after`` job
+    ended at the earliest, at its fastest) and its tail q (the longest chain of fastest
+    durations that must still run after it ends)."""
+    fast = {j.key: _fastest(trace, box, j) for j in trace.jobs}
+    es: dict[str, float] = {}
+    pending = list(trace.jobs)  # sorted by submit time, not by dependency: settle in rounds
+    while pending:
+        rest = []
+        for j in pending:
+            if all(a in es for a in j.after):
+                es[j.key] = max([j.submit_s, *(es[a] + fast[a] for a in j.after)])
+            else:
+                rest.append(j)
+        if len(rest) == len(pending):
+            raise SimulationError("the trace's `after` jobs form a cycle")
+        pending = rest
+    tail = {j.key: 0.0 for j in trace.jobs}
+    for j in sorted(trace.jobs, key=lambda j: -es[j.key]):  # children start later: done first
+        for a in j.after:
+            tail[a] = max(tail[a], fast[j.key] + tail[j.key])
+    return fast, es, tail
+
+
+def _window_feasible(trace: Trace, box: str, es: dict[str, float], tail: dict[str, float],
+                     grid: list[float], t_end: float) -> bool:
+    """Could all jobs fit before ``t_end``, fractionally, each inside its window?
+
+    The time line is cut at ``grid`` (and ``t_end``) into intervals. Variable y(j, c, k): the
+    share of job j's work done on set c during interval k, only for intervals inside j's
+    window [es(j), t_end − tail(j)] widened outward to the grid. Rows: Σ y = 1 per job; per
+    interval and GPU model, card-seconds ≤ cards × length; per job (class) and interval, the
+    seconds it runs ≤ length × its jobs (one job runs on one set at a time)."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_array
+
+    cuts = sorted({g for g in grid if g < t_end} | {t_end})
+    spans = list(itertools.pairwise(cuts))
+
+    def first(t: float) -> int:  # the interval that holds t, rounding the window outward
+        return max(0, bisect.bisect_right(cuts, t) - 1)
+
+    def last(t: float) -> int:
+        return min(len(spans) - 1, bisect.bisect_left(cuts, t) - 1)
+
+    classes: dict[tuple[Any, ...], list[TraceJob]] = defaultdict(list)
+    for j in trace.jobs:
+        lo, hi = first(es[j.key]), last(t_end - tail[j.key])
+        if hi < lo:
+            return False
+        classes[(j.workload if j.epochs is not None else None, j.gpus_min, j.gpus_max,
+                  j.mem_mib, lo, hi)].append(j)
+    models = sorted(set(trace.boxes[box]))
+    cards = {m: trace.boxes[box].count(m) for m in models}
+    cap_rows, cap_cols, cap_vals = [], [], []
+    eq_rows, eq_cols, eq_vals = [], [], []
+    n = 0
+    own_rows: list[int] = []
+    own_cols: list[int] = []
+    own_vals: list[float] = []
+    own_cap: list[float] = []
+    # y is the share of the class's work (Σ = 1) and time is in hours: HiGHS then sees
+    # coefficients of one scale whatever the trace's units
+    for ci, ((*_, lo, hi), group) in enumerate(classes.items()):
+        job = group[0]
+        work = sum(j.epochs if j.epochs is not None else (j.duration_s or 0.0) for j in group)
+        for k in range(lo, hi + 1):
+            length = (spans[k][1] - spans[k][0]) / 3600.0
+            row = len(own_cap)
+            own_cap.append(length * len(group))
+            for config in _configs(trace, box, job):
+                unit = _unit(trace, job, config) * work / 3600.0
+                eq_rows.append(ci)
+                eq_cols.append(n)
+                eq_vals.append(1.0)
+                own_rows.append(row)
+                own_cols.append(n)
+                own_vals.append(unit)
+                for m in set(config):
+                    cap_rows.append(k * len(models) + models.index(m))
+                    cap_cols.append(n)
+                    cap_vals.append(unit * config.count(m))
+                n += 1
+    if n == 0:
+        return True
+    cap = [(b - a) / 3600.0 * cards[m] for a, b in spans for m in models]
+    a_ub = coo_array((cap_vals + own_vals,
+                      (cap_rows + [len(cap) + r for r in own_rows], cap_cols + own_cols)),
+                     shape=(len(cap) + len(own_cap), n))
+    a_eq = coo_array((eq_vals, (eq_rows, eq_cols)), shape=(len(classes), n))
+    res = linprog([0.0] * n, A_ub=a_ub, b_ub=cap + own_cap, A_eq=a_eq, b_eq=[1.0] * len(classes),
+                  bounds=(0, None), method="highs")
+    # only an infeasibility HiGHS proves raises the bound; anything else (numerical trouble)
+    # counts as feasible, which can only make the bound weaker, never wrong
+    return bool(res.status != 2)
+
+
 def lower_bound(trace: Trace, box: str) -> Bound:
     """A lower bound on the makespan of any non-preemptive schedule of ``trace`` on ``box``.
 
     Makespan counts from the first submission t0. Let a configuration of a job be a multiset of
     GPU models with as many cards as its request allows (1..max for elastic ones, only cards
-    with the memory it asks for), and d(j, c) the job's TRUE duration there.
+    with the memory it asks for), and d(j, c) the job's TRUE duration there; fast(j) = min_c
+    d(j, c). Every schedule respects three things the bound builds on: no job starts before its
+    submission, none before its ``after`` jobs have ended, and each job runs once, on one set.
 
+    * Earliest start and tail: es(j) = max(submit(j), max over after-jobs a of es(a) +
+      fast(a)) is the earliest j can start; tail(j), the longest chain of fast() over the jobs
+      that wait (transitively) for j, must still run after j ends.
     * LP relaxation (``lp_s``): variables y(j, c) ≥ 0, the share of job j's work done on c;
       Σ_c y(j, c) = 1 for each job; for each GPU model m with n_m cards,
       Σ_{j,c} y(j, c) · d(j, c) · c_m ≤ n_m · T, where c_m counts m's cards in c; minimise T.
       Any real schedule gives a feasible point (its shares are 0/1 and every card is busy at
       most makespan), so T ≤ makespan. This is the issue's "total work spread over the GPUs'
       throughput", with each job's best mix of sets. Per-model capacity equals per-card
-      capacity here: identical cards are interchangeable in a fractional solution, so any
-      per-model solution spreads evenly over the cards. Solved with SciPy's HiGHS.
-    * Release refinement (``release_lp_s``): no job can start before es(j), its submit time or
-      the earliest end of its ``after`` jobs (below), so for any t, makespan ≥ t − t0 +
-      T_LP(jobs with es(j) ≥ t). Solved for up to ``MAX_CUTOFFS`` evenly spread es values.
-    * Critical path (``critical_path_s``): ec(j) = max(submit(j), max over after-jobs a of
-      ec(a)) + min_c d(j, c) is the earliest j can end; makespan ≥ max_j ec(j) − t0.
+      capacity here: identical cards are interchangeable in a fractional solution.
+    * Release refinement (``release_lp_s``): for any t, makespan ≥ t − t0 + T_LP(jobs with
+      es(j) ≥ t). Solved for up to ``MAX_CUTOFFS`` evenly spread es values.
+    * Critical path (``critical_path_s``): max_j es(j) + fast(j) − t0.
+    * Windowed LP (``window_lp_s``): for a candidate end T, cut time at the es values and the
+      T − tail values (at most ``MAX_CUTOFFS`` of each, windows widened outward to the cuts);
+      y(j, c, k) is the share of j's work on c in interval k, allowed only inside j's window
+      [es(j), T − tail(j)]; each interval's card-seconds per GPU model ≤ cards × its length,
+      and each job runs at most the interval's length in it (it is on one set at a time).
+      A schedule of makespan M ≤ T − t0 keeps every job inside its window (it starts after
+      es(j) and leaves time for its tail), so its overlaps with the intervals are a feasible
+      point: an infeasible LP at T proves makespan > T − t0, and feasibility only grows with
+      T. The largest T proven infeasible, by bisection to 1 s, is the bound. It sees what the
+      plain LP cannot: a GPU that must idle while the only released job runs on the other,
+      stages that cannot start before their pipeline's train ends, and the tail after the
+      last long job.
 
-    ``value_s`` is the largest of the three. It ignores that a job cannot be split across sets
-    or run on two at once, so the true optimum may lie well above it; a ratio near 1 proves a
-    schedule near-optimal, a larger one does not prove it poor.
+    ``value_s`` is the largest of them. It still lets a job run split over sets and lets a
+    stage overlap its own upstream within one interval, so the true optimum may lie above it;
+    a ratio near 1 proves a schedule near-optimal, a larger one does not prove it poor.
+    Solved with SciPy's HiGHS (``linprog``).
     """
     try:
         import scipy  # noqa: F401
@@ -427,31 +560,44 @@ def lower_bound(trace: Trace, box: str) -> Bound:
         raise GpuschedError("the lower bound needs SciPy: pip install 'tao-gpusched[sim]'") from err
     jobs = trace.jobs
     t0 = min(j.submit_s for j in jobs)
-    ends: dict[str, float] = {}
-    starts: dict[str, float] = {}
-    pending = list(jobs)  # sorted by submit time, not by dependency: settle them in rounds
-    while pending:
-        rest = []
-        for j in pending:
-            if all(a in ends for a in j.after):
-                starts[j.key] = max([j.submit_s, *(ends[a] for a in j.after)])
-                ends[j.key] = starts[j.key] + _fastest(trace, box, j)
-            else:
-                rest.append(j)
-        pending = rest
-    critical = max(ends.values()) - t0
+    fast, starts, tail = _chains(trace, box)
+    critical = max(starts[k] + fast[k] for k in starts) - t0
     lp_all = _lp(trace, box, jobs)
-    cutoffs = sorted(set(starts.values()))
-    if len(cutoffs) > MAX_CUTOFFS:
-        step = (len(cutoffs) - 1) / (MAX_CUTOFFS - 1)
-        cutoffs = sorted({cutoffs[round(i * step)] for i in range(MAX_CUTOFFS)})
+    cutoffs = _spread(sorted(set(starts.values())))
     release = lp_all
     for t in cutoffs:
         later = [j for j in jobs if starts[j.key] >= t]
         if later and t > t0:
             release = max(release, t - t0 + _lp(trace, box, later))
-    return Bound(lp_s=lp_all, release_lp_s=release, critical_path_s=critical,
-                 value_s=max(lp_all, release, critical))
+    best = max(lp_all, release, critical)
+    tails = _spread(sorted(set(tail.values())))
+
+    def feasible(span: float) -> bool:
+        end = t0 + span
+        grid = {t0, *cutoffs, *(end - q for q in tails if end - q > t0)}
+        return _window_feasible(trace, box, starts, tail, sorted(grid), end)
+
+    lo, hi = best, best
+    if not feasible(lo):
+        hi = lo * 1.25 + 1.0
+        while not feasible(hi):
+            lo, hi = hi, hi * 1.25 + 1.0
+        while hi - lo > 1.0:
+            mid = (lo + hi) / 2
+            if feasible(mid):
+                hi = mid
+            else:
+                lo = mid
+    return Bound(lp_s=lp_all, release_lp_s=release, critical_path_s=critical, window_lp_s=lo,
+                 value_s=max(best, lo))
+
+
+def _spread(values: list[float]) -> list[float]:
+    """At most ``MAX_CUTOFFS`` of the sorted ``values``, evenly spread, first and last kept."""
+    if len(values) <= MAX_CUTOFFS:
+        return values
+    step = (len(values) - 1) / (MAX_CUTOFFS - 1)
+    return sorted({values[round(i * step)] for i in range(MAX_CUTOFFS)})
 
 
 # ------------------------------------------------------------------------------ the command
@@ -498,7 +644,8 @@ def _box_text(trace: Trace, box: str, bound: Bound,
     lines = [f"trace {trace.name}, box {box}: "
              + ", ".join(f"GPU{i} {n}" for i, n in enumerate(names)) + f"; {len(trace.jobs)} jobs",
              f"lower bound {_hms(bound.value_s)} (LP {_hms(bound.lp_s)}, with release times "
-             f"{_hms(bound.release_lp_s)}, critical path {_hms(bound.critical_path_s)})"]
+             f"{_hms(bound.release_lp_s)}, critical path {_hms(bound.critical_path_s)}, windowed LP "
+             f"{_hms(bound.window_lp_s)})"]
     for row in [head, *body]:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))

@@ -172,6 +172,28 @@ def test_a_long_job_waits_for_a_faster_gpu_that_frees_soon_enough() -> None:
     assert [p.job_id for p in got.placements] == [2]
 
 
+@pytest.mark.parametrize(("until", "long_job", "waits"), [
+    (60.0, True, True),  # the 2070 frees within the evaluate's 180 s: the A4000 trains
+    (300.0, True, False),  # later than the stage's own run time: it takes the A4000
+    (100.0, False, False),  # no training waits for the A4000: nothing to leave it to
+    (None, True, False),  # the holder's end is unknown
+])
+def test_a_short_stage_waits_briefly_for_the_slower_gpu_to_leave_the_fast_one_to_training(
+        until: float | None, long_job: bool, waits: bool) -> None:
+    busy = box(b={"job": 9, "until": until})
+    jobs = [q(1, short=True, est_runtime_s=180.0)]
+    if long_job:
+        jobs.append(q(2, workload="train", epochs=80))
+    got = plan(jobs, busy, 0.0, model=seed_model())
+    placed = {p.job_id: p.gpu_uuids for p in got.placements}
+    if waits:
+        assert 1 in got.waiting and "GPU 1 (RTX 2070) (slower), free in about 60 s" in got.waiting[1]
+        assert got.reservation is not None and got.reservation.gpu_uuids == ("GPU-1",)
+        assert placed == {2: ("GPU-0",)}
+    else:
+        assert placed[1] == ("GPU-0",)
+
+
 @pytest.mark.parametrize("until", [3000.0, 0.0, None])
 def test_no_wait_when_it_does_not_pay_or_the_end_is_unknown(until: float | None) -> None:
     """50 min more on the A4000 loses to 89 min now on the 2070; an end already passed (the
