@@ -589,8 +589,19 @@ def plan(
             impossible[job.id] = reason
             decided.add(job.id)
             continue
-        reserved = frozenset(reservation.gpu_uuids) if reservation else frozenset()
         backfill = _may_backfill(job, reservation, now)
+        if reservation is not None and not any(
+                s.uuid not in taken and _is_free(s, foreign_policy) for s in slots):
+            # every GPU is busy or taken in this pass: this job waits, for the same reason
+            # as any other with its request (the hot path of a long queue: no options, no
+            # choice to make; the result is the one the full path below would give)
+            key = (*rkey, backfill, len(taken))
+            if key not in wait_memo:
+                wait_memo[key] = _wait_reason(job, slots, taken, reservation, backfill,
+                                              foreign_policy)
+            waiting[job.id] = wait_memo[key]
+            continue
+        reserved = frozenset(reservation.gpu_uuids) if reservation else frozenset()
 
         allowed = frozenset(
             s.uuid
