@@ -793,10 +793,12 @@ class Perf:
             progress(f"  {size} jobs queued ({'held' if held else 'queued, pinned to GPU 1 '}"
                      f"behind the blocker) in {fill_s:.1f} s; settling")
             time.sleep(2.0)
-            ticks = tick_figures(b.c.get("/v1/health"))
             rss0 = b.rss()
             cpu = self.idle_cpu(b, self.a.idle_seconds)
             rss1 = b.rss()
+            # after the idle seconds: the ticks of a settled queue, not the first ones (they
+            # build the plan window's jobs and check every dependency once)
+            ticks = tick_figures(b.c.get("/v1/health"))
             progress(f"  idle CPU {cpu:.2f}%, RSS {rss1:.0f} MiB; probes")
             probes = [self.probe(b, 120) for _ in range(self.a.repeats)]
             lat = []
@@ -857,7 +859,15 @@ class Perf:
             res.append(self.big_queue_one(size))
             progress(f"  done; load {load()}")
         figures = [r["tick_figures"] for r in res if r["tick_figures"]]
-        if figures:
+        ticks = [(r["size"], r["tick_figures"].get("tick")) for r in res]
+        if all(isinstance(t, dict) and "median_ms" in t for _, t in ticks):
+            out("   the daemon's own tick durations (health, its last ticks after the idle "
+                "seconds):")
+            for size, t in ticks:
+                assert isinstance(t, dict)
+                out(f"   {size:>8,} queued: tick median {t['median_ms']:.2f} ms, p95 "
+                    f"{t['p95_ms']:.2f} ms, max {t['max_ms']:.2f} ms over {t['over_last']} ticks")
+        elif figures:
             out(f"   daemon's own tick figures (health): {figures}")
         else:
             out("   tick time: the daemon exposes no tick figures (health/API has none): shown "

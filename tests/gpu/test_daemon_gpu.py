@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import sqlite3
@@ -508,16 +509,19 @@ def test_synthetic_training_records_epochs_on_the_gpu(make_daemon: Callable[...,
         print(f"  epoch {r['epoch']}/{r['max_epoch']} {r['seconds']} s loss {r['loss']} "
               f"gpus {r['gpu_uuids']} {r['gpu_models']}")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    # a plain job's workload is its name and its owner's: epochs reported under another
+    # user's workload name never steer that user's placement (issue 12)
+    workload = f"train_synthetic [{pwd.getpwuid(os.getuid()).pw_name}]"
     for r in rows:
         assert _json_list(r["gpu_uuids"]) == [uuid]
         assert _json_list(r["gpu_models"]) == [gpu["name"]]
-        assert r["workload"] == "train_synthetic"
+        assert r["workload"] == workload
         assert r["seconds"] and r["seconds"] > 0 and r["loss"] is not None
     rep = d.cli("report", "throughput", "--format", "json")
     assert rep.returncode == 0, rep.stderr
     sets = json.loads(rep.stdout)["sets"]
     print("report throughput sets:", json.dumps(sets))
-    (s,) = [s for s in sets if s["workload"] == "train_synthetic"]
+    (s,) = [s for s in sets if s["workload"] == workload]
     assert s["gpu_set"] == gpu["name"] and s["gpu_set"].startswith("NVIDIA H")
     assert s["gpu_count"] == 1 and s["samples"] >= 3
 
