@@ -99,6 +99,7 @@ class Daemon:
         self._next_inventory = 0.0
         self._next_reconcile = 0.0
         self._reconcile_now = True  # first tick reconciles: adopt, record, clean up
+        self._reconcile_due: bool | None = None  # this tick's decision (see _waits_outside)
         self.last_tick: float | None = None
         self.placed_last_tick = 0
         self.tick_error: str | None = None
@@ -206,7 +207,10 @@ class Daemon:
         if step == "inventory":
             return now >= self._next_inventory
         if step == "reconcile":
-            return self._reconcile_now or now >= self._next_reconcile
+            # decided once: the step runs on this decision, not on a flag the housekeeping
+            # thread may set in between (it would run inside the open transaction)
+            self._reconcile_due = self._reconcile_now or now >= self._next_reconcile
+            return self._reconcile_due
         return step == "notify"
 
     def commit(self) -> bool:
@@ -224,7 +228,10 @@ class Daemon:
             return False
         done, self._after_commit = self._after_commit, []
         for call in done:
-            call()
+            try:
+                call()
+            except Exception:  # one attempt's clean-up must not skip the others'
+                log.exception("after the tick's commit: %r failed", call)
         return True
 
     def _contain(self, job_id: int, what: str, call: Callable[[], None], now: float) -> None:
@@ -267,26 +274,43 @@ class Daemon:
         self._confirm_marks()  # before the polls: an ended shim is waited for by its poll
         self._live = self.store.live_attempts()
         ended: list[tuple[Row, AttemptRef, Runner, Outcome]] = []
+        # nothing is written while the runners are asked (Docker, Slurm may be slow): what
+        # their answers change is written after the polls, in the tick's transaction
+        reachable: dict[str, str | None] = {}  # runner -> why it is down (None: it answered)
         for row in self._live:
-            if row["state"] != "live" and (row["job_id"], row["n"]) not in self._pending_marks:
+            key = (row["job_id"], row["n"])
+            if row["state"] != "live" and key not in self._pending_marks:
                 continue  # never confirmed launched: reconcile decides
             runner = self._runner(row["runner"])
-            if runner is None:
+            if runner is None or reachable.get(row["runner"]):
                 continue
             ref = AttemptRef.from_row(row)
+            if key in self._pending_marks:  # launched last tick, not yet recorded: its handles
+                launched = self._pending_marks[key][0]
+                ref = dataclasses.replace(
+                    ref, pid=launched.pid, pid_start=launched.pid_start,
+                    container_id=launched.container_id, container_name=launched.container_name,
+                    slurm_job_id=launched.slurm_job_id)
             try:
                 outcome = runner.poll(ref, now)
             except RunnerUnavailable as err:
-                self._runner_down(runner.name, str(err), now)
+                reachable[runner.name] = str(err)
                 continue
             except Exception as err:  # one attempt's runner trouble stops nobody else
                 log.exception("job %s: polling attempt %s failed", ref.job_id, ref.n)
                 self.step_errors["reap"] = f"job {ref.job_id}: {type(err).__name__}: {err}"
                 continue
-            self._runner_up(runner.name, now)
+            reachable.setdefault(runner.name, None)
             if outcome is not None:
                 ended.append((row, ref, runner, outcome))
+        for name, why in reachable.items():
+            if why is None:
+                self._runner_up(name, now)
+            else:
+                self._runner_down(name, why, now)
         if not ended and not self._pending_marks:
+            if reachable and any(r is not None for r in reachable.values()):
+                self._live = self.store.live_attempts()
             return
         self._write_marks()
         for row, ref, runner, outcome in ended:
@@ -580,7 +604,10 @@ class Daemon:
     # -- reconcile ------------------------------------------------------------------------
 
     def step_reconcile(self, now: float) -> None:
-        if not self._reconcile_now and now < self._next_reconcile:
+        due, self._reconcile_due = self._reconcile_due, None
+        if due is None:  # called on its own, not from tick
+            due = self._reconcile_now or now >= self._next_reconcile
+        if not due:
             return
         self._reconcile_now = False
         self._next_reconcile = now + self.settings.scheduler.reconcile_interval_s
@@ -674,10 +701,13 @@ class Daemon:
         while True:
             last = self.store.last_event_id()
             broken = self.store.broken_dependencies(after_event=self._dep_events)
-            self._dep_events = last  # the transitions below are newer: the next pass sees them
             for job_id, (after_id, after_status) in broken.items():
                 self.store.transition(job_id, S.FAILED, now, fields={"ended_at": now},
                                       reason=f"dependency job {after_id} {after_status}; not run")
+            # only once they are all made (a transition that raises leaves the cursor, and the
+            # next tick checks the same events again); those transitions are newer than
+            # ``last``: the next pass sees them
+            self._dep_events = last
             if not broken:
                 return
 

@@ -197,7 +197,7 @@ class ProgressTracker:
             return None
         # API threads call this while the tick's poll may add epochs: work on a copy (made
         # in one step under the GIL), never on the dict itself
-        items = sorted(st.last_seen.items())
+        items = sorted(st.last_seen.copy().items())
         if not items:
             return None
         last = items[-1][0]

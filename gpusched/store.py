@@ -399,7 +399,8 @@ class Store:
         while (for work that waits on the outside world between its writes)."""
         saved = self._batch
         if saved is not None:
-            self.commit_batch()
+            if self._batch_open:  # its owner commits it first (Daemon.commit: callbacks)
+                raise RuntimeError("Store.unbatched() with the batch's transaction open")
             self._batch = None
         try:
             yield
@@ -411,6 +412,8 @@ class Store:
         a StoreError says nothing of it was saved (and the transaction is gone)."""
         if not self._batch_open:
             return False
+        if self._depth > 1:
+            raise RuntimeError("Store.commit_batch() inside one of the batch's writes")
         if self._broken is not None:
             broken = self._broken
             self._end_batch("ROLLBACK")
@@ -459,9 +462,11 @@ class Store:
             if not self.conn.in_transaction:
                 self._lost(None)
             else:
-                with suppress(sqlite3.Error):
+                try:
                     self.conn.execute(f"ROLLBACK TO {name}")
                     self.conn.execute(f"RELEASE {name}")
+                except sqlite3.Error as err:  # its part may stay: the whole write must fail
+                    self._lost(err)
             raise
         else:
             try:

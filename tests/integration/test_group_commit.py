@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from gpusched.config import Settings
+from gpusched.errors import StoreError
 from gpusched.gpus import SimulatedInventory
 from gpusched.models import JobSpec
+from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
 from gpusched.runners.local import LocalRunner
 from gpusched.service import Service
 from gpusched.store import Store
@@ -187,3 +189,95 @@ def test_a_dependent_of_a_job_that_failed_before_it_was_submitted_fails(
     assert status(service, chained) == "failed"  # in the same tick
     assert "dependency job" in service.store.get_job(chained)["reason"]
     assert os.path.exists(service.settings.db_path)
+
+
+class HandleRunner:
+    """A runner that knows an attempt only by the handle its launch returned (a container
+    id, as Docker and Slurm do): polled without it, it answers that the attempt is gone."""
+
+    name = "docker"
+
+    def __init__(self) -> None:
+        self.done: set[int] = set()
+        self.polled: list[str | None] = []
+
+    def launch(self, req: LaunchRequest) -> Launched:
+        return Launched(container_id=f"c{req.job_id}")
+
+    def poll(self, ref: AttemptRef, now: float) -> Outcome | None:
+        self.polled.append(ref.container_id)
+        if ref.container_id != f"c{ref.job_id}":
+            return Outcome(exit_code=None, ended_at=now, lost=True, reason="no such container")
+        return Outcome(exit_code=0, ended_at=now) if ref.job_id in self.done else None
+
+    def signal_cancel(self, ref: AttemptRef, *, kill: bool) -> None:
+        self.done.add(ref.job_id)
+
+    def cleanup(self, ref: AttemptRef) -> None:
+        pass
+
+    def orphans(self, live: set[tuple[int, int]]) -> list[Orphan]:
+        return []
+
+    def remove_orphan(self, orphan: Orphan) -> bool:
+        return True
+
+    def wait_fds(self) -> list[int]:
+        return []
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
+
+
+def test_an_attempt_whose_start_is_not_recorded_yet_is_polled_by_its_handle(
+        state_dir: Path) -> None:
+    """The review's case: a Slurm or container attempt launched in the last tick, its record
+    kept for this tick's commit, was polled from its stored row (no handle yet) and recorded
+    lost while it ran."""
+    runner = HandleRunner()
+    settings = Settings(state_dir=state_dir, socket=state_dir / "gpusched.sock",
+                        gpus={"simulate": FOUR}, docker={"enabled": False})
+    svc = Service(settings, inventory=SimulatedInventory(FOUR),
+                  runners={"local": LocalRunner(settings.runs_dir), "docker": runner},
+                  clock=FakeClock())
+    try:
+        svc.daemon.defer_marks = True
+        svc.daemon.tick(svc.clock.now())
+        job = svc.store.submit(JobSpec(command=["true"], workdir="/tmp", runner="docker",
+                                       image="busybox:latest"),
+                               owner_uid=os.getuid(), owner="tester", now=svc.clock.now())
+        svc.daemon.tick(svc.clock.now())
+        assert status(svc, job) == "starting"  # its record waits for the next commit
+        svc.clock.advance(1)
+        svc.daemon.tick(svc.clock.now())
+        assert runner.polled == [f"c{job}"]
+        assert status(svc, job) == "running"
+        assert svc.store.attempts(job)[0]["container_id"] == f"c{job}"
+        runner.done.add(job)
+        svc.clock.advance(1)
+        svc.daemon.tick(svc.clock.now())
+        assert status(svc, job) == "succeeded"
+    finally:
+        svc.close()
+
+
+def test_a_dependency_failure_not_recorded_is_checked_again(service: Service,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: the cursor of the incremental dependency check moved past an event
+    before its dependents' transitions were made; one that raised was never checked again."""
+    bad = submit(service, "false")
+    dependent = submit(service, "true", after=[bad])
+    real = service.store.transition
+    failures = [1]
+
+    def flaky(job_id: int, *args: object, **kw: object) -> bool:
+        if job_id == dependent and failures:
+            failures.pop()
+            raise StoreError("disk I/O error (injected once)")
+        return real(job_id, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.store, "transition", flaky)
+    run_until(service, lambda: status(service, bad) == "failed")
+    run_until(service, lambda: status(service, dependent) == "failed")
+    assert not failures  # the injected failure happened, and the next check caught up
+    assert "dependency job" in service.store.get_job(dependent)["reason"]
