@@ -265,6 +265,13 @@ def test_another_daemons_shims_are_not_orphans(service: Service, tmp_path: Path)
         log_path=tmp_path / "o.log", run_dir=tmp_path / "other-runs" / "1" / "1",
         owner_uid=os.getuid(), owner="tester"))
     try:
+        # launch returns as soon as the shim's exec began (vfork); its command line is in
+        # /proc only once the exec is done (the daemon records and reconciles a tick later)
+        assert launched.pid is not None
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{launched.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the shim's exec did not finish in 30 s"
+            time.sleep(0.001)
         ours = service.daemon.runners["local"]
         assert ours.orphans(set()) == []
         found = other.orphans(set())

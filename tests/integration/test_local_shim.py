@@ -35,6 +35,7 @@ def launch(runner: LocalRunner, tmp_path: Path, command: list[str], job: int = 1
         job_id=job, attempt=1, spec=JobSpec(command=command, workdir="/tmp"), gpus=(gpu,),
         simulated=True, env={}, log_path=log, run_dir=run_dir, owner_uid=os.getuid(),
         owner="tester"))
+    launched = runner.confirm(launched)  # as the daemon records it: with its start time
     return launched, AttemptRef(job_id=job, n=1, runner="local", gpus=(), log_path=log,
                                 run_dir=run_dir, started_at=0, pid=launched.pid,
                                 pid_start=launched.pid_start)
