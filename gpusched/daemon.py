@@ -51,6 +51,9 @@ S = JobStatus
 # Queued jobs the planner looks at per tick, in priority/submission order (the idea of Slurm's
 # bf_max_job_test): jobs beyond it wait for the head of the queue to move.
 PLAN_WINDOW = 128
+#: what _queued_job reads of a queued job (the jobs table as ``j``)
+QUEUED_COLUMNS = ("j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
+                  " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s")
 TICK_STATS = 256  # the last ticks whose durations health reports
 MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most this often
 EPOCH_SLACK_S = 60.0  # clock steps and polling delay when checking an epoch against wall time
@@ -819,9 +822,7 @@ class Daemon:
         """Queued jobs whose dependencies all succeeded, in planning order (the index
         jobs_queue_order gives it without sorting). ``lean``: only what the tick needs of a
         job it has already built (_queued_cache); _queued_job reads the rest."""
-        columns = ("j.id, j.priority, j.runner, j.owner_uid, j.owner" if lean else
-                   "j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
-                   " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s")
+        columns = "j.id, j.priority, j.runner, j.owner_uid, j.owner" if lean else QUEUED_COLUMNS
         rows = self.store.query(
             f"SELECT {columns} FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
@@ -843,9 +844,8 @@ class Daemon:
         missing = [r["id"] for r in rows if r["id"] not in cache
                    or cache[r["id"]].priority != r["priority"]]
         full = {r["id"]: r for r in self.store.query(
-            "SELECT id, priority, submitted_at, request, runner, owner_uid, owner,"
-            " json_extract(spec, '$.est_runtime_s') AS est_runtime_s FROM jobs"
-            f" WHERE id IN ({','.join('?' * len(missing))})", missing)} if missing else {}
+            f"SELECT {QUEUED_COLUMNS} FROM jobs j"
+            f" WHERE j.id IN ({','.join('?' * len(missing))})", missing)} if missing else {}
         jobs = []
         for r in rows:
             job = cache.get(r["id"])

@@ -145,3 +145,17 @@ class DaemonProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def database_at(path: Path, version: int) -> None:
+    """A state database as an older gpusched left it: migrated up to ``version`` only (the
+    migration tests open it with today's Store)."""
+    import sqlite_utils
+
+    from gpusched.store import MIGRATIONS
+
+    db = sqlite_utils.Database(path)
+    for migrate in MIGRATIONS[:version]:
+        migrate(db)
+    db.execute(f"PRAGMA user_version = {int(version)}")
+    db.conn.close()

@@ -7,11 +7,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import sqlite_utils
 
 from gpusched.errors import SpecError
 from gpusched.models import JobSpec
 from gpusched.store import MIGRATIONS, QUEUE_ORDER, Store
+from gpusched.testing.harness import database_at
 
 
 def _spec(**kw: object) -> JobSpec:
@@ -85,11 +85,7 @@ def test_the_paged_listing(tmp_path: Path) -> None:
 
 def test_a_v7_database_gains_the_v8_indexes_and_column(tmp_path: Path) -> None:
     path = tmp_path / "db"
-    db = sqlite_utils.Database(path)
-    for migrate in MIGRATIONS[:7]:
-        migrate(db)
-    db.execute("PRAGMA user_version = 7")
-    db.conn.close()
+    database_at(path, 7)
     Store(path).close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import sqlite_utils
 
 from gpusched.config import SlurmSettings
 from gpusched.errors import RunnerUnavailable
@@ -25,6 +24,7 @@ from gpusched.runners.slurm import (
 )
 from gpusched.store import MIGRATIONS, Store
 from gpusched.tao import SLURM_GPU_INDEX
+from gpusched.testing.harness import database_at
 
 
 def run_script(tmp_path: Path, command: list[str], env: dict[str, str] | None = None
@@ -112,11 +112,7 @@ def test_a_missing_slurm_command_makes_the_runner_unavailable(tmp_path: Path) ->
 
 def test_a_v5_database_gains_notifications_and_the_slurm_job_id(tmp_path: Path) -> None:
     path = tmp_path / "g.db"
-    db = sqlite_utils.Database(path)
-    for migrate in MIGRATIONS[:5]:
-        migrate(db)
-    db.execute("PRAGMA user_version = 5")
-    db.conn.close()
+    database_at(path, 5)
     store = Store(path)
     try:
         assert store.schema_version() == len(MIGRATIONS) >= 8  # later migrations too
