@@ -504,12 +504,23 @@ class Perf:
         finally:
             t.close()
 
+    def drain_floor(self, n: int) -> dict[str, Any]:
+        """bench/floor_loop.py: a minimal durable Python loop doing a job's unavoidable work."""
+        root = Path(tempfile.mkdtemp(prefix="gsfloor", dir="/tmp"))
+        remove_later(root)
+        r = subprocess.run([sys.executable, str(Path(__file__).with_name("floor_loop.py")),
+                            str(n), str(root)], capture_output=True, text=True,
+                           timeout=max(120.0, n / 10))
+        if r.returncode != 0:
+            raise RuntimeError(f"floor_loop.py failed: {r.stderr.strip()[-500:]}")
+        return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
     def s1_drain(self) -> None:
         n = self.a.drain_jobs
         section(f"1. Drain: {n} no-op 1-GPU jobs (`true`) on 2 simulated GPUs / 2 tsp slots, "
                 "queued behind a blocker, then released",
                 ">= 900 jobs/s (task-spooler 1.0.1 did 887-1,114 jobs/s, gpusched 161)")
-        gs, ts = [], []
+        gs, ts, fl = [], [], []
         for i in range(self.a.repeats):
             progress(f"drain run {i + 1}/{self.a.repeats}: gpusched ({n} jobs)")
             gs.append(self.drain_gpusched(n))
@@ -518,6 +529,9 @@ class Perf:
                 progress(f"drain run {i + 1}/{self.a.repeats}: task-spooler ({n} jobs)")
                 ts.append(self.drain_tsp(n))
                 progress(f"  tsp {ts[-1]['jobs_per_s']:.0f} jobs/s")
+            progress(f"drain run {i + 1}/{self.a.repeats}: the Python floor ({n} jobs)")
+            fl.append(self.drain_floor(n))
+            progress(f"  floor {fl[-1]['jobs_per_s']:.0f} jobs/s")
         g = med(r["jobs_per_s"] for r in gs)
         out(f"   gpusched      runs {fmt_runs([r['jobs_per_s'] for r in gs])} jobs/s   "
             f"median {g:.0f} jobs/s  (release -> all done; "
@@ -532,9 +546,15 @@ class Perf:
                 f"median {t:.0f} jobs/s  ({min(r['succeeded'] for r in ts)}/{n} finished)")
         else:
             out(f"   task-spooler  skipped: {self.tsp_version}")
-        out(f"   gpusched / task-spooler: {ratio(g, t)}   target >= 900 jobs/s: "
-            f"{verdict(g >= 900)}")
-        self.results["drain"] = {"jobs": n, "gpusched": gs, "tsp": ts,
+        f = med(r["jobs_per_s"] for r in fl)
+        out(f"   Python floor  runs {fmt_runs([r['jobs_per_s'] for r in fl])} jobs/s   "
+            f"median {f:.0f} jobs/s  (bench/floor_loop.py: the same durable claims, ends, run "
+            f"directories, logs and shim, nothing else; {med(r['cpu_ms_per_job'] for r in fl):.2f}"
+            f" ms of CPU per job)")
+        out(f"   gpusched / task-spooler: {ratio(g, t)}   gpusched / Python floor: {ratio(g, f)}"
+            f"   target >= 900 jobs/s: {verdict(g >= 900)}")
+        self.results["drain"] = {"jobs": n, "gpusched": gs, "tsp": ts, "floor": fl,
+                                 "floor_median_jobs_per_s": f,
                                  "gpusched_median_jobs_per_s": g, "tsp_median_jobs_per_s": t,
                                  "target_jobs_per_s": 900}
 

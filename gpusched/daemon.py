@@ -53,7 +53,7 @@ S = JobStatus
 PLAN_WINDOW = 128
 #: what _queued_job reads of a queued job (the jobs table as ``j``)
 QUEUED_COLUMNS = ("j.id, j.priority, j.submitted_at, j.request, j.runner, j.owner_uid, j.owner,"
-                  " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s")
+                  " json_extract(j.spec, '$.est_runtime_s') AS est_runtime_s, j.spec")
 TICK_STATS = 256  # the last ticks whose durations health reports
 MODEL_MIN_REFIT_S = 5.0  # a job that timed epochs ended: refit, but at most this often
 EPOCH_SLACK_S = 60.0  # clock steps and polling delay when checking an epoch against wall time
@@ -115,6 +115,8 @@ class Daemon:
         self.pipelines.before_advance = self.commit
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
+        self._queued_specs: dict[int, str] = {}  # and its spec, as planned (see _launch_spec)
+        self._refs: dict[tuple[int, int], tuple[tuple[Any, ...], AttemptRef]] = {}  # _ref_of
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
         self._model_at = -math.inf
         self._model_stale = False  # a job that timed epochs ended since the last fit
@@ -261,6 +263,7 @@ class Daemon:
         except GpuschedError as err:
             log.error("job %s: could not record its failure (%s): %s", job_id, reason, err)
         self._queued_cache.pop(job_id, None)
+        self._queued_specs.pop(job_id, None)
 
     def next_due(self) -> float:
         return min(self._next_inventory, self._next_reconcile)
@@ -276,6 +279,9 @@ class Daemon:
         Each job's records are a savepoint of it, so one that fails is rolled back alone."""
         self._confirm_marks()  # before the polls: an ended shim is waited for by its poll
         self._live = self.store.live_attempts()
+        if len(self._refs) > 2 * len(self._live) + 64:  # attempts ended by other paths
+            live = {(r["job_id"], r["n"]) for r in self._live}
+            self._refs = {k: v for k, v in self._refs.items() if k in live}
         ended: list[tuple[Row, AttemptRef, Runner, Outcome]] = []
         # nothing is written while the runners are asked (Docker, Slurm may be slow): what
         # their answers change is written after the polls, in the tick's transaction
@@ -287,7 +293,7 @@ class Daemon:
             runner = self._runner(row["runner"])
             if runner is None or reachable.get(row["runner"]):
                 continue
-            ref = AttemptRef.from_row(row)
+            ref = self._ref_of(row)
             if key in self._pending_marks:  # launched last tick, not yet recorded: its handles
                 launched = self._pending_marks[key][0]
                 ref = dataclasses.replace(
@@ -327,6 +333,19 @@ class Daemon:
             self._contain(ref.job_id, "record the end of its attempt", end, now)
         self._live = self.store.live_attempts()
 
+    _REF_COLUMNS = ("job_id", "n", "runner", "gpus", "log_path", "run_dir", "started_at", "pid",
+                    "pid_start", "container_id", "container_name", "slurm_job_id")
+
+    def _ref_of(self, row: Row) -> AttemptRef:
+        """A live attempt's AttemptRef, built once per version of its row (every tick polls
+        and follows every live attempt)."""
+        values = tuple(row.get(c) for c in self._REF_COLUMNS)
+        key = (row["job_id"], row["n"])
+        cached = self._refs.get(key)
+        if cached is None or cached[0] != values:
+            cached = self._refs[key] = (values, AttemptRef.from_row(row))
+        return cached[1]
+
     def _runner_down(self, name: str, why: str, now: float) -> None:
         if name not in self.degraded:
             log.warning("runner %s unavailable: %s", name, why)
@@ -350,7 +369,7 @@ class Daemon:
     def step_progress(self, now: float) -> None:
         for row in self._live:
             if row["state"] == "live":
-                self._follow(row, AttemptRef.from_row(row), now)
+                self._follow(row, self._ref_of(row), now)
 
     def _follow(self, row: Row, ref: AttemptRef, now: float) -> None:
         """Read new epochs of one attempt into the store. Epoch timing is information: when
@@ -457,6 +476,7 @@ class Daemon:
         """After the end of an attempt is committed: let go of what followed it."""
         self.progress.forget(ref.key)
         self._specs.pop(ref.key, None)
+        self._refs.pop(ref.key, None)
         self._unfollowable.discard(ref.key)
         try:
             runner.cleanup(ref)
@@ -797,7 +817,8 @@ class Daemon:
             request = GpuRequest.model_validate_json(r["request"])
         except ValueError as err:
             raise ValueError(f"its GPU request cannot be read: {err}") from err
-        spec = json.loads(self.store.get_job(r["id"])["spec"])
+        spec = json.loads(r["spec"])
+        self._queued_specs[r["id"]] = r["spec"]  # what it launches with (_launch_spec)
         kind = str(spec.get("kind") or "")
         workload, epochs = workload_of(spec, owner=r.get("owner")), None
         if kind in ("tao:train", "tao:retrain"):
@@ -827,8 +848,8 @@ class Daemon:
             f"SELECT {columns} FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
             " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
-            " AND NOT EXISTS (SELECT 1 FROM json_each(j.spec, '$.after_any') e JOIN jobs a"
-            " ON a.id = e.value WHERE a.status NOT IN ('succeeded', 'failed', 'cancelled',"
+            " AND NOT EXISTS (SELECT 1 FROM job_after_any e JOIN jobs a ON a.id = e.after_id"
+            " WHERE e.job_id = j.id AND a.status NOT IN ('succeeded', 'failed', 'cancelled',"
             " 'lost'))"
             " ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
         return [r for r in rows if r["runner"] not in self.degraded]
@@ -866,6 +887,8 @@ class Daemon:
             jobs.append(job)
         if len(cache) > 4 * PLAN_WINDOW:
             self._queued_cache = {j.id: j for j in jobs}
+            self._queued_specs = {j.id: self._queued_specs[j.id] for j in jobs
+                                  if j.id in self._queued_specs}
         # Slurm owns its cluster's GPUs: a runnable slurm job is handed to Slurm, which queues
         # it; it takes no local GPU and never enters the local plan
         handed = [j for j in jobs if by_id[j.id]["runner"] == "slurm"]
@@ -920,9 +943,8 @@ class Daemon:
         return resolved
 
     def paths(self, job_id: int, n: int) -> tuple[str, str]:
-        log_path = self.settings.logs_dir / str(job_id) / f"{n}.log"
-        run_dir = self.settings.runs_dir / str(job_id) / str(n)
-        return str(log_path), str(run_dir)
+        return (os.path.join(self.settings.logs_dir, str(job_id), f"{n}.log"),
+                os.path.join(self.settings.runs_dir, str(job_id), str(n)))
 
     def slurm_paths(self, job_id: int, n: int) -> tuple[str, str]:
         """A Slurm attempt's output and run folder, on the filesystem its nodes share."""
@@ -1021,7 +1043,10 @@ class Daemon:
         transaction, so no submission waits on it."""
         job_id = row["id"]
         self._queued_cache.pop(job_id, None)
-        spec = JobSpec.model_validate_json(self.store.get_job(job_id)["spec"])
+        # the spec read when the job was planned: a queued job's spec changes only here
+        # (_resolve_stage), and a job queued again is planned again from its row
+        text = self._queued_specs.pop(job_id, None) or self.store.get_job(job_id)["spec"]
+        spec = JobSpec.model_validate_json(text)
         if spec.kind.startswith("tao:") and (spec.stage or {}).get("refs"):
             if not self.commit():
                 return None  # planned again on the next tick

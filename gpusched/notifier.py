@@ -40,6 +40,8 @@ class Notifier:
             self._started = True
             if n := self.store.requeue_sending_notifications():
                 log.info("%s notification(s) in flight at the last stop are due again", n)
+        if not self.store.notifications_open():
+            return  # none waits for its job, is being sent or will be retried (most ticks)
         for key, error in self.poster.results():
             self._delivered(key, error, now)
         for row in self.store.notifications(state="sending"):

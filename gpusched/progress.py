@@ -38,8 +38,18 @@ class _Tail:
     offset: int = 0
     follower: StatusFollower = field(default_factory=StatusFollower)
     owner_uid: int | None = None  # read only what this user could read (None: our own file)
+    _last: tuple[int, int, int] | None = None  # (inode, device, size) when read to the end
 
     def read(self) -> list[str]:
+        # Most polls find nothing new: one lstat tells, before the safe open. It only ever
+        # skips a read (of a file as big as, and the same file as, the one read last time);
+        # what it sees is never trusted for anything else.
+        try:
+            seen = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return []
+        if (seen.st_ino, seen.st_dev, seen.st_size) == self._last:
+            return []
         # the file is in a place the job's user controls: never block on a FIFO, never follow
         # a symlink out of it (safefs)
         try:
@@ -47,8 +57,8 @@ class _Tail:
         except OSError:
             return []
         try:
-            size = os.fstat(fd).st_size
-            if size < self.offset:  # truncated or replaced: start over
+            st = os.fstat(fd)
+            if st.st_size < self.offset:  # truncated or replaced: start over
                 self.offset, self.follower = 0, StatusFollower()
             data = os.pread(fd, MAX_READ, self.offset)
         except OSError:
@@ -56,6 +66,8 @@ class _Tail:
         finally:
             os.close(fd)
         self.offset += len(data)
+        if self.offset >= st.st_size:  # all of it read: the next poll may skip
+            self._last = (st.st_ino, st.st_dev, self.offset)
         return self.follower.feed_lines(data.decode(errors="replace"))
 
 

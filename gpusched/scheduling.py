@@ -576,6 +576,7 @@ def plan(
     # plans on every job start and end, so this loop is its hot path).
     impossible_memo: dict[tuple[object, ...], str | None] = {}
     wait_memo: dict[tuple[object, ...], str] = {}
+    none_free, none_free_at = False, -1  # every GPU busy or taken, as of len(taken) == this
     for job in sorted(jobs, key=throughput_order_key if policy == "throughput" else job_order_key):
         req = job.request
         if req.ids is None and req.count == 0:
@@ -590,8 +591,11 @@ def plan(
             decided.add(job.id)
             continue
         backfill = _may_backfill(job, reservation, now)
-        if reservation is not None and not any(
-                s.uuid not in taken and _is_free(s, foreign_policy) for s in slots):
+        if reservation is not None and none_free_at != len(taken):
+            none_free_at = len(taken)  # what is free changes only when a job takes GPUs
+            none_free = not any(s.uuid not in taken and _is_free(s, foreign_policy)
+                                for s in slots)
+        if reservation is not None and none_free:
             # every GPU is busy or taken in this pass: this job waits, for the same reason
             # as any other with its request (the hot path of a long queue: no options, no
             # choice to make; the result is the one the full path below would give)

@@ -244,15 +244,32 @@ class LocalRunner:
         neither replace it (with a FIFO, a symlink) nor add anything beside it, since the
         directory is not theirs. A leftover of the same attempt is reused only if it is a real
         directory."""
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
+        if run_dir.name == "1":  # a job's first attempt: its folder is new too
+            try:
+                os.mkdir(run_dir.parent)
+            except FileNotFoundError:
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                pass
+        try:
             os.mkdir(run_dir, 0o711)
+            fresh = True
+        except FileNotFoundError:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(run_dir, 0o711)
+            fresh = False
+        except FileExistsError:
+            fresh = False
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.fchown(fd, os.geteuid(), os.getegid())  # a leftover of an older gpusched
-            os.fchmod(fd, 0o711)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(EXIT_FILE, dir_fd=fd)
+            st = None if not fresh else os.fstat(fd)
+            if st is None or (st.st_mode & 0o7777, st.st_uid, st.st_gid) != (
+                    0o711, os.geteuid(), os.getegid()):
+                os.fchown(fd, os.geteuid(), os.getegid())  # a leftover of an older gpusched
+                os.fchmod(fd, 0o711)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(EXIT_FILE, dir_fd=fd)
             efd = os.open(EXIT_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                           os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
@@ -266,9 +283,16 @@ class LocalRunner:
     @staticmethod
     def _private_log(log_path: Path, owner: tuple[int, int] | None) -> int:
         """The attempt's log, 0600 and the job user's, opened for appending (an fd)."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
-                     os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0o600)
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC |
+                 os.O_NOCTTY | os.O_NONBLOCK)
+        if log_path.name == "1.log":  # a job's first attempt: its log folder is new too
+            with contextlib.suppress(FileExistsError, FileNotFoundError):
+                os.mkdir(log_path.parent)
+        try:
+            fd = os.open(log_path, flags, 0o600)
+        except FileNotFoundError:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(log_path, flags, 0o600)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, f"{log_path} is not a regular file")

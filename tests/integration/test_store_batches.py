@@ -4,12 +4,13 @@ migration's indexes: the head of the queue is read in planning order without a s
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from gpusched.errors import SpecError
-from gpusched.models import JobSpec
+from gpusched.models import GpuRequest, JobSpec
 from gpusched.store import MIGRATIONS, QUEUE_ORDER, Store
 from gpusched.testing.harness import database_at
 
@@ -92,3 +93,31 @@ def test_a_v7_database_gains_the_v8_indexes_and_column(tmp_path: Path) -> None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         cols = {r[1] for r in conn.execute("PRAGMA table_info(submissions)")}
     assert {"jobs_queue_order", "jobs_owner_status"} <= names and "job_count" in cols
+
+
+def test_after_any_jobs_stored_before_v9_keep_waiting_after_the_upgrade(tmp_path: Path) -> None:
+    """v9 keeps --after-any as rows (the planner no longer parses every queued spec): a job a
+    v8 gpusched stored with --after-any must still wait for its job after the upgrade."""
+    path = tmp_path / "db"
+    database_at(path, 8)  # then the rows a v8 gpusched wrote: job 2 waits for job 1
+    now = time.time()
+    with sqlite3.connect(path) as conn:
+        spec = JobSpec(command=["true"]).model_dump_json()
+        for status in ("running", "queued"):
+            conn.execute(
+                "INSERT INTO jobs (owner_uid, owner, status, priority, runner, kind, spec,"
+                " request, submitted_at, updated_at) VALUES (0, 'root', ?, 0, 'local', 'job',"
+                " ?, ?, ?, ?)", (status, spec if status == "running" else
+                                 JobSpec(command=["true"], after_any=[1]).model_dump_json(),
+                                 GpuRequest(count=1).model_dump_json(), now, now))
+    store = Store(path)
+    try:
+        assert [(r["job_id"], r["after_id"]) for r in store.query(
+            "SELECT * FROM job_after_any")] == [(2, 1)]
+        fresh = store.submit(JobSpec(command=["true"], after_any=[1, 2]), owner_uid=0,
+                             owner="root", now=now)
+        assert [r["after_id"] for r in store.query(
+            "SELECT after_id FROM job_after_any WHERE job_id = ? ORDER BY after_id",
+            [fresh])] == [1, 2]
+    finally:
+        store.close()
