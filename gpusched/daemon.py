@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ class _Paused(Exception):
 
 class Daemon:
     STEPS = ("reap", "progress", "time_limits", "cancels", "inventory", "reconcile",
-             "pipelines", "dependencies", "plan_and_launch", "notify")
+             "pipelines", "dependencies", "late_reap", "plan_and_launch", "notify")
 
     def __init__(self, settings: Settings, store: Store, inventory: Inventory,
                  runners: dict[str, Runner]) -> None:
@@ -117,6 +118,7 @@ class Daemon:
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._queued_specs: dict[int, str] = {}  # and its spec, as planned (see _launch_spec)
         self._refs: dict[tuple[int, int], tuple[tuple[Any, ...], AttemptRef]] = {}  # _ref_of
+        self._marks_written: set[tuple[int, int]] = set()  # pending marks in the open batch
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
         self._model_at = -math.inf
         self._model_stale = False  # a job that timed epochs ended since the last fit
@@ -182,6 +184,7 @@ class Daemon:
         with self.lock:
             self.step_errors = {}
             self._after_commit = []
+            self._marks_written.clear()
             # one transaction for the whole tick where it can be (group commit: the ends,
             # epochs and claims of a tick cost one fsync), committed before anything that
             # waits on the outside world (a launch, Docker, NVML, a notification), so no
@@ -222,6 +225,7 @@ class Daemon:
         """Commit what the tick wrote so far, then do what waited for it (a runner may forget
         an end only once it is saved). False when it could not be saved: nothing of it was,
         and the next tick does it again (the runners still report the ends)."""
+        self._marks_written.clear()  # committed (then forgotten) or not saved (written again)
         try:
             self.store.commit_batch()
         except StoreError as err:
@@ -345,6 +349,24 @@ class Daemon:
         if cached is None or cached[0] != values:
             cached = self._refs[key] = (values, AttemptRef.from_row(row))
         return cached[1]
+
+    def step_late_reap(self, now: float) -> None:
+        """Ends that came while this tick ran: recorded before the plan, so the GPUs they free
+        are planned in this tick with the others. Jobs that end together then start together
+        (one plan and one fsync for both), and short jobs stay in step instead of each GPU
+        costing a tick of its own. Only when a runner's wait fd (a shim's pidfd) says so."""
+        fds = [fd for r in self.runners.values() for fd in r.wait_fds()]
+        if not fds:
+            return
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            ready = poller.poll(0)
+        except (InterruptedError, OSError):
+            return
+        if ready:
+            self.step_reap(now)
 
     def _runner_down(self, name: str, why: str, now: float) -> None:
         if name not in self.degraded:
@@ -1136,7 +1158,7 @@ class Daemon:
     def _write_marks(self) -> None:
         """Record the starts kept (see _launch_all) in the open transaction; they are kept
         until it commits (a commit that fails leaves them for the next one)."""
-        marks = dict(self._pending_marks)
+        marks = {k: v for k, v in self._pending_marks.items() if k not in self._marks_written}
         for (job_id, n), (launched, at, name) in marks.items():
             confirm = getattr(self.runners.get(name), "confirm", None)
             if confirm is not None:  # what a runner learns once the process runs (pid start)
@@ -1150,6 +1172,7 @@ class Daemon:
         def written() -> None:
             for key in marks:
                 self._pending_marks.pop(key, None)
+        self._marks_written.update(marks)  # in the open transaction: not again (late_reap)
         self._after_commit.append(written)
 
     def _confirm_marks(self) -> None:
@@ -1167,6 +1190,7 @@ class Daemon:
             if not self._pending_marks:
                 return
             self._after_commit = []
+            self._marks_written.clear()
             with self.store.batch():
                 self._write_marks()
                 if not self.commit():

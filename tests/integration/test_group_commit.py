@@ -281,3 +281,52 @@ def test_a_dependency_failure_not_recorded_is_checked_again(service: Service,
     run_until(service, lambda: status(service, dependent) == "failed")
     assert not failures  # the injected failure happened, and the next check caught up
     assert "dependency job" in service.store.get_job(dependent)["reason"]
+
+
+def test_a_job_that_ends_while_the_tick_runs_frees_its_gpu_in_that_tick(
+        four: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """late_reap: a shim that exits after the tick's reap (here: the reap's poll is told it
+    still runs) is recorded before the plan, and the job queued behind it starts in the same
+    tick, in the same commit as its end and the other ends."""
+    svc = four
+    svc.daemon.defer_marks = True
+    svc.daemon.tick(svc.clock.now())
+    first = [submit(svc, "true") for _ in range(4)]
+    svc.daemon.tick(svc.clock.now())
+    svc.daemon.flush_marks()
+    wait_all_exited(svc)
+    behind = [submit(svc, "true") for _ in range(4)]
+    runner = svc.daemon.runners["local"]
+    real_poll, polls = runner.poll, []
+
+    def poll(ref: AttemptRef, now: float) -> Outcome | None:
+        polls.append(ref.job_id)
+        if ref.job_id == first[0] and polls.count(first[0]) == 1:
+            return None  # the reap's poll: it "still runs"; its exit comes during the tick
+        return real_poll(ref, now)
+
+    monkeypatch.setattr(runner, "poll", poll)
+    seen = commits(svc.store)
+    svc.clock.advance(1)
+    svc.daemon.tick(svc.clock.now())
+    assert polls.count(first[0]) == 2  # the reap, then the late reap
+    assert [status(svc, i) for i in first] == ["succeeded"] * 4
+    assert [status(svc, i) for i in behind] == ["starting"] * 4  # all four GPUs, this tick
+    assert seen == ["COMMIT"], seen  # the ends and the claims: one commit
+    run_until(svc, lambda: all(status(svc, i) in TERMINAL for i in behind))
+    assert all(status(svc, i) == "succeeded" for i in behind)
+
+
+def test_the_late_reap_polls_nothing_while_no_job_has_ended(four: Service,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = four
+    svc.daemon.tick(svc.clock.now())
+    job = submit(svc, "sleep", "1000")
+    run_until(svc, lambda: status(svc, job) == "running")
+    calls: list[float] = []
+    monkeypatch.setattr(svc.daemon, "step_reap", lambda now: calls.append(now))
+    svc.daemon.step_late_reap(svc.clock.now())
+    assert calls == []  # its pidfd is not readable: no poll, no query
+    svc.store.request_cancel(job, actor="tester", now=svc.clock.now())
+    monkeypatch.undo()
+    run_until(svc, lambda: status(svc, job) in TERMINAL)
