@@ -548,8 +548,8 @@ class Perf:
             out(f"   task-spooler  skipped: {self.tsp_version}")
         f = med(r["jobs_per_s"] for r in fl)
         out(f"   Python floor  runs {fmt_runs([r['jobs_per_s'] for r in fl])} jobs/s   "
-            f"median {f:.0f} jobs/s  (bench/floor_loop.py: the same durable claims, ends, run "
-            f"directories, logs and shim, nothing else; {med(r['cpu_ms_per_job'] for r in fl):.2f}"
+            f"median {f:.0f} jobs/s  (bench/floor_loop.py: the same durable claims, ends, "
+            f"folder, log, exit file and shim, nothing else; {med(r['cpu_ms_per_job'] for r in fl):.2f}"
             f" ms of CPU per job)")
         out(f"   gpusched / task-spooler: {ratio(g, t)}   gpusched / Python floor: {ratio(g, f)}"
             f"   target >= 900 jobs/s: {verdict(g >= 900)}")

@@ -2,8 +2,8 @@
 
 One process, no daemon, no API, no planner: ``N`` queued rows in a WAL SQLite file with
 ``synchronous=FULL``, two slots, and for each job what gpusched must do too: its claim (status,
-attempt row, event) committed before its process exists, a run directory and a log file of its
-own, the same ``/bin/sh`` shim gpusched starts (it writes the exit status to a file), a pidfd to
+attempt row, event) committed before its process exists, a folder with its log file and its
+exit file (gpusched's layout: ``logs/<job>/<n>.log`` and ``<n>.exit``), the same ``/bin/sh`` shim gpusched starts (it writes the exit status to a file), a pidfd to
 wake on, the exit file read back, and its end (status, attempt, event) committed. A tick reaps
 every ended job and claims the next ones in one transaction (group commit), as gpusched does.
 
@@ -64,7 +64,7 @@ def drain(n: int, root: str, slots: int = 2) -> dict[str, float]:
         for pfd, (job, proc, slot) in list(running.items()):
             if proc.poll() is None:
                 continue
-            with open(os.path.join(root, "runs", str(job), "1", "exit"), "rb") as fh:
+            with open(os.path.join(root, "logs", str(job), "1.exit"), "rb") as fh:
                 code = int(fh.read().split()[0])
             db.execute("UPDATE attempts SET state = 'ended' WHERE job_id = ? AND n = 1", (job,))
             db.execute("UPDATE jobs SET status = ?, ended_at = ?, exit_code = ? WHERE id = ?",
@@ -88,11 +88,9 @@ def drain(n: int, root: str, slots: int = 2) -> dict[str, float]:
                 todo.append((job, free.pop()))
         db.execute("COMMIT")  # the claims are durable before their processes exist
         for job, slot in todo:
-            logs, runs = os.path.join(root, "logs", str(job)), os.path.join(root, "runs", str(job))
-            os.mkdir(logs)
-            os.mkdir(runs)
-            os.mkdir(os.path.join(runs, "1"), 0o711)
-            exit_file = os.path.join(runs, "1", "exit")
+            logs = os.path.join(root, "logs", str(job))
+            os.mkdir(logs, 0o711)
+            exit_file = os.path.join(logs, "1.exit")
             os.close(os.open(exit_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             fd = os.open(os.path.join(logs, "1.log"),
                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -118,7 +116,6 @@ def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 900
     root = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp(prefix="gsfloor", dir="/tmp")
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
-    os.makedirs(os.path.join(root, "runs"), exist_ok=True)
     print(json.dumps(drain(n, root)))
     return 0
 

@@ -968,6 +968,12 @@ class Daemon:
         return (os.path.join(self.settings.logs_dir, str(job_id), f"{n}.log"),
                 os.path.join(self.settings.runs_dir, str(job_id), str(n)))
 
+    def local_paths(self, job_id: int, n: int) -> tuple[str, str]:
+        """A local attempt's log, and its run directory: the job's log folder, which also
+        holds the shim's exit file (LocalRunner: exit_path)."""
+        folder = os.path.join(self.settings.logs_dir, str(job_id))
+        return os.path.join(folder, f"{n}.log"), folder
+
     def slurm_paths(self, job_id: int, n: int) -> tuple[str, str]:
         """A Slurm attempt's output and run folder, on the filesystem its nodes share."""
         run_dir = self.settings.slurm_runs_dir / str(job_id) / str(n)
@@ -1085,7 +1091,8 @@ class Daemon:
             self.store.transition(job_id, S.HELD, now, allowed={S.QUEUED},
                                   reason=f"the {spec.runner} runner is not enabled on this daemon")
             return None
-        paths = self.slurm_paths if runner.name == "slurm" else self.paths
+        paths = {"slurm": self.slurm_paths, "local": self.local_paths}.get(runner.name,
+                                                                          self.paths)
         n = self.store.claim(job_id, [g.uuid for g in gpus], runner=runner.name, now=now,
                              paths=paths, reason=f"placed: {why}" if why else None)
         if n is None:

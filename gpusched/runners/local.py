@@ -47,7 +47,8 @@ SHIM = ('d=$1; f=$2; shift 2; trap : TERM INT HUP; cd -- "$d" || '
 # recognises (the one before the working-directory argument, still running after an upgrade)
 _EXIT_ARG = {SHIM.encode(): 5,
              b'f=$1; shift; trap : TERM INT HUP; "$@"; printf "%s\\n" $? > "$f"': 4}
-EXIT_FILE = "exit"
+EXIT_FILE = "exit"  # in an attempt's run directory (the layout before issue 15's)
+EXIT_SUFFIX = ".exit"  # beside the attempt's log: <logs>/<job>/<n>.exit
 EXIT_FILE_MAX = 64
 CD_FAILED = "cd"
 JOB_UMASK = 0o022  # what a login shell gives: a job's files are readable as users expect
@@ -94,6 +95,17 @@ def alive(pid: int | None, start: int | None) -> bool:
     if st is None or st[0] in ("Z", "X"):
         return False
     return start is None or proc_start_time(pid) == start
+
+
+def exit_path(run_dir: Path, log_path: Path, n: int) -> Path:
+    """Where an attempt's shim writes its exit status. A local attempt keeps it beside its log,
+    in the job's log folder (the daemon's, 0711): ``<logs>/<job>/<n>.exit``, and names that
+    folder as its run directory; the attempt needs no folders of its own (one new folder per
+    job, not three: the files a sweep of short jobs creates are most of what it costs). An
+    attempt started by an older gpusched has ``<runs>/<job>/<n>/exit``."""
+    if run_dir == log_path.parent:
+        return log_path.with_name(f"{n}{EXIT_SUFFIX}")
+    return run_dir / EXIT_FILE
 
 
 def read_exit(path: Path) -> tuple[int | None, str | None]:
@@ -164,10 +176,13 @@ class _ShimProcess(subprocess.Popen[bytes]):
 class LocalRunner:
     name = "local"
 
-    def __init__(self, runs_dir: Path | None = None) -> None:
-        # Only shims under our own runs directory are ours: another daemon (another state
+    def __init__(self, runs_dir: Path | None = None, logs_dir: Path | None = None) -> None:
+        # Only shims under our own state directory are ours: another daemon (another state
         # directory, a test) may run shims on the same host, and reconcile must never touch them.
         self.runs_dir = runs_dir.resolve() if runs_dir else None
+        if logs_dir is None and self.runs_dir is not None:
+            logs_dir = self.runs_dir.parent / "logs"  # the state directory's layout
+        self.logs_dir = logs_dir.resolve() if logs_dir else None
         self._procs: dict[tuple[int, int], _ShimProcess] = {}
         self._pidfds: dict[tuple[int, int], int] = {}
         self._outcomes: dict[tuple[int, int], Outcome] = {}  # ended, until cleanup()
@@ -198,15 +213,19 @@ class LocalRunner:
         workdir = req.spec.workdir or (user.pw_dir if user else "/")
         if not os.path.isdir(workdir):
             raise LaunchRefused(f"working directory {workdir} does not exist")
-        exit_file = req.run_dir / EXIT_FILE
+        exit_file = exit_path(req.run_dir, req.log_path, req.attempt)
         kwargs: dict[str, object] = {}
         owner = (req.owner_uid, user.pw_gid) if as_other and user is not None else None
         if owner is not None and user is not None:
             kwargs.update(user=req.owner_uid, group=user.pw_gid,
                           extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
         try:
-            self._private_run_dir(req.run_dir, owner)
             logfd = self._private_log(req.log_path, owner)
+            try:
+                self._private_exit_file(exit_file, owner)
+            except BaseException:
+                os.close(logfd)
+                raise
         except OSError as err:
             raise RunnerError(f"could not prepare job {req.job_id}'s run directory or log: "
                               f"{err}") from err
@@ -238,39 +257,29 @@ class LocalRunner:
         return dataclasses.replace(launched, pid_start=proc_start_time(launched.pid))
 
     @staticmethod
-    def _private_run_dir(run_dir: Path, owner: tuple[int, int] | None) -> None:
-        """The attempt's run directory: the daemon's, 0711, holding an empty exit file that is
-        the job user's (0600). The shim, as that user, writes the file in place; the user can
-        neither replace it (with a FIFO, a symlink) nor add anything beside it, since the
-        directory is not theirs. A leftover of the same attempt is reused only if it is a real
-        directory."""
-        if run_dir.name == "1":  # a job's first attempt: its folder is new too
-            try:
-                os.mkdir(run_dir.parent)
-            except FileNotFoundError:
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                pass
+    def _private_exit_file(exit_file: Path, owner: tuple[int, int] | None) -> None:
+        """The attempt's empty exit file, the job user's (0600), in a folder that is the
+        daemon's (0711): the job's log folder, or an older attempt's run directory. The shim,
+        as that user, writes the file in place; the user can neither replace it (with a FIFO,
+        a symlink) nor add anything beside it, since the folder is not theirs. A leftover of
+        the same attempt is replaced; the folder is reused only if it is a real directory."""
+        folder = exit_file.parent
         try:
-            os.mkdir(run_dir, 0o711)
-            fresh = True
-        except FileNotFoundError:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(run_dir, 0o711)
-            fresh = False
+            os.mkdir(folder, 0o711)
         except FileExistsError:
-            fresh = False
-        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            pass
+        except FileNotFoundError:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            st = None if not fresh else os.fstat(fd)
-            if st is None or (st.st_mode & 0o7777, st.st_uid, st.st_gid) != (
-                    0o711, os.geteuid(), os.getegid()):
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                 os.fchown(fd, os.geteuid(), os.getegid())  # a leftover of an older gpusched
+            if stat.S_IMODE(st.st_mode) != 0o711:
                 os.fchmod(fd, 0o711)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(EXIT_FILE, dir_fd=fd)
-            efd = os.open(EXIT_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(exit_file.name, dir_fd=fd)
+            efd = os.open(exit_file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                           os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
                 if owner is not None:
@@ -287,7 +296,7 @@ class LocalRunner:
                  os.O_NOCTTY | os.O_NONBLOCK)
         if log_path.name == "1.log":  # a job's first attempt: its log folder is new too
             with contextlib.suppress(FileExistsError, FileNotFoundError):
-                os.mkdir(log_path.parent)
+                os.mkdir(log_path.parent, 0o711)
         try:
             fd = os.open(log_path, flags, 0o600)
         except FileNotFoundError:
@@ -327,7 +336,7 @@ class LocalRunner:
         done = self._outcomes.get(key)
         if done is not None:
             return done
-        exit_file = ref.run_dir / EXIT_FILE
+        exit_file = exit_path(ref.run_dir, ref.log_path, ref.n)
         proc = self._procs.get(key)
         if proc is not None:
             if proc.poll() is None:
@@ -419,18 +428,32 @@ class LocalRunner:
             pid = int(name)
             if not _session_leader(pid):
                 continue  # the shim's child between fork and exec has the same cmdline
-            run_dir = Path(argv[at].decode(errors="replace")).parent
-            if self.runs_dir is None or run_dir.parent.parent != self.runs_dir:
+            found_at = self._attempt_of(Path(argv[at].decode(errors="replace")))
+            if found_at is None:
                 continue
-            try:
-                job_id, n = int(run_dir.parent.name), int(run_dir.name)
-            except ValueError:
-                continue
+            job_id, n = found_at
             if (job_id, n) not in live:
                 found.append(Orphan(f"local shim pid {pid} of job {job_id} attempt {n}",
                                     job_id=job_id, attempt=n, handle=(pid, proc_start_time(pid)),
                                     uid=process_uid(pid)))
         return found
+
+    def _attempt_of(self, exit_file: Path) -> tuple[int, int] | None:
+        """(job, attempt) of a shim's exit file under our own state directory, else None:
+        ``<logs>/<job>/<n>.exit``, or an older gpusched's ``<runs>/<job>/<n>/exit``."""
+        try:
+            if exit_file.name == EXIT_FILE:
+                run_dir = exit_file.parent
+                if self.runs_dir is None or run_dir.parent.parent != self.runs_dir:
+                    return None
+                return int(run_dir.parent.name), int(run_dir.name)
+            if exit_file.suffix == EXIT_SUFFIX:
+                if self.logs_dir is None or exit_file.parent.parent != self.logs_dir:
+                    return None
+                return int(exit_file.parent.name), int(exit_file.stem)
+        except ValueError:
+            pass
+        return None
 
     def remove_orphan(self, orphan: Orphan) -> bool:
         pid, start = orphan.handle

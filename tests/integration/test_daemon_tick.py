@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gpusched.config import Settings
 from gpusched.gpus import SimulatedInventory
 from gpusched.models import GpuRequest, JobSpec
 from gpusched.runners.base import AttemptRef, LaunchRequest
-from gpusched.runners.local import LocalRunner
+from gpusched.runners.local import LocalRunner, exit_path
 from gpusched.service import Service
 from gpusched.states import JobStatus
 from gpusched.testing.clock import FakeClock
@@ -208,7 +209,9 @@ def test_job_that_ended_while_the_daemon_was_down(service: Service) -> None:
     service.daemon.tick(service.clock.now())
     time.sleep(0.3)
     with restarted(service) as svc2:
-        exit_file = Path(svc2.store.attempt(job, 1)["run_dir"]) / "exit"  # type: ignore[index]
+        att = svc2.store.attempt(job, 1)
+        assert att is not None
+        exit_file = exit_path(Path(att["run_dir"]), Path(att["log_path"]), 1)
         svc2.clock.advance(3600)  # the daemon came back an hour later
         svc2.daemon.tick(svc2.clock.now())
         row = svc2.store.get_job(job)
@@ -364,3 +367,21 @@ def test_any_job_reports_epochs_with_tao_style_status_lines(service: Service) ->
     assert [(r["epoch"], r["seconds"], r["workload"]) for r in rows] == [
         (1, 41.5, "tao-style [tester]"), (2, 41.5, "tao-style [tester]"), (3, 41.5, "tao-style [tester]")]
     assert rows[0]["gpu_models"] == '["RTX 2070"]'
+
+
+def test_a_local_attempt_makes_one_folder_per_job_and_two_files(service: Service) -> None:
+    """The log and the shim's exit file share the job's log folder (the daemon's, 0711): a
+    sweep of short jobs creates three inodes per job, not five, and nothing under runs/."""
+    job = submit(service, "sh", "-c", "echo hi; exit 4")
+    run_until(service, ended(service, job))
+    again = submit(service, "true")
+    run_until(service, ended(service, again))
+    folder = service.settings.logs_dir / str(job)
+    assert sorted(os.listdir(folder)) == ["1.exit", "1.log"]
+    assert (folder / "1.exit").read_text() == "4\n" and (folder / "1.log").read_text() == "hi\n"
+    st = os.stat(folder)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o711)
+    att = service.store.attempt(job, 1)
+    assert att is not None and att["run_dir"] == str(folder)
+    assert not (service.settings.runs_dir / str(job)).exists()
+    assert not (service.settings.runs_dir / str(again)).exists()

@@ -147,7 +147,8 @@ def test_admin_init_starts_afresh_on_purpose_without_reusing_old_logs(state_dir:
         Path(f"{state_dir / 'gpusched.db'}{suffix}").unlink(missing_ok=True)
     start_fails(d)
     moved = admin.init_fresh(settings_of(d))
-    assert {p.name.split(".")[0] for p in moved} == {"logs", "runs"}
+    # a local job's log and exit file are in logs/<job>/: runs/ stays empty, and is not moved
+    assert {p.name.split(".")[0] for p in moved} == {"logs"}
     assert (moved[0] / str(job) / "1.log").read_text() == "old output\n"
     d.start()
     try:

@@ -150,7 +150,7 @@ def test_a_job_that_ends_on_a_full_disk_is_recorded_with_its_real_exit_code(
             time.sleep(0.05)
         r = d.cli("health", timeout=30)  # waits for the tick that reaped it to finish
         assert d.proc is not None and d.proc.poll() is None, d.log()
-        exit_file = small_state_dir / "runs" / str(job) / "1" / "exit"
+        exit_file = small_state_dir / "logs" / str(job) / "1.exit"
         assert not exit_file.exists() or exit_file.read_text() == "", \
             "the exit file was written: the disk was not full"
         assert show(d, job)["status"] != "lost"

@@ -23,7 +23,7 @@ import pytest
 from gpusched.gpus import job_of_pid
 from gpusched.models import JobSpec
 from gpusched.runners.base import AttemptRef
-from gpusched.runners.local import EXIT_FILE, SHIM, SHIM_NAME, alive
+from gpusched.runners.local import EXIT_FILE, SHIM, SHIM_NAME, alive, exit_path
 from gpusched.service import Service
 from gpusched.testing.harness import DaemonProcess
 from gpusched.testing.ticks import TERMINAL, restarted, run_until, status, submit
@@ -125,7 +125,8 @@ def test_a_running_job_cannot_declare_itself_finished_after_a_restart(service: S
     assert status(service, job) == "running"
     att = service.store.attempt(job, 1)
     assert att is not None
-    (Path(att["run_dir"]) / EXIT_FILE).write_text("0\n")  # what the job's user could do
+    # what the job's user could do
+    exit_path(Path(att["run_dir"]), Path(att["log_path"]), att["n"]).write_text("0\n")
     with restarted(service) as svc2:
         svc2.daemon.tick(svc2.clock.now())
         assert status(svc2, job) == "running"

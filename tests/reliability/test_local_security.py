@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from gpusched.runners.local import exit_path
 from gpusched.testing import users as real
 from gpusched.testing.harness import DaemonProcess, fake_tao_env
 from gpusched.testing.users import UNAVAILABLE, as_user
@@ -139,18 +140,17 @@ def test_a_fifo_as_exit_file_does_not_block_the_daemon(
     u1, u2 = users["gsuser1"], users["gsuser2"]
     home = owned_dir(shared_dir / "u1", u1)
     fifo = home / "fifo"
-    run_dir = f'{d.state_dir}/runs/"$GPUSCHED_JOB_ID"/"$GPUSCHED_ATTEMPT"'
-    plant = (f'rm -f {run_dir}/exit; mkfifo {run_dir}/exit' if kind == "fifo" else
-             f'mkfifo {fifo}; rm -f {run_dir}/exit; ln -sf {fifo} {run_dir}/exit')
-    # the job tries to plant the trap in its own run directory, then kills its shim (same uid)
+    exit_file = f'{d.state_dir}/logs/"$GPUSCHED_JOB_ID"/"$GPUSCHED_ATTEMPT".exit'
+    plant = (f'rm -f {exit_file}; mkfifo {exit_file}' if kind == "fifo" else
+             f'mkfifo {fifo}; rm -f {exit_file}; ln -sf {fifo} {exit_file}')
+    # the job tries to plant the trap beside its log, then kills its shim (same uid)
     # so the daemon goes to read the exit file
     hostile = submit(d, u1, home, "--", "sh", "-c", f"{plant}; kill -9 $PPID")
     try:
         row = wait_status(d, hostile, ENDED)
         assert row["status"] in ("failed", "lost"), row
-        # the run directory is not the user's: the exit file is still the daemon's regular file
-        exit_file = d.state_dir / "runs" / str(hostile) / "1" / "exit"
-        st = os.lstat(exit_file)
+        # the log folder is not the user's: the exit file is still the regular file made for it
+        st = os.lstat(d.state_dir / "logs" / str(hostile) / "1.exit")
         assert stat.S_ISREG(st.st_mode) and st.st_uid == u1.pw_uid, st
         assert "Permission denied" in as_user(d, u1, "logs", str(hostile)).stdout
         # the tick still runs: another user's job starts and finishes, health answers
@@ -160,7 +160,7 @@ def test_a_fifo_as_exit_file_does_not_block_the_daemon(
         assert r.returncode == 0, r.stderr
     finally:
         release_fifo(fifo)
-        release_fifo(d.state_dir / "runs" / str(hostile) / "1" / "exit")
+        release_fifo(d.state_dir / "logs" / str(hostile) / "1.exit")
 
 
 def test_a_queued_stage_whose_spec_becomes_a_fifo_does_not_hang_show(
@@ -273,6 +273,7 @@ def test_a_jobs_log_and_run_directory_are_private_to_its_user(
     log, run = os.stat(att["log_path"]), os.stat(att["run_dir"])
     assert (log.st_uid, log.st_gid, stat.S_IMODE(log.st_mode)) == (u1.pw_uid, u1.pw_gid, 0o600)
     assert (run.st_uid, stat.S_IMODE(run.st_mode)) == (0, 0o711)  # the user cannot replace
-    exit_file = os.stat(Path(att["run_dir"]) / "exit")  # what is in it, only write it
+    exit_file = os.stat(exit_path(Path(att["run_dir"]), Path(att["log_path"]), att["n"]))
+    # (what is in it: they may only write it)
     assert (exit_file.st_uid, stat.S_IMODE(exit_file.st_mode)) == (u1.pw_uid, 0o600)
     assert as_user(d, u1, "logs", str(job)).stdout == "hello\n"

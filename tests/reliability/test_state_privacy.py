@@ -50,13 +50,14 @@ def test_other_users_cannot_read_or_list_the_state_directory(
     assert r.returncode == 0 and r.stdout == "secret-of-user1\n", r.stderr
 
     # another user: nothing to read, nothing to list
-    for path in (log, state / "gpusched.db", state / "gpusched.db-wal", backup,
-                 state / "daemon.lock"):
+    for path in (log, log.with_suffix(".exit"), state / "gpusched.db",
+                 state / "gpusched.db-wal", backup, state / "daemon.lock"):
         if path.exists():
             r = run_as(u2, "cat", str(path))
             assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
+    assert not (state / "runs" / str(job)).exists()  # a local job's files are in logs/<job>/
     for directory in (state, state / "logs", state / "runs", state / "backups",
-                      state / "logs" / str(job), state / "runs" / str(job)):
+                      state / "logs" / str(job)):
         r = run_as(u2, "ls", str(directory))
         assert r.returncode != 0 and "Permission denied" in r.stderr, (directory, r)
     r = run_as(u2, "python3", "-c", "import sqlite3,sys; c = sqlite3.connect("
@@ -71,11 +72,10 @@ def test_other_users_cannot_read_or_list_the_state_directory(
 
     # the modes themselves (the fixture made the state directory 0755, like an old install)
     assert mode(state) == 0o711
-    for p in (state / "logs", state / "runs", state / "logs" / str(job),
-              state / "runs" / str(job)):
+    for p in (state / "logs", state / "runs", state / "logs" / str(job)):
         assert mode(p) == 0o711, p
     assert mode(state / "backups") == 0o700
-    for p in (state / "gpusched.db", state / "daemon.lock", backup, log):
+    for p in (state / "gpusched.db", state / "daemon.lock", backup, log, log.with_suffix(".exit")):
         assert mode(p) == 0o600, p
     for suffix in ("-wal", "-shm"):
         p = Path(f"{state / 'gpusched.db'}{suffix}")
