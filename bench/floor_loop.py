@@ -3,8 +3,9 @@
 One process, no daemon, no API, no planner: ``N`` queued rows in a WAL SQLite file with
 ``synchronous=FULL``, two slots, and for each job what gpusched must do too: its claim (status,
 attempt row, event) committed before its process exists, a folder with its log file and its
-exit file (gpusched's layout: ``logs/<job>/<n>.log`` and ``<n>.exit``), the same ``/bin/sh`` shim gpusched starts (it writes the exit status to a file), a pidfd to
-wake on, the exit file read back, and its end (status, attempt, event) committed. A tick reaps
+exit file (gpusched's layout: ``logs/<job>/<n>.log`` and ``<n>.exit``), the same ``/bin/sh``
+shim gpusched starts (it writes the exit status to that file), a pidfd to wake on, the exit
+file read back, and its end (status, attempt, event) committed. A tick reaps
 every ended job and claims the next ones in one transaction (group commit), as gpusched does.
 
 What it leaves out, and gpusched cannot: the planner (speed model, reservations, backfill),
