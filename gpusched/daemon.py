@@ -118,7 +118,6 @@ class Daemon:
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         self._queued_specs: dict[int, str] = {}  # and its spec, as planned (see _launch_spec)
         self._refs: dict[tuple[int, int], tuple[tuple[Any, ...], AttemptRef]] = {}  # _ref_of
-        self._marks_written: set[tuple[int, int]] = set()  # pending marks in the open batch
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
         self._model_at = -math.inf
         self._model_stale = False  # a job that timed epochs ended since the last fit
@@ -184,7 +183,6 @@ class Daemon:
         with self.lock:
             self.step_errors = {}
             self._after_commit = []
-            self._marks_written.clear()
             # one transaction for the whole tick where it can be (group commit: the ends,
             # epochs and claims of a tick cost one fsync), committed before anything that
             # waits on the outside world (a launch, Docker, NVML, a notification), so no
@@ -225,7 +223,6 @@ class Daemon:
         """Commit what the tick wrote so far, then do what waited for it (a runner may forget
         an end only once it is saved). False when it could not be saved: nothing of it was,
         and the next tick does it again (the runners still report the ends)."""
-        self._marks_written.clear()  # committed (then forgotten) or not saved (written again)
         try:
             self.store.commit_batch()
         except StoreError as err:
@@ -1165,7 +1162,7 @@ class Daemon:
     def _write_marks(self) -> None:
         """Record the starts kept (see _launch_all) in the open transaction; they are kept
         until it commits (a commit that fails leaves them for the next one)."""
-        marks = {k: v for k, v in self._pending_marks.items() if k not in self._marks_written}
+        marks = dict(self._pending_marks)  # a second reap in the tick writes them again: no-ops
         for (job_id, n), (launched, at, name) in marks.items():
             confirm = getattr(self.runners.get(name), "confirm", None)
             if confirm is not None:  # what a runner learns once the process runs (pid start)
@@ -1179,7 +1176,6 @@ class Daemon:
         def written() -> None:
             for key in marks:
                 self._pending_marks.pop(key, None)
-        self._marks_written.update(marks)  # in the open transaction: not again (late_reap)
         self._after_commit.append(written)
 
     def _confirm_marks(self) -> None:
@@ -1197,7 +1193,6 @@ class Daemon:
             if not self._pending_marks:
                 return
             self._after_commit = []
-            self._marks_written.clear()
             with self.store.batch():
                 self._write_marks()
                 if not self.commit():

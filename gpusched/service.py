@@ -127,7 +127,7 @@ def refuse_reset_database(settings: Settings) -> None:
 
 
 def make_runners(settings: Settings) -> dict[str, Runner]:
-    runners: dict[str, Runner] = {"local": LocalRunner(settings.runs_dir, settings.logs_dir)}
+    runners: dict[str, Runner] = {"local": LocalRunner.of(settings)}
     if settings.docker.enabled:
         from gpusched.runners.docker import ContainerRunner
 

@@ -260,9 +260,7 @@ def _v9_after_any_table(db: sqlite_utils.Database) -> None:
             PRIMARY KEY (job_id, after_id)
         );
         INSERT OR IGNORE INTO job_after_any (job_id, after_id)
-            SELECT j.id, CAST(e.value AS INTEGER) FROM jobs j,
-                json_each(j.spec, '$.after_any') e
-            WHERE j.spec LIKE '%after_any%' AND json_array_length(j.spec, '$.after_any') > 0;
+            SELECT j.id, CAST(e.value AS INTEGER) FROM jobs j, json_each(j.spec, '$.after_any') e;
         """
     )
 

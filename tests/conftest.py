@@ -41,7 +41,7 @@ def clock() -> FakeClock:
 def service(settings: Settings, clock: FakeClock) -> Iterator[Service]:
     """A daemon driven by hand: ``service.daemon.tick(clock.now())``, no loop, no sleeps."""
     svc = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
-                  runners={"local": LocalRunner(settings.runs_dir)}, clock=clock)
+                  runners={"local": LocalRunner.of(settings)}, clock=clock)
     yield svc
     svc.close()
 

@@ -27,11 +27,15 @@ import signal
 import stat
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpusched.errors import LaunchRefused, RunnerError
 from gpusched.paths import process_uid
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
 from gpusched.safefs import UnsafeFile, open_user_file
+
+if TYPE_CHECKING:
+    from gpusched.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +184,15 @@ class LocalRunner:
         # Only shims under our own state directory are ours: another daemon (another state
         # directory, a test) may run shims on the same host, and reconcile must never touch them.
         self.runs_dir = runs_dir.resolve() if runs_dir else None
-        if logs_dir is None and self.runs_dir is not None:
-            logs_dir = self.runs_dir.parent / "logs"  # the state directory's layout
         self.logs_dir = logs_dir.resolve() if logs_dir else None
         self._procs: dict[tuple[int, int], _ShimProcess] = {}
         self._pidfds: dict[tuple[int, int], int] = {}
         self._outcomes: dict[tuple[int, int], Outcome] = {}  # ended, until cleanup()
+
+    @classmethod
+    def of(cls, settings: Settings) -> LocalRunner:
+        """The runner of a daemon's state directory (its runs/ and logs/)."""
+        return cls(settings.runs_dir, settings.logs_dir)
 
     # -- launch ---------------------------------------------------------------------------
 
@@ -220,12 +227,8 @@ class LocalRunner:
             kwargs.update(user=req.owner_uid, group=user.pw_gid,
                           extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
         try:
+            self._private_exit_file(exit_file, owner)
             logfd = self._private_log(req.log_path, owner)
-            try:
-                self._private_exit_file(exit_file, owner)
-            except BaseException:
-                os.close(logfd)
-                raise
         except OSError as err:
             raise RunnerError(f"could not prepare job {req.job_id}'s run directory or log: "
                               f"{err}") from err
@@ -257,26 +260,38 @@ class LocalRunner:
         return dataclasses.replace(launched, pid_start=proc_start_time(launched.pid))
 
     @staticmethod
+    def _daemon_folder(folder: Path) -> int:
+        """An fd of one of the daemon's folders (a job's log folder, an older attempt's run
+        directory), 0711 and ours, made when missing; never reached through a symlink, and a
+        leftover of an older gpusched is taken back."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(folder, flags)
+        except FileNotFoundError:  # the job's first attempt
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o711)
+            fd = os.open(folder, flags)
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, os.geteuid(), os.getegid())
+            if stat.S_IMODE(st.st_mode) != 0o711:
+                os.fchmod(fd, 0o711)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
     def _private_exit_file(exit_file: Path, owner: tuple[int, int] | None) -> None:
         """The attempt's empty exit file, the job user's (0600), in a folder that is the
         daemon's (0711): the job's log folder, or an older attempt's run directory. The shim,
         as that user, writes the file in place; the user can neither replace it (with a FIFO,
         a symlink) nor add anything beside it, since the folder is not theirs. A leftover of
-        the same attempt is replaced; the folder is reused only if it is a real directory."""
-        folder = exit_file.parent
+        the same attempt is replaced."""
+        fd = LocalRunner._daemon_folder(exit_file.parent)
         try:
-            os.mkdir(folder, 0o711)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, os.geteuid(), os.getegid())  # a leftover of an older gpusched
-            if stat.S_IMODE(st.st_mode) != 0o711:
-                os.fchmod(fd, 0o711)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(exit_file.name, dir_fd=fd)
             efd = os.open(exit_file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
@@ -291,16 +306,14 @@ class LocalRunner:
 
     @staticmethod
     def _private_log(log_path: Path, owner: tuple[int, int] | None) -> int:
-        """The attempt's log, 0600 and the job user's, opened for appending (an fd)."""
+        """The attempt's log, 0600 and the job user's, opened for appending (an fd), in a
+        folder of the daemon's (made here when the exit file did not make it)."""
         flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC |
                  os.O_NOCTTY | os.O_NONBLOCK)
-        if log_path.name == "1.log":  # a job's first attempt: its log folder is new too
-            with contextlib.suppress(FileExistsError, FileNotFoundError):
-                os.mkdir(log_path.parent, 0o711)
         try:
             fd = os.open(log_path, flags, 0o600)
         except FileNotFoundError:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(LocalRunner._daemon_folder(log_path.parent))
             fd = os.open(log_path, flags, 0o600)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

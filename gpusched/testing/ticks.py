@@ -49,7 +49,7 @@ def restarted(svc: Service) -> Iterator[Service]:
     """What a daemon crash or restart leaves: a new Service on the same state directory."""
     svc.close()
     svc2 = Service(svc.settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner(svc.settings.runs_dir)}, clock=svc.clock)
+                   runners={"local": LocalRunner.of(svc.settings)}, clock=svc.clock)
     try:
         yield svc2
     finally:

@@ -157,7 +157,7 @@ def test_drained_gpu_is_never_used(service: Service) -> None:
 def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
                                                              clock: FakeClock) -> None:
     inv = SimulatedInventory(SIM_GPUS)
-    svc = Service(settings, inventory=inv, runners={"local": LocalRunner(settings.runs_dir)},
+    svc = Service(settings, inventory=inv, runners={"local": LocalRunner.of(settings)},
                   clock=clock)
     uuid = inv.uuids[1]
     inv.set_health(uuid, "lost", "GPU is lost (fell off the bus)")
@@ -165,7 +165,7 @@ def test_lost_gpu_is_drained_and_stays_drained_after_restart(settings: Settings,
     assert [g.state for g in svc.daemon.gpu_states()] == ["idle", "lost"]
     svc.close()
     svc2 = Service(settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner(settings.runs_dir)}, clock=clock)
+                   runners={"local": LocalRunner.of(settings)}, clock=clock)
     svc2.daemon.tick(clock.now())
     states = {g.uuid: (g.state, g.drain_reason) for g in svc2.daemon.gpu_states()}
     assert states[uuid] == ("drained", "GPU is lost (fell off the bus)")
@@ -238,9 +238,9 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
     job = submit(service, "sh", "-c", "echo started >> counter; sleep 1")
     gpu = service.daemon.gpus[0]
     n = service.store.claim(job, [gpu.uuid], runner="local", now=service.clock.now(),
-                            paths=service.daemon.paths)
+                            paths=service.daemon.local_paths)
     assert n == 1
-    log_path, run_dir = service.daemon.paths(job, n)
+    log_path, run_dir = service.daemon.local_paths(job, n)
     spec = JobSpec.model_validate_json(service.store.get_job(job)["spec"])
     stray = LocalRunner()  # the launch of the daemon that is about to die
     stray.launch(LaunchRequest(
@@ -260,12 +260,12 @@ def test_crash_after_launch_before_commit_adopts_not_reruns(service: Service) ->
 
 def test_another_daemons_shims_are_not_orphans(service: Service, tmp_path: Path) -> None:
     """Two daemons (state directories) on one host: reconcile never touches the other's jobs."""
-    other = LocalRunner(tmp_path / "other-runs")
+    other = LocalRunner(tmp_path / "other-runs", tmp_path / "other-logs")
     spec = JobSpec(command=["sleep", "30"], workdir="/tmp")
     gpu = SimulatedInventory(SIM_GPUS).snapshot(lambda pid: None)[0]
-    launched = other.launch(LaunchRequest(
+    launched = other.launch(LaunchRequest(  # the layout its daemon gives a local attempt
         job_id=1, attempt=1, spec=spec, gpus=(gpu,), simulated=True, env={},
-        log_path=tmp_path / "o.log", run_dir=tmp_path / "other-runs" / "1" / "1",
+        log_path=tmp_path / "other-logs" / "1" / "1.log", run_dir=tmp_path / "other-logs" / "1",
         owner_uid=os.getuid(), owner="tester"))
     try:
         # launch returns as soon as the shim's exec began (vfork); its command line is in

@@ -34,7 +34,7 @@ def four(state_dir: Path) -> Iterator[Service]:
     settings = Settings(state_dir=state_dir, socket=state_dir / "gpusched.sock",
                         gpus={"simulate": FOUR}, docker={"enabled": False})
     svc = Service(settings, inventory=SimulatedInventory(FOUR),
-                  runners={"local": LocalRunner(settings.runs_dir)}, clock=FakeClock())
+                  runners={"local": LocalRunner.of(settings)}, clock=FakeClock())
     yield svc
     svc.close()
 
@@ -160,7 +160,7 @@ def test_starts_kept_for_the_next_commit_survive_a_crash_before_it(four: Service
     assert [status(svc, i) for i in ids] == ["starting"] * 2
     svc.close()  # kept starts are lost with the process, as in a kill -9
     svc2 = Service(svc.settings, inventory=SimulatedInventory(FOUR),
-                   runners={"local": LocalRunner(svc.settings.runs_dir)}, clock=svc.clock)
+                   runners={"local": LocalRunner.of(svc.settings)}, clock=svc.clock)
     try:
         svc2.daemon.tick(svc2.clock.now())  # reconcile: adopt
         assert [status(svc2, i) for i in ids] == ["running"] * 2
@@ -238,7 +238,7 @@ def test_an_attempt_whose_start_is_not_recorded_yet_is_polled_by_its_handle(
     settings = Settings(state_dir=state_dir, socket=state_dir / "gpusched.sock",
                         gpus={"simulate": FOUR}, docker={"enabled": False})
     svc = Service(settings, inventory=SimulatedInventory(FOUR),
-                  runners={"local": LocalRunner(settings.runs_dir), "docker": runner},
+                  runners={"local": LocalRunner.of(settings), "docker": runner},
                   clock=FakeClock())
     try:
         svc.daemon.defer_marks = True

@@ -36,7 +36,7 @@ def make_service(state_dir: Path, **notify: Any) -> Service:
                         scheduler={"kill_grace_s": 2},
                         notify={"retry_backoff_s": 5, "timeout_s": 5, **notify})
     return Service(settings, inventory=SimulatedInventory(SIM_GPUS),
-                   runners={"local": LocalRunner(settings.runs_dir)}, clock=FakeClock())
+                   runners={"local": LocalRunner.of(settings)}, clock=FakeClock())
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def box(settings: Settings, clock: FakeClock) -> Iterator[Service]:
     """The seed's workstation, simulated with prior speeds as the demo runs it."""
     s = settings.model_copy(update={"gpus": settings.gpus.model_copy(update={"simulate": SPEEDS})})
     svc = Service(s, inventory=SimulatedInventory(SPEEDS),
-                  runners={"local": LocalRunner(s.runs_dir)}, clock=clock)
+                  runners={"local": LocalRunner.of(s)}, clock=clock)
     yield svc
     svc.close()
 

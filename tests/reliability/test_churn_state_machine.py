@@ -82,7 +82,7 @@ class Churn(RuleBasedStateMachine):
 
     def _open(self) -> Service:
         return Service(self.settings, inventory=self.inventory,
-                       runners={"local": LocalRunner(self.settings.runs_dir)}, clock=self.clock)
+                       runners={"local": LocalRunner.of(self.settings)}, clock=self.clock)
 
     def _close(self) -> None:
         self.svc.daemon.close()
