@@ -87,13 +87,11 @@ def profile_daemon(jobs: int, rate: int, raw: Path) -> None:
 
 def profile_floor(jobs: int, rate: int, raw: Path) -> None:
     state = tempfile.mkdtemp(prefix="gsfloor", dir="/tmp")
-    try:
-        out = subprocess.run([py_spy(), "record", "-r", str(rate), "-f", "raw", "-o", str(raw),
-                              "--", sys.executable, str(Path(__file__).with_name("floor_loop.py")),
-                              str(jobs), state], capture_output=True, text=True, check=True)
-        print("floor:", out.stdout.strip().splitlines()[-1])
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+    bench_perf.remove_later(Path(state))  # by close_all, after the profile (see bench_perf)
+    out = subprocess.run([py_spy(), "record", "-r", str(rate), "-f", "raw", "-o", str(raw),
+                          "--", sys.executable, str(Path(__file__).with_name("floor_loop.py")),
+                          str(jobs), state], capture_output=True, text=True, check=True)
+    print("floor:", out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -104,6 +102,14 @@ def main() -> int:
     ap.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks in this file")
     ap.add_argument("--floor", action="store_true", help="profile bench/floor_loop.py instead")
     args = ap.parse_args()
+    try:
+        run(args)
+    finally:
+        bench_perf.close_all()  # daemons stopped, state folders removed once all is done
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gsprof") as tmp:
         raw = args.raw or Path(tmp) / "stacks.txt"
         if args.floor:
@@ -112,7 +118,6 @@ def main() -> int:
         else:
             profile_daemon(args.jobs, args.rate, raw)
             summarize(raw, args.top, "gpusched/")
-    return 0
 
 
 if __name__ == "__main__":
