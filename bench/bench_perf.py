@@ -300,6 +300,11 @@ class Bench:
                 LIVE.remove(self)
 
 
+def step_seconds(health: Any) -> dict[str, float]:
+    """The seconds the daemon spent in each tick step since it started (health's tick)."""
+    return dict((health.get("tick") or {}).get("seconds_by_step") or {})
+
+
 def tick_figures(health: Any) -> dict[str, Any]:
     """Numbers the daemon reports about its ticks (any key naming a tick), if it has any."""
     found: dict[str, Any] = {}
@@ -464,6 +469,8 @@ class Perf:
             b.prefill(n, "1")
             time.sleep(1.5)  # a tick or two: the queue is planned (and waits) before release
             timeout = max(120.0, n / 10)
+            steps0 = step_seconds(b.c.get("/v1/health"))
+            cpu0 = b.cpu()
             t0 = time.time()
             b.c.post(f"/v1/jobs/{blocker}/cancel")
             while b.active() > 0:
@@ -472,6 +479,9 @@ class Perf:
                                        f"({b.active()} active)")
                 time.sleep(0.01)
             wall = time.time() - t0
+            cpu = b.cpu() - cpu0
+            steps = {k: (v - steps0.get(k, 0.0)) / n * 1000
+                     for k, v in step_seconds(b.c.get("/v1/health")).items()}
             a, z, cnt, ok = b.q("SELECT min(started_at), max(ended_at), count(*),"
                                 " sum(status = 'succeeded') FROM jobs WHERE id != ?",
                                 [blocker])[0]
@@ -479,7 +489,8 @@ class Perf:
                                " GROUP BY gpus", [blocker]))
             return {"jobs": cnt, "succeeded": ok, "wall_s": wall, "jobs_per_s": n / wall,
                     "span_s": z - a, "span_jobs_per_s": n / (z - a) if z > a else None,
-                    "per_gpu": sorted(per_gpu.values(), reverse=True)}
+                    "per_gpu": sorted(per_gpu.values(), reverse=True),
+                    "cpu_ms_per_job": cpu / n * 1000, "step_ms_per_job": steps}
         finally:
             b.close()
 
@@ -539,6 +550,13 @@ class Perf:
         out(f"                 server span first start -> last end: median "
             f"{med(r['span_jobs_per_s'] or float('nan') for r in gs):.0f} jobs/s; jobs per GPU "
             f"{gs[-1]['per_gpu']}")
+        steps = {k: med(r["step_ms_per_job"].get(k, 0.0) for r in gs)
+                 for k in gs[-1]["step_ms_per_job"]}
+        shown = [f"{k} {v:.2f}" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])
+                 if v >= 0.01]
+        out(f"                 daemon CPU {med(r['cpu_ms_per_job'] for r in gs):.2f} ms per job; "
+            f"tick time by step, ms per job (median; health's seconds_by_step, parts of "
+            f"plan_and_launch after a dot): {', '.join(shown)}")
         t = None
         if ts:
             t = med(r["jobs_per_s"] for r in ts)

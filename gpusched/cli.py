@@ -577,6 +577,9 @@ def health(as_json: JsonOpt = False) -> None:
         for name, c in data["checks"].items():
             typer.echo(f"  {name:<8}{'ok' if c['ok'] else 'DEGRADED':<10}"
                        f"{render.safe(c['detail'])}")
+        line = render.tick_line(data.get("tick") or {})
+        if line:
+            typer.echo(f"  {'tick':<18}{line}")
     raise typer.Exit(0 if data["ok"] else 1)
 
 

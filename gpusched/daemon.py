@@ -129,6 +129,15 @@ class Daemon:
         self._after_commit: list[Callable[[], None]] = []  # what waits for the tick's commit
         self.tick_seconds: collections.deque[float] = collections.deque(maxlen=TICK_STATS)
         self.ticks = 0
+        # seconds spent in each step since the daemon started, in the end-of-tick commit
+        # ("commit") and in three parts of plan_and_launch (".plan": the queue read and the
+        # plan, ".commit": the claims' commit, ".start": the runners' launches): where a busy
+        # daemon's time goes, without a profiler (health; bench/bench_perf.py). Every key is
+        # there from the start: the API thread reads the dict while the tick adds to it, so
+        # it must never change size
+        self.step_seconds: dict[str, float] = dict.fromkeys(
+            (*self.STEPS, "commit", "plan_and_launch.plan", "plan_and_launch.commit",
+             "plan_and_launch.start"), 0.0)
         self._dep_events = 0  # job_events id up to which dependencies were checked (0: none)
         self.notifier = Notifier(settings, store, lambda job, n: self.paths(job, n)[0])
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -192,6 +201,7 @@ class Daemon:
                     outside = self._waits_outside(step, now)
                     if outside and not self.commit():
                         continue  # what it would do rests on what could not be saved
+                    step_started = time.perf_counter()
                     try:
                         if outside:
                             with self.store.unbatched():
@@ -201,7 +211,10 @@ class Daemon:
                     except Exception as err:
                         log.exception("tick step %s failed", step)
                         self.step_errors[step] = f"{type(err).__name__}: {err}"
+                    self.step_seconds[step] += time.perf_counter() - step_started
+                step_started = time.perf_counter()
                 self.commit()
+                self.step_seconds["commit"] += time.perf_counter() - step_started
             self.last_tick = now
             self.tick_seconds.append(time.perf_counter() - started)
             self.ticks += 1
@@ -874,6 +887,7 @@ class Daemon:
         return [r for r in rows if r["runner"] not in self.degraded]
 
     def step_plan_and_launch(self, now: float) -> None:
+        started = time.perf_counter()
         rows = self.runnable(lean=True)
         self.placed_last_tick = 0
         if not rows:
@@ -935,6 +949,7 @@ class Daemon:
                 return
             self._launch_pause = None
         gpus = {g.uuid: g for g in self.gpus}
+        self.step_seconds["plan_and_launch.plan"] += time.perf_counter() - started
         self._launch_all([(by_id[p.job_id], tuple(gpus[u] for u in p.gpu_uuids), p.reason)
                           for p in result.placements], now)
 
@@ -1025,9 +1040,13 @@ class Daemon:
                 if req is not None:
                     ready.append(req)
             self._contain(row["id"], "launch it", claim, now)
-        if not ready or not self.commit():
+        started = time.perf_counter()
+        saved = bool(ready) and self.commit()
+        self.step_seconds["plan_and_launch.commit"] += time.perf_counter() - started
+        if not saved:
             return  # a claim not saved starts nothing: the next tick plans it again
         results: list[tuple[LaunchRequest, Launched | BaseException]] = []
+        started = time.perf_counter()
         for i, req in enumerate(ready):
             if self._launch_pause is not None:  # the host ran short of resources
                 for rest in ready[i:]:
@@ -1040,6 +1059,7 @@ class Daemon:
                 if isinstance(err, (RunnerError, OSError)) and transient(err):
                     self._launch_pause = (now + RESOURCE_BACKOFF_S, f"the host is short of "
                                           f"resources ({err}); trying again shortly")
+        self.step_seconds["plan_and_launch.start"] += time.perf_counter() - started
         for req, result in results:
             if isinstance(result, Launched):
                 self._record_start(req, result, now)  # kept in memory until written
@@ -1311,5 +1331,7 @@ class Daemon:
         return {"ticks": self.ticks, "last_ms": round(recent[-1] * 1000, 3),
                 "median_ms": round(secs[len(secs) // 2] * 1000, 3),
                 "p95_ms": round(secs[min(len(secs) - 1, int(len(secs) * 0.95))] * 1000, 3),
-                "max_ms": round(secs[-1] * 1000, 3), "over_last": len(secs)}
+                "max_ms": round(secs[-1] * 1000, 3), "over_last": len(secs),
+                "seconds_by_step": {k: round(v, 6) for k, v in sorted(
+                    self.step_seconds.items(), key=lambda kv: -kv[1])}}
 

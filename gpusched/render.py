@@ -303,3 +303,18 @@ def pipeline_model(p: dict[str, Any]) -> tuple[str | None, str]:
         return None, (f"{who}: the chosen branch (threshold {best['threshold']:g}) recorded "
                       "no checkpoint to deploy")
     return str(model), ""
+
+
+def tick_line(tick: dict[str, Any]) -> str:
+    """``health``'s tick figures in one line: how long the daemon's ticks take and which steps
+    take the most of its time since it started ("" before its first timed tick)."""
+    if "median_ms" not in tick:
+        return ""
+    steps = {k: v for k, v in (tick.get("seconds_by_step") or {}).items() if "." not in k}
+    total = sum(steps.values())
+    top = sorted(steps.items(), key=lambda kv: -kv[1])[:3]
+    by = ", ".join(f"{safe(k)} {100 * v / total:.0f}%" for k, v in top if v > 0) \
+        if total > 0 else ""
+    return (f"median {tick['median_ms']:.1f} ms, p95 {tick['p95_ms']:.1f} ms over the last "
+            f"{tick['over_last']} of {tick['ticks']} ticks"
+            + (f"; time by step: {by}" if by else ""))

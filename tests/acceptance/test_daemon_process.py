@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,24 @@ def test_gpus_and_health(daemon: DaemonProcess) -> None:
     assert "RTX A4000" in table and "idle" in table
     h = daemon.cli("health")
     assert h.returncode == 0 and "gpusched ok" in h.stdout
+
+
+def test_health_says_where_the_ticks_time_goes(daemon: DaemonProcess) -> None:
+    """Each step's time since the start, and the parts of plan_and_launch that launched a
+    job, are in health's JSON; the text names the busiest steps."""
+    job = submit(daemon, "--", "true")
+    assert wait_all(daemon, [job]).returncode == 0
+    tick = json.loads(daemon.cli("health", "--json").stdout)["tick"]
+    by_step = tick["seconds_by_step"]
+    assert {"reap", "plan_and_launch", "commit", "plan_and_launch.start"} <= set(by_step)
+    assert by_step["plan_and_launch.start"] > 0  # the job's process was started
+    assert by_step["plan_and_launch"] >= by_step["plan_and_launch.start"]
+    assert list(by_step.values()) == sorted(by_step.values(), reverse=True)
+    text = daemon.cli("health").stdout
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("tick"))
+    assert re.search(r"median [\d.]+ ms, p95 [\d.]+ ms over the last \d+ of \d+ ticks; "
+                     r"time by step: \w+ \d+%", line), line
+    assert "plan_and_launch" in line and "plan_and_launch." not in line  # parts not summed
 
 
 def test_isolation_no_overlap_and_no_starvation(daemon: DaemonProcess) -> None:

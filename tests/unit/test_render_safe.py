@@ -47,3 +47,15 @@ def test_public_reasons_keep_outcomes_and_hide_free_text() -> None:
         "killed: out of memory; retrying (2 retries left)")
     assert public_reason("could not start: [Errno 2] No such file: '/home/a/x'") == HIDDEN
     assert public_reason(None) is None
+
+
+def test_tick_line_names_the_busiest_steps_without_their_parts() -> None:
+    tick = {"ticks": 40, "median_ms": 1.25, "p95_ms": 3.0, "over_last": 40,
+            "seconds_by_step": {"plan_and_launch": 3.0, "plan_and_launch.start": 2.5,
+                                "reap": 1.0, "commit": 0.5, "notify": 0.25, "cancels": 0.0}}
+    assert render.tick_line(tick) == (
+        "median 1.2 ms, p95 3.0 ms over the last 40 of 40 ticks; time by step: "
+        "plan_and_launch 63%, reap 21%, commit 11%")
+    assert render.tick_line({"ticks": 0}) == ""  # no tick timed yet
+    idle = {**tick, "seconds_by_step": dict.fromkeys(tick["seconds_by_step"], 0.0)}
+    assert render.tick_line(idle).endswith("40 ticks")  # nothing to rank
