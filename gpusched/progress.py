@@ -26,7 +26,7 @@ from gpusched.parsers import (
     workload_key,
 )
 from gpusched.runners.base import AttemptRef
-from gpusched.safefs import open_user_file, read_user_file
+from gpusched.safefs import open_in_daemon_dir, open_user_file, read_user_file
 
 MAX_READ = 4 * 1024 * 1024  # bytes per file per pass
 MAX_SPEC = 4 * 1024 * 1024  # a TAO experiment spec is a few KiB
@@ -37,7 +37,8 @@ class _Tail:
     path: Path
     offset: int = 0
     follower: StatusFollower = field(default_factory=StatusFollower)
-    owner_uid: int | None = None  # read only what this user could read (None: our own file)
+    owner_uid: int | None = None  # read only what this user could read (None: as root could)
+    own: bool = False  # a file in a folder of the daemon's own making (a job's log)
     _last: tuple[int, int, int] | None = None  # (inode, device, size) when read to the end
 
     def read(self) -> list[str]:
@@ -48,19 +49,24 @@ class _Tail:
             seen = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return []
-        if (seen.st_ino, seen.st_dev, seen.st_size) == self._last:
+        if (seen.st_ino, seen.st_dev, seen.st_size) == self._last or (
+                self._last is None and seen.st_size == 0):  # nothing in it yet (a new log)
             return []
         # the file is in a place the job's user controls: never block on a FIFO, never follow
-        # a symlink out of it (safefs)
+        # a symlink out of it (safefs). A job's log, in the log folder the daemon made, is
+        # reached from that folder; a user's file (status.json) is walked from /, always
         try:
-            fd = open_user_file(self.path, owner_uid=self.owner_uid)
+            fd = (open_in_daemon_dir(self.path) if self.own else
+                  open_user_file(self.path, owner_uid=self.owner_uid))
         except OSError:
             return []
         try:
             st = os.fstat(fd)
             if st.st_size < self.offset:  # truncated or replaced: start over
                 self.offset, self.follower = 0, StatusFollower()
-            data = os.pread(fd, MAX_READ, self.offset)
+            # what is there now, no more (a 4 MiB buffer for a few bytes costs an allocation)
+            want = min(MAX_READ, st.st_size - self.offset)
+            data = os.pread(fd, want, self.offset) if want > 0 else b""
         except OSError:
             return []
         finally:
@@ -156,7 +162,7 @@ class ProgressTracker:
                            if stage.get("results_dir") and stage.get("task") in
                            ("train", "retrain") else None)
             st = self._attempts[ref.key] = _Attempt(
-                log=_Tail(ref.log_path),
+                log=_Tail(ref.log_path, own=True),
                 status=_Tail(status_path, owner_uid=owner_uid) if status_path else None)
         rows: dict[int, dict[str, Any]] = {}
         stdout_status: list[dict[str, Any]] = []  # TAO-style status lines printed by any job

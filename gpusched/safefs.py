@@ -19,8 +19,8 @@ import os
 import pwd
 import stat
 
-__all__ = ["UnsafeFile", "list_user_dir", "open_user_file", "read_user_bytes", "read_user_file",
-           "user_file_size"]
+__all__ = ["UnsafeFile", "list_user_dir", "open_in_daemon_dir", "open_user_file",
+           "read_user_bytes", "read_user_file", "user_file_size"]
 
 MAX_SYMLINKS = 40
 _BASE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK | os.O_NOFOLLOW
@@ -126,6 +126,38 @@ def open_user_file(path: str | os.PathLike[str], *, owner_uid: int | None = None
     """A read-only fd of the regular file ``path`` (close it). Raises FileNotFoundError and
     other OSErrors as ``open`` would, and UnsafeFile when the path is refused."""
     return _walk(path, owner_uid, directory=False)
+
+
+def open_in_daemon_dir(path: str | os.PathLike[str]) -> int:
+    """``open_user_file`` for a user's file in a folder of the daemon's own making (a job's
+    log folder): the path up to that folder is the daemon's, so only the folder and the file
+    are checked, in five system calls where the walk from / makes three per component. The
+    folder is opened without following a symlink and must be trusted (root's or ours, writable
+    by nobody else), so nobody else can have put the file's name there; the file is opened as
+    open_user_file opens it (no symlink, never blocking, a regular file). A folder that is not
+    trusted, or a symlink on the way, is walked from / instead (the walk decides)."""
+    folder, name = os.path.split(os.fspath(path))
+    if not folder or name in ("", ".", ".."):
+        return _walk(path, None, directory=False)
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(name, _BASE, dir_fd=dfd) if _trusted_dir(os.fstat(dfd)) else -1
+        finally:
+            os.close(dfd)
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise
+        fd = -1  # a symlink on the way: the walk decides whether it may be followed
+    if fd < 0:
+        return _walk(path, None, directory=False)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeFile(errno.EINVAL, f"{os.fspath(path)} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_user_bytes(path: str | os.PathLike[str], *, max_bytes: int, offset: int = 0,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from gpusched.errors import LaunchRefused, RunnerError
 from gpusched.paths import process_uid
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Orphan, Outcome
-from gpusched.safefs import UnsafeFile, open_user_file
+from gpusched.safefs import UnsafeFile, open_in_daemon_dir
 
 if TYPE_CHECKING:
     from gpusched.config import Settings
@@ -54,6 +54,10 @@ _EXIT_ARG = {SHIM.encode(): 5,
 EXIT_FILE = "exit"  # in an attempt's run directory (the layout before issue 15's)
 EXIT_SUFFIX = ".exit"  # beside the attempt's log: <logs>/<job>/<n>.exit
 EXIT_FILE_MAX = 64
+#: how an attempt's log is opened: appending, never through a symlink, never blocking on a FIFO
+#: (made blocking once it is known to be a regular file)
+LOG_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY |
+             os.O_NONBLOCK)
 CD_FAILED = "cd"
 JOB_UMASK = 0o022  # what a login shell gives: a job's files are readable as users expect
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -66,11 +70,16 @@ SHIM_UNSAFE_ENV = frozenset({"ENV", "BASH_ENV", "IFS", "CDPATH", "PS4", "SHELLOP
 
 def _stat(pid: int) -> list[bytes] | None:
     """/proc/PID/stat after the command name (which may hold spaces and parentheses)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
+    try:  # os.open/os.read: three system calls, where open() makes nine
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)  # a few hundred bytes: the name is at most 64
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return data[data.rindex(b")") + 2 :].split()
 
 
@@ -117,7 +126,7 @@ def read_exit(path: Path) -> tuple[int | None, str | None]:
     read). The file is the job user's: it is read through safefs all the same (never
     blocking, never following a link, a size cap), as every file a user controls."""
     try:
-        fd = open_user_file(path)
+        fd = open_in_daemon_dir(path)
     except UnsafeFile as err:
         return None, f"the exit file is refused ({err})"
     except OSError:
@@ -227,8 +236,7 @@ class LocalRunner:
             kwargs.update(user=req.owner_uid, group=user.pw_gid,
                           extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
         try:
-            self._private_exit_file(exit_file, owner)
-            logfd = self._private_log(req.log_path, owner)
+            logfd = self.attempt_files(exit_file, req.log_path, owner)
         except OSError as err:
             raise RunnerError(f"could not prepare job {req.job_id}'s run directory or log: "
                               f"{err}") from err
@@ -260,18 +268,23 @@ class LocalRunner:
         return dataclasses.replace(launched, pid_start=proc_start_time(launched.pid))
 
     @staticmethod
-    def _daemon_folder(folder: Path) -> int:
+    def _daemon_folder(folder: Path) -> tuple[int, bool]:
         """An fd of one of the daemon's folders (a job's log folder, an older attempt's run
-        directory), 0711 and ours, made when missing; never reached through a symlink, and a
-        leftover of an older gpusched is taken back."""
+        directory), 0711 and ours, made when missing (and whether it was made now); never
+        reached through a symlink, and a leftover of an older gpusched is taken back."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(folder, flags)
-        except FileNotFoundError:  # the job's first attempt
+        made = False
+        try:  # made first: most attempts are a job's first, whose folder is not there yet
+            os.mkdir(folder, 0o711)
+            made = True
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the daemon's logs/ (runs/) itself is missing
             folder.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(folder, 0o711)
-            fd = os.open(folder, flags)
+                made = True
+        fd = os.open(folder, flags)
         try:
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
@@ -281,47 +294,66 @@ class LocalRunner:
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, made
 
     @staticmethod
-    def _private_exit_file(exit_file: Path, owner: tuple[int, int] | None) -> None:
+    def attempt_files(exit_file: Path, log_path: Path, owner: tuple[int, int] | None) -> int:
+        """The attempt's exit file (see _exit_file_in) and its log, opened for appending (an
+        fd, see _private_log). When both are in one folder (a local attempt's log folder)
+        the folder is opened once and the log made in it."""
+        fd, made = LocalRunner._daemon_folder(exit_file.parent)
+        try:
+            LocalRunner._exit_file_in(fd, exit_file.name, owner, fresh=made)
+            if log_path.parent == exit_file.parent:
+                return LocalRunner._checked_log(
+                    os.open(log_path.name, LOG_FLAGS, 0o600, dir_fd=fd), log_path, owner)
+        finally:
+            os.close(fd)
+        return LocalRunner._private_log(log_path, owner)
+
+    @staticmethod
+    def _exit_file_in(folder_fd: int, name: str, owner: tuple[int, int] | None, *,
+                      fresh: bool) -> None:
         """The attempt's empty exit file, the job user's (0600), in a folder that is the
         daemon's (0711): the job's log folder, or an older attempt's run directory. The shim,
         as that user, writes the file in place; the user can neither replace it (with a FIFO,
         a symlink) nor add anything beside it, since the folder is not theirs. A leftover of
         the same attempt is replaced."""
-        fd = LocalRunner._daemon_folder(exit_file.parent)
-        try:
+        if not fresh:  # a folder made just now holds no leftover
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(exit_file.name, dir_fd=fd)
-            efd = os.open(exit_file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=fd)
-            try:
-                if owner is not None:
-                    os.fchown(efd, *owner)
-            finally:
-                os.close(efd)
+                os.unlink(name, dir_fd=folder_fd)
+        efd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=folder_fd)
+        try:
+            if owner is not None:
+                os.fchown(efd, *owner)
         finally:
-            os.close(fd)
+            os.close(efd)
 
     @staticmethod
     def _private_log(log_path: Path, owner: tuple[int, int] | None) -> int:
         """The attempt's log, 0600 and the job user's, opened for appending (an fd), in a
         folder of the daemon's (made here when the exit file did not make it)."""
-        flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC |
-                 os.O_NOCTTY | os.O_NONBLOCK)
         try:
-            fd = os.open(log_path, flags, 0o600)
+            fd = os.open(log_path, LOG_FLAGS, 0o600)
         except FileNotFoundError:
-            os.close(LocalRunner._daemon_folder(log_path.parent))
-            fd = os.open(log_path, flags, 0o600)
+            os.close(LocalRunner._daemon_folder(log_path.parent)[0])
+            fd = os.open(log_path, LOG_FLAGS, 0o600)
+        return LocalRunner._checked_log(fd, log_path, owner)
+
+    @staticmethod
+    def _checked_log(fd: int, log_path: Path, owner: tuple[int, int] | None) -> int:
+        """``fd`` of a log just opened (LOG_FLAGS), made blocking, the job user's and 0600;
+        closed and refused unless it is a regular file."""
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"{log_path} is not a regular file")
             os.set_blocking(fd, True)
             if owner is not None:
                 os.fchown(fd, *owner)
-            os.fchmod(fd, 0o600)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
         except BaseException:
             os.close(fd)
             raise

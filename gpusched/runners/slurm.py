@@ -224,8 +224,7 @@ class SlurmRunner:
         workdir = req.spec.workdir or user.pw_dir
         owner = (req.owner_uid, user.pw_gid)
         try:
-            LocalRunner._private_exit_file(req.run_dir / EXIT_FILE, owner)
-            os.close(LocalRunner._private_log(req.log_path, owner))
+            os.close(LocalRunner.attempt_files(req.run_dir / EXIT_FILE, req.log_path, owner))
         except OSError as err:
             raise RunnerError(f"could not prepare job {req.job_id}'s run folder in "
                               f"{self.runs_dir}: {err}") from err

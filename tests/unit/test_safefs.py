@@ -15,6 +15,7 @@ import pytest
 from gpusched.safefs import (
     UnsafeFile,
     list_user_dir,
+    open_in_daemon_dir,
     open_user_file,
     read_user_bytes,
     read_user_file,
@@ -178,3 +179,76 @@ def test_a_listing_stops_at_its_cap(tmp_path: Path) -> None:
     assert len(list_user_dir(tmp_path) or []) == 30
     capped = list_user_dir(tmp_path, max_entries=7)
     assert capped is not None and len(capped) == 7 and capped == sorted(capped)
+
+
+def _read_fd(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def test_open_in_daemon_dir_takes_our_folder_as_it_is_and_refuses_what_the_walk_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's log folder is the daemon's (0711): its files are opened from it, without the
+    walk from /; they must still be regular files, and are opened without blocking."""
+    import gpusched.safefs as safefs
+
+    folder = tmp_path / "logs" / "7"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o711)
+    (folder / "1.exit").write_text("0\n")
+    os.mkfifo(folder / "fifo")
+    (folder / "sub").mkdir()
+
+    def no_walk(*args: object, **kw: object) -> int:
+        raise AssertionError("walked from /")
+
+    with monkeypatch.context() as m:
+        m.setattr(safefs, "_walk", no_walk)
+        assert _read_fd(open_in_daemon_dir(folder / "1.exit")) == b"0\n"
+        assert _read_fd(open_in_daemon_dir(str(folder / "1.exit"))) == b"0\n"
+        with pytest.raises(UnsafeFile, match="not a regular file"):
+            open_in_daemon_dir(folder / "fifo")  # at once: O_NONBLOCK
+        with pytest.raises(UnsafeFile, match="not a regular file"):
+            open_in_daemon_dir(folder / "sub")
+        with pytest.raises(FileNotFoundError):
+            open_in_daemon_dir(folder / "2.exit")
+        with pytest.raises(FileNotFoundError):
+            open_in_daemon_dir(tmp_path / "logs" / "8" / "1.exit")
+
+
+def test_open_in_daemon_dir_leaves_a_folder_users_control_and_symlinks_to_the_walk(
+        tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    secret = tmp_path / "secret"
+    secret.write_text("secret")
+    place = untrusted(tmp_path / "run")  # not the daemon's: anyone may add entries
+    (place / "output.log").write_text("hello")
+    (place / "status.json").symlink_to(secret)
+    assert _read_fd(open_in_daemon_dir(place / "output.log")) == b"hello"
+    with pytest.raises(UnsafeFile, match="symlink"):
+        open_in_daemon_dir(place / "status.json")
+    # a symlink for the folder itself, in a place users control: refused as by the walk
+    (place / "logs").symlink_to(tmp_path)
+    with pytest.raises(UnsafeFile, match="symlink"):
+        open_in_daemon_dir(place / "logs" / "secret")
+    # ours and nobody else's to change: followed, as the walk follows it
+    (tmp_path / "alias").symlink_to("secret")
+    assert _read_fd(open_in_daemon_dir(tmp_path / "alias")) == b"secret"
+
+
+@needs_root
+def test_open_in_daemon_dir_does_not_follow_a_users_symlink_even_in_our_folder(
+        tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "f").write_text("root's")
+    folder = tmp_path / "7"
+    folder.mkdir(mode=0o711)
+    (folder / "1.exit").symlink_to(tmp_path / "f")
+    os.lchown(folder / "1.exit", OTHER, OTHER)
+    with pytest.raises(UnsafeFile, match="symlink"):
+        open_in_daemon_dir(folder / "1.exit")
+    os.chown(folder, OTHER, OTHER)  # a folder of a user's: walked, and still refused
+    with pytest.raises(UnsafeFile, match="symlink"):
+        open_in_daemon_dir(folder / "1.exit")
