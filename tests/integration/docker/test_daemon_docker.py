@@ -39,6 +39,24 @@ def docker_env(host: str, mount_root: Path) -> dict[str, str]:
     }
 
 
+def wait_destroyed(client: docker.DockerClient, container_id: str, *, since: int,
+                   cap_s: float = 180.0) -> bool:
+    """Wait for dockerd's `destroy` event of one container (replayed from `since`, so one that
+    went before we listened counts), not on a wall-clock poll: the daemon's reconcile may run
+    late on a loaded CI machine. `cap_s` only bounds a daemon that never removes it."""
+    if not client.containers.list(all=True, filters={"id": container_id}):
+        return True
+    stream = client.events(since=since, until=int(time.time() + cap_s), decode=True,
+                           filters={"container": container_id, "event": "destroy"})
+    try:
+        for ev in stream:
+            if ev.get("Action") == "destroy" or ev.get("status") == "destroy":
+                return True
+    finally:
+        stream.close()
+    return not client.containers.list(all=True, filters={"id": container_id})
+
+
 @pytest.fixture
 def dd(dockerd: str) -> Iterator[DaemonProcess]:
     state = short_tmpdir()
@@ -197,6 +215,7 @@ def test_orphans_removed_and_foreign_containers_untouched(dd: DaemonProcess, doc
     """Scenario 4."""
     inst = dd.extra_env["GPUSCHED_DOCKER__INSTANCE"]
     client = docker.DockerClient(base_url=dockerd)
+    since = int(time.time()) - 1
     try:
         orphan = client.containers.run(
             IMAGE, ["sleep", "60"], detach=True, name=f"gpusched-999-a1-{inst}",
@@ -204,12 +223,8 @@ def test_orphans_removed_and_foreign_containers_untouched(dd: DaemonProcess, doc
                     "gpusched.gpus": ""}, network_mode="none")
         stranger = client.containers.run(IMAGE, ["sleep", "60"], detach=True, network_mode="none",
                                          labels={"owner": "someone-else"})
-        deadline = time.time() + 20
-        gone = False
-        while time.time() < deadline and not gone:
-            gone = not client.containers.list(all=True, filters={"id": orphan.id})
-            time.sleep(0.3)
-        assert gone, "the orphan gpusched container was not removed"
+        assert wait_destroyed(client, orphan.id, since=since), \
+            "the orphan gpusched container was not removed"
         stranger.reload()
         assert stranger.status == "running"
         stranger.remove(force=True)
@@ -229,11 +244,9 @@ def test_cancel_running_container_ends_cancelled_once(dd: DaemonProcess, dockerd
     try:
         name = j["attempts"][0]["container_name"] if j["attempts"] else None
         if name:
-            deadline = time.time() + 10
-            while time.time() < deadline and client.containers.list(all=True,
-                                                                    filters={"name": name}):
-                time.sleep(0.2)
-            assert not client.containers.list(all=True, filters={"name": name})
+            found = client.containers.list(all=True, filters={"name": name})
+            if found:
+                assert wait_destroyed(client, found[0].id, since=int(time.time()) - 1)
     finally:
         client.close()
 
