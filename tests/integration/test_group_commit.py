@@ -330,3 +330,44 @@ def test_the_late_reap_polls_nothing_while_no_job_has_ended(four: Service,
     svc.store.request_cancel(job, actor="tester", now=svc.clock.now())
     monkeypatch.undo()
     run_until(svc, lambda: status(svc, job) in TERMINAL)
+
+
+def test_launches_prepared_for_claims_not_saved_are_dropped(
+        four: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner prepares the launches' files while the claims commit; when that commit
+    fails nothing starts, the prepared logs are closed, and the next tick claims and starts
+    the same jobs (their files taken over by the same attempts)."""
+    svc = four
+    svc.daemon.tick(svc.clock.now())  # the first tick's inventory and reconcile
+    runner = svc.daemon.runners["local"]
+    assert isinstance(runner, LocalRunner)
+    ids = [submit(svc, "true") for _ in range(2)]
+    real_commit, real_prepare = svc.store.commit_batch, svc.daemon._prepare_launches
+    armed: list[bool] = []
+    failures = [1]  # one injected failure
+
+    def prepare(reqs: list[LaunchRequest]) -> None:
+        real_prepare(reqs)
+        if failures:
+            failures.pop()
+            armed.append(True)
+
+    def commit_batch() -> bool:
+        if armed:  # what a COMMIT that fails leaves: the transaction rolled back
+            armed.clear()
+            svc.store._end_batch("ROLLBACK")
+            raise StoreError("disk I/O error (injected into the claims' commit)")
+        return real_commit()
+    monkeypatch.setattr(svc.daemon, "_prepare_launches", prepare)
+    monkeypatch.setattr(svc.store, "commit_batch", commit_batch)
+    before = set(os.listdir("/proc/self/fd"))
+    svc.daemon.tick(svc.clock.now())
+    assert svc.daemon.step_errors.get("commit"), "the injected failure did not happen"
+    assert [status(svc, i) for i in ids] == ["queued", "queued"]
+    assert runner._prepared == {} and runner._procs == {}
+    assert runner._prep is not None
+    runner._prep.submit(lambda: None).result(timeout=30)  # the helper's earlier work is done
+    assert set(os.listdir("/proc/self/fd")) <= before  # no prepared log left open
+    run_until(svc, lambda: all(status(svc, i) in TERMINAL for i in ids))
+    assert [status(svc, i) for i in ids] == ["succeeded", "succeeded"]
+    assert [a["n"] for i in ids for a in svc.store.attempts(i)] == [1, 1]
