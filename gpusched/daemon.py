@@ -116,6 +116,11 @@ class Daemon:
         self.pipelines.before_advance = self.commit
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
+        # the plan window (runnable()'s rows), kept between ticks while the store says the
+        # queue did not change (Store.queue_version) but for this daemon's own claims
+        self._window: list[Row] | None = None
+        self._window_version = -1
+        self._window_full = False  # the query filled it: more runnable jobs may be behind
         self._queued_specs: dict[int, str] = {}  # and its spec, as planned (see _launch_spec)
         self._refs: dict[tuple[int, int], tuple[tuple[Any, ...], AttemptRef]] = {}  # _ref_of
         self.speed_model: SpeedModel | None = None  # refit every scheduler.model_refresh_s
@@ -243,6 +248,7 @@ class Daemon:
                         "tick", err)
             self.step_errors["commit"] = err.message
             self._after_commit = []
+            self._window = None  # the claims it dropped from the window are queued again
             self._dep_events = 0  # the events it read past may be undone: check them all
             return False
         done, self._after_commit = self._after_commit, []
@@ -875,8 +881,26 @@ class Daemon:
         """Queued jobs whose dependencies all succeeded, in planning order (the index
         jobs_queue_order gives it without sorting). ``lean``: only what the tick needs of a
         job it has already built (_queued_cache); _queued_job reads the rest."""
+        return [r for r in self._runnable_rows(lean) if r["runner"] not in self.degraded]
+
+    def _runnable_window(self) -> list[Row]:
+        """runnable(lean=True), read again only when the queue changed other than by this
+        daemon's claims (Store.queue_version: read before the query, so a change committed
+        while it runs makes the next tick read again), or when claims have used up a quarter
+        of a full window. A plan sees the same jobs as with a fresh read, less at most a
+        quarter of the window's tail: on a long drain the query ran on every tick for two
+        jobs, and it costs in proportion to the window."""
+        version = self.store.queue_version
+        window = self._window
+        if (window is None or version != self._window_version
+                or (self._window_full and len(window) < PLAN_WINDOW * 3 // 4)):
+            window = self._window = self._runnable_rows(lean=True)
+            self._window_version, self._window_full = version, len(window) >= PLAN_WINDOW
+        return [r for r in window if r["runner"] not in self.degraded]
+
+    def _runnable_rows(self, lean: bool) -> list[Row]:
         columns = "j.id, j.priority, j.runner, j.owner_uid, j.owner" if lean else QUEUED_COLUMNS
-        rows = self.store.query(
+        return self.store.query(
             f"SELECT {columns} FROM jobs j"
             " WHERE j.status = 'queued' AND NOT EXISTS (SELECT 1 FROM job_deps d"
             " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = j.id AND a.status != 'succeeded')"
@@ -884,11 +908,10 @@ class Daemon:
             " WHERE e.job_id = j.id AND a.status NOT IN ('succeeded', 'failed', 'cancelled',"
             " 'lost'))"
             " ORDER BY j.priority DESC, j.submitted_at, j.id LIMIT ?", [PLAN_WINDOW])
-        return [r for r in rows if r["runner"] not in self.degraded]
 
     def step_plan_and_launch(self, now: float) -> None:
         started = time.perf_counter()
-        rows = self.runnable(lean=True)
+        rows = self._runnable_window()
         self.placed_last_tick = 0
         if not rows:
             self.waiting = {}
@@ -1049,6 +1072,9 @@ class Daemon:
         if not saved:
             self._discard_launches(ready)
             return  # a claim not saved starts nothing: the next tick plans it again
+        if self._window is not None:  # claimed: no longer runnable (the store did not say)
+            claimed = {req.job_id for req in ready}
+            self._window = [r for r in self._window if r["id"] not in claimed]
         results: list[tuple[LaunchRequest, Launched | BaseException]] = []
         started = time.perf_counter()
         for i, req in enumerate(ready):

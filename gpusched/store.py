@@ -29,7 +29,7 @@ from gpusched.errors import (
     StoreError,
 )
 from gpusched.models import JobSpec
-from gpusched.states import ACTIVE, ALLOWED_FROM, JobStatus
+from gpusched.states import ACTIVE, ALLOWED_FROM, TERMINAL, JobStatus
 
 Row = dict[str, Any]
 FAILED_STATUSES = frozenset({"failed", "cancelled", "lost"})
@@ -266,8 +266,16 @@ def _v9_after_any_table(db: sqlite_utils.Database) -> None:
 
 
 #: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
+def _v10_after_any_index(db: sqlite_utils.Database) -> None:
+    """An end checks whether any job waits on it (Store.queue_version): by after_id, in both
+    dependency tables."""
+    db.executescript(
+        "CREATE INDEX IF NOT EXISTS job_after_any_after ON job_after_any(after_id);")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8_batches_and_queue_order, _v9_after_any_table]
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8_batches_and_queue_order, _v9_after_any_table,
+    _v10_after_any_index]
 
 
 def _wrap(err: sqlite3.Error) -> StoreError:
@@ -327,6 +335,14 @@ class Store:
         self._batch: int | None = None  # the thread inside batch(), if any
         self._batch_open = False  # that batch has a transaction open
         self._readers: list[sqlite3.Connection] = []
+        #: bumped by every change that may change which queued jobs are runnable, or their
+        #: order (a job queued, or leaving the queue other than by a claim; an end that a
+        #: dependent waits on), when it is made and again once it is committed: a reader
+        #: that saw this number before its query saw at least those changes (the daemon's
+        #: plan window, Daemon._runnable_window). A claim does not bump it: the tick that
+        #: claims drops the job from its window itself.
+        self.queue_version = 0
+        self._queue_dirty = False  # the open transaction bumped it: bump again at commit
         self._readers_lock = threading.Lock()
         self._closed = False
         self._migrate()
@@ -377,6 +393,7 @@ class Store:
                 if self._broken is not None:
                     raise self._broken
                 self.conn.execute("COMMIT")
+                self._committed()
             except BaseException as exc:
                 with suppress(sqlite3.Error):
                     if self.conn.in_transaction:
@@ -454,6 +471,8 @@ class Store:
         try:
             if how == "COMMIT" or self.conn.in_transaction:
                 self.conn.execute(how)
+            if how == "COMMIT":
+                self._committed()
         except sqlite3.Error:
             if how == "COMMIT":
                 with suppress(sqlite3.Error):
@@ -500,6 +519,15 @@ class Store:
                             StoreError("the database dropped a transaction in progress; "
                                        "nothing of it was saved"))
         return self._broken
+
+    def _queue_changed(self) -> None:
+        self.queue_version += 1
+        self._queue_dirty = True
+
+    def _committed(self) -> None:
+        if self._queue_dirty:
+            self._queue_dirty = False
+            self.queue_version += 1
 
     def _durable(self) -> None:
         with suppress(sqlite3.Error):
@@ -610,6 +638,8 @@ class Store:
             conn.executemany("INSERT INTO job_after_any (job_id, after_id) VALUES (?, ?)",
                              [(job_id, a) for a in sorted(set(spec.after_any))])
             self._event(conn, job_id, now, None, status, "submitted", owner)
+            if status is JobStatus.QUEUED:
+                self._queue_changed()
             conn.executemany(
                 "INSERT INTO notifications (job_id, kind, target, state) VALUES (?,?,?,'waiting')",
                 [(job_id, kind, target) for kind, target in (
@@ -819,7 +849,7 @@ class Store:
 
     def _transition(self, conn: sqlite3.Connection, job_id: int, to: JobStatus, now: float, *,
                     reason: str | None, actor: str, allowed: Iterable[JobStatus] | None = None,
-                    fields: dict[str, Any] | None = None) -> str | None:
+                    fields: dict[str, Any] | None = None, claim: bool = False) -> str | None:
         """Guarded status change inside an open transaction; returns the old status or None."""
         allowed_from = frozenset(allowed) if allowed is not None else ALLOWED_FROM[to]
         allowed_from &= ALLOWED_FROM[to]
@@ -842,6 +872,12 @@ class Store:
         if cur.rowcount != 1:
             return None
         self._event(conn, job_id, now, old, to, reason, actor)
+        if not claim and (old == JobStatus.QUEUED.value or to is JobStatus.QUEUED or (
+                to in TERMINAL and conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM job_deps WHERE after_id = ?)"
+                    " OR EXISTS (SELECT 1 FROM job_after_any WHERE after_id = ?)",
+                    (job_id, job_id)).fetchone()[0])):
+            self._queue_changed()
         return str(old)
 
     def transition(self, job_id: int, to: JobStatus, now: float, *, reason: str | None = None,
@@ -870,7 +906,8 @@ class Store:
                 # the reason is the event's (why these GPUs); the job's own reason is cleared
                 if self._transition(conn, job_id, JobStatus.STARTING, now, reason=reason,
                                     actor="daemon", fields={"attempt": n, "exit_code": None,
-                                                            "reason": None}) is None:
+                                                            "reason": None},
+                                    claim=True) is None:
                     return None
                 conn.executemany(
                     "INSERT INTO allocations (gpu_uuid, job_id, attempt, allocated_at)"

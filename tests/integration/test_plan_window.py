@@ -1,0 +1,97 @@
+"""The plan window kept between ticks (issue 15): the tick reads the queue's head again only
+when the store says the queue changed other than by its own claims (Store.queue_version).
+Every other change must show in the very next plan. Real SQLite file, real local processes,
+FakeClock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gpusched.service import Service
+from gpusched.testing.ticks import ended, run_until, status, submit
+
+
+@pytest.fixture
+def reads(service: Service, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times the tick has read the queue's head (one entry per read)."""
+    seen: list[int] = []
+    real = service.daemon._runnable_rows
+
+    def counted(lean: bool) -> list[dict[str, object]]:
+        seen.append(1)
+        return real(lean)
+    monkeypatch.setattr(service.daemon, "_runnable_rows", counted)
+    return seen
+
+
+def test_every_change_but_the_daemons_own_claims_shows_in_the_next_plan(
+        service: Service, reads: list[int]) -> None:
+    svc = service
+    now = svc.clock.now
+    holders = [submit(svc, "sleep", "60") for _ in range(2)]  # both simulated GPUs
+    svc.daemon.tick(now())
+    assert [status(svc, h) for h in holders] == ["running", "running"]
+    low = submit(svc, "true")
+    svc.daemon.tick(now())
+    assert low in svc.daemon.waiting
+    reads.clear()
+    svc.daemon.tick(now())
+    assert reads == [], "nothing changed, yet the queue's head was read again"
+    high = submit(svc, "true", priority=10)
+    svc.daemon.tick(now())  # a submission
+    assert high in svc.daemon.waiting and low in svc.daemon.waiting
+    svc.store.hold(low, actor="tester", now=now())
+    svc.daemon.tick(now())  # a hold
+    assert low not in svc.daemon.waiting
+    svc.store.release(low, actor="tester", now=now())
+    svc.daemon.tick(now())  # a release
+    assert low in svc.daemon.waiting
+    gone = submit(svc, "true")
+    svc.daemon.tick(now())
+    assert svc.store.request_cancel(gone, actor="tester", now=now()) == "cancelled"
+    svc.daemon.tick(now())  # a cancel
+    assert gone not in svc.daemon.waiting
+    follower = submit(svc, "true", after_any=[holders[0]])
+    svc.daemon.tick(now())
+    assert follower not in svc.daemon.waiting  # its dependency still runs
+    svc.store.request_cancel(holders[0], actor="tester", now=now())
+    # the end, in this tick's own uncommitted writes, makes the follower runnable: the plan
+    # of the same tick sees it (and the freed GPU goes to the highest priority)
+    run_until(svc, ended(svc, holders[0]), step=0.0)
+    assert follower in svc.daemon.waiting or status(svc, follower) != "queued"
+    assert status(svc, high) in ("starting", "running", "succeeded")
+    svc.store.request_cancel(holders[1], actor="tester", now=now())
+    run_until(svc, lambda: all(status(svc, j) == "succeeded" for j in (high, low, follower)))
+
+
+def test_a_submission_committed_after_the_read_is_planned_next(service: Service) -> None:
+    """Another thread's submission is made (the version bumped) before the tick reads the
+    queue's head but committed only after that read, which cannot see it: the version is
+    bumped again at its commit, so the window read then is not kept."""
+    svc = service
+    holders = [submit(svc, "sleep", "60") for _ in range(2)]
+    svc.daemon.tick(svc.clock.now())
+    made, go = threading.Event(), threading.Event()
+    late: list[int] = []
+
+    def submit_slowly() -> None:
+        with svc.store.write():  # one transaction, committed at the end of this block
+            late.append(submit(svc, "true"))
+            made.set()
+            assert go.wait(30), "the test never let the submission commit"
+    t = threading.Thread(target=submit_slowly)
+    t.start()
+    try:
+        assert made.wait(30)
+        svc.daemon.tick(svc.clock.now())  # reads the queue: the submission is not committed
+        assert late[0] not in svc.daemon.waiting
+    finally:
+        go.set()
+        t.join(30)
+    svc.daemon.tick(svc.clock.now())
+    assert late[0] in svc.daemon.waiting
+    for h in holders:
+        svc.store.request_cancel(h, actor="tester", now=svc.clock.now())
+    run_until(svc, lambda: status(svc, late[0]) == "succeeded")
