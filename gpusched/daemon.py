@@ -119,7 +119,7 @@ class Daemon:
         # the plan window (runnable()'s rows), kept between ticks while the store says the
         # queue did not change (Store.queue_version) but for this daemon's own claims
         self._window: list[Row] | None = None
-        self._window_version = -1
+        self._window_version: tuple[int, int] | None = None
         self._window_full = False  # the query filled it: more runnable jobs may be behind
         self._queued_specs: dict[int, str] = {}  # and its spec, as planned (see _launch_spec)
         self._refs: dict[tuple[int, int], tuple[tuple[Any, ...], AttemptRef]] = {}  # _ref_of
@@ -885,12 +885,12 @@ class Daemon:
 
     def _runnable_window(self) -> list[Row]:
         """runnable(lean=True), read again only when the queue changed other than by this
-        daemon's claims (Store.queue_version: read before the query, so a change committed
+        daemon's claims (Store.queue_state: read before the query, so a change committed
         while it runs makes the next tick read again), or when claims have used up a quarter
         of a full window. A plan sees the same jobs as with a fresh read, less at most a
         quarter of the window's tail: on a long drain the query ran on every tick for two
         jobs, and it costs in proportion to the window."""
-        version = self.store.queue_version
+        version = self.store.queue_state()
         window = self._window
         if (window is None or version != self._window_version
                 or (self._window_full and len(window) < PLAN_WINDOW * 3 // 4)):

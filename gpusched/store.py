@@ -337,12 +337,11 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         #: bumped by every change that may change which queued jobs are runnable, or their
         #: order (a job queued, or leaving the queue other than by a claim; an end that a
-        #: dependent waits on), when it is made and again once it is committed: a reader
-        #: that saw this number before its query saw at least those changes (the daemon's
-        #: plan window, Daemon._runnable_window). A claim does not bump it: the tick that
-        #: claims drops the job from its window itself.
+        #: dependent waits on); see queue_state, which the daemon's plan window is checked
+        #: against (Daemon._runnable_window). A claim does not bump it: the tick that claims
+        #: drops the job from its window itself.
         self.queue_version = 0
-        self._queue_dirty = False  # the open transaction bumped it: bump again at commit
+        self._unsettled = 0  # queue_state's answers while another thread writes: -1, -2...
         self._readers_lock = threading.Lock()
         self._closed = False
         self._migrate()
@@ -393,7 +392,6 @@ class Store:
                 if self._broken is not None:
                     raise self._broken
                 self.conn.execute("COMMIT")
-                self._committed()
             except BaseException as exc:
                 with suppress(sqlite3.Error):
                     if self.conn.in_transaction:
@@ -471,8 +469,6 @@ class Store:
         try:
             if how == "COMMIT" or self.conn.in_transaction:
                 self.conn.execute(how)
-            if how == "COMMIT":
-                self._committed()
         except sqlite3.Error:
             if how == "COMMIT":
                 with suppress(sqlite3.Error):
@@ -520,14 +516,23 @@ class Store:
                                        "nothing of it was saved"))
         return self._broken
 
-    def _queue_changed(self) -> None:
-        self.queue_version += 1
-        self._queue_dirty = True
-
-    def _committed(self) -> None:
-        if self._queue_dirty:
-            self._queue_dirty = False
-            self.queue_version += 1
+    def queue_state(self) -> tuple[int, int]:
+        """What the daemon's plan window is checked against: queue_version, for this
+        process's writes (all made through the one writing connection, under the lock), and
+        SQLite's data_version of that connection, which moves whenever another connection
+        (another process: a restore, a tool writing the file) commits. While another thread
+        is inside a write the answer is one never given before: that write may change the
+        queue once it commits, so the caller must read it again (and never waits for it)."""
+        if not self.lock.acquire(blocking=False):
+            self._unsettled -= 1
+            return self.queue_version, self._unsettled
+        try:
+            return self.queue_version, int(
+                self.conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as err:
+            raise _wrap(err) from err
+        finally:
+            self.lock.release()
 
     def _durable(self) -> None:
         with suppress(sqlite3.Error):
@@ -639,7 +644,7 @@ class Store:
                              [(job_id, a) for a in sorted(set(spec.after_any))])
             self._event(conn, job_id, now, None, status, "submitted", owner)
             if status is JobStatus.QUEUED:
-                self._queue_changed()
+                self.queue_version += 1
             conn.executemany(
                 "INSERT INTO notifications (job_id, kind, target, state) VALUES (?,?,?,'waiting')",
                 [(job_id, kind, target) for kind, target in (
@@ -877,7 +882,7 @@ class Store:
                     "SELECT EXISTS (SELECT 1 FROM job_deps WHERE after_id = ?)"
                     " OR EXISTS (SELECT 1 FROM job_after_any WHERE after_id = ?)",
                     (job_id, job_id)).fetchone()[0])):
-            self._queue_changed()
+            self.queue_version += 1
         return str(old)
 
     def transition(self, job_id: int, to: JobStatus, now: float, *, reason: str | None = None,

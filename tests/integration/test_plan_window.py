@@ -5,11 +5,14 @@ FakeClock."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
+from gpusched.models import JobSpec
 from gpusched.service import Service
+from gpusched.store import Store
 from gpusched.testing.ticks import ended, run_until, status, submit
 
 
@@ -66,10 +69,10 @@ def test_every_change_but_the_daemons_own_claims_shows_in_the_next_plan(
     run_until(svc, lambda: all(status(svc, j) == "succeeded" for j in (high, low, follower)))
 
 
-def test_a_submission_committed_after_the_read_is_planned_next(service: Service) -> None:
-    """Another thread's submission is made (the version bumped) before the tick reads the
-    queue's head but committed only after that read, which cannot see it: the version is
-    bumped again at its commit, so the window read then is not kept."""
+def test_a_window_read_while_another_thread_writes_is_not_kept(service: Service) -> None:
+    """Another thread's submission is inside its transaction while the tick reads the
+    queue's head, which cannot see it: the tick does not wait for that write (reads never
+    queue behind writers), and the window it read then is read again on the next tick."""
     svc = service
     holders = [submit(svc, "sleep", "60") for _ in range(2)]
     svc.daemon.tick(svc.clock.now())
@@ -95,3 +98,23 @@ def test_a_submission_committed_after_the_read_is_planned_next(service: Service)
     for h in holders:
         svc.store.request_cancel(h, actor="tester", now=svc.clock.now())
     run_until(svc, lambda: status(svc, late[0]) == "succeeded")
+
+
+def test_a_job_written_by_another_connection_is_planned_next(service: Service) -> None:
+    """A write that does not go through the daemon's store (another process: a restore, a
+    tool writing the file; here a second Store on it) moves SQLite's data_version."""
+    svc = service
+    holders = [submit(svc, "sleep", "60") for _ in range(2)]
+    svc.daemon.tick(svc.clock.now())
+    svc.daemon.tick(svc.clock.now())
+    other = Store(svc.settings.db_path)
+    try:
+        job = other.submit(JobSpec(command=["true"], workdir="/tmp"), owner_uid=os.getuid(),
+                           owner="tester", now=svc.clock.now())
+    finally:
+        other.close()
+    svc.daemon.tick(svc.clock.now())
+    assert job in svc.daemon.waiting
+    for h in holders:
+        svc.store.request_cancel(h, actor="tester", now=svc.clock.now())
+    run_until(svc, lambda: status(svc, job) == "succeeded")
