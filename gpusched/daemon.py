@@ -1064,13 +1064,9 @@ class Daemon:
                     ready.append(req)
             self._contain(row["id"], "launch it", claim, now)
         started = time.perf_counter()
-        # what the launches need before their fork (their files) is made meanwhile, on the
-        # runners' helper threads: the commit's fsync leaves the GIL free
-        self._prepare_launches(ready)
         saved = bool(ready) and self.commit()
         self.step_seconds["plan_and_launch.commit"] += time.perf_counter() - started
         if not saved:
-            self._discard_launches(ready)
             return  # a claim not saved starts nothing: the next tick plans it again
         if self._window is not None:  # claimed: no longer runnable (the store did not say)
             claimed = {req.job_id for req in ready}
@@ -1081,7 +1077,6 @@ class Daemon:
             if self._launch_pause is not None:  # the host ran short of resources
                 for rest in ready[i:]:
                     results.append((rest, _Paused(self._launch_pause[1])))
-                self._discard_launches(ready[i:])
                 break
             try:
                 results.append((req, self._runner_of(req).launch(req)))
@@ -1107,26 +1102,6 @@ class Daemon:
         # process: the reconcile asked for here queues it again
         if not self.commit():
             self.request_reconcile()
-
-    def _by_runner(self, reqs: list[LaunchRequest]) -> dict[str, list[LaunchRequest]]:
-        out: dict[str, list[LaunchRequest]] = {}
-        for req in reqs:
-            out.setdefault(req.spec.runner, []).append(req)
-        return out
-
-    def _prepare_launches(self, reqs: list[LaunchRequest]) -> None:
-        """Let runners that can (LocalRunner.prepare) begin these launches' files now."""
-        for name, some in self._by_runner(reqs).items():
-            prepare = getattr(self._runner(name), "prepare", None)
-            if prepare is not None:
-                prepare(some)
-
-    def _discard_launches(self, reqs: list[LaunchRequest]) -> None:
-        """Drop what was prepared for launches that will not be made."""
-        for name, some in self._by_runner(reqs).items():
-            discard = getattr(self._runner(name), "discard", None)
-            if discard is not None:
-                discard(some)
 
     def _runner_of(self, req: LaunchRequest) -> Runner:
         runner = self._runner(req.spec.runner)

@@ -17,7 +17,6 @@ through :mod:`gpusched.safefs`. An attempt's end is reported by every ``poll`` u
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -187,22 +186,6 @@ class _ShimProcess(subprocess.Popen[bytes]):
             super().__del__()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """What one launch needs before its fork (LocalRunner.prepare)."""
-
-    logfd: int
-    workdir: str
-    exit_file: Path
-    user: pwd.struct_passwd | None
-    kwargs: dict[str, object]
-
-
-def _close_prepared(future: concurrent.futures.Future[_Prepared]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        os.close(future.result().logfd)
-
-
 class LocalRunner:
     name = "local"
 
@@ -214,8 +197,6 @@ class LocalRunner:
         self._procs: dict[tuple[int, int], _ShimProcess] = {}
         self._pidfds: dict[tuple[int, int], int] = {}
         self._outcomes: dict[tuple[int, int], Outcome] = {}  # ended, until cleanup()
-        self._prep: concurrent.futures.ThreadPoolExecutor | None = None  # see prepare
-        self._prepared: dict[tuple[int, int], concurrent.futures.Future[_Prepared]] = {}
 
     @classmethod
     def of(cls, settings: Settings) -> LocalRunner:
@@ -236,30 +217,8 @@ class LocalRunner:
         env.update(req.env)  # the daemon's variables (CUDA_*, GPUSCHED_*) win
         return env
 
-    def prepare(self, reqs: list[LaunchRequest]) -> None:
-        """Begin what the launches of these claimed attempts need before their fork (the
-        owner's passwd entry, the working directory's check, the folder, exit file and log),
-        on a helper thread, while the daemon waits for the claims' commit: files and folders
-        are only the daemon's own (made as they would be by ``launch``), so making them for a
-        claim that is then not saved leaves an empty log that the same attempt's next claim
-        takes over. ``launch`` waits for its request's part; ``discard`` drops the parts of
-        claims not saved. Nothing is started here."""
-        if self._prep is None:
-            self._prep = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="gpusched-launch-prep")
-        for req in reqs:
-            key = (req.job_id, req.attempt)
-            if key not in self._prepared:
-                self._prepared[key] = self._prep.submit(self._prepare_one, req)
-
-    def discard(self, reqs: list[LaunchRequest]) -> None:
-        """Drop the prepared parts of claims that were not saved (their log fd is closed)."""
-        for req in reqs:
-            future = self._prepared.pop((req.job_id, req.attempt), None)
-            if future is not None:
-                future.add_done_callback(_close_prepared)
-
-    def _prepare_one(self, req: LaunchRequest) -> _Prepared:
+    def launch(self, req: LaunchRequest) -> Launched:
+        key = (req.job_id, req.attempt)
         try:
             user: pwd.struct_passwd | None = pwd.getpwuid(req.owner_uid)
         except KeyError:
@@ -281,28 +240,20 @@ class LocalRunner:
         except OSError as err:
             raise RunnerError(f"could not prepare job {req.job_id}'s run directory or log: "
                               f"{err}") from err
-        return _Prepared(logfd=logfd, workdir=workdir, exit_file=exit_file, user=user,
-                         kwargs=kwargs)
-
-    def launch(self, req: LaunchRequest) -> Launched:
-        key = (req.job_id, req.attempt)
-        future = self._prepared.pop(key, None)
-        prep = future.result() if future is not None else self._prepare_one(req)
         try:
             # the shim enters the working directory itself, as the job's user: Popen's cwd=
             # happens before the switch of user, while still root
             proc = _ShimProcess(
-                ["/bin/sh", "-c", SHIM, SHIM_NAME, prep.workdir, str(prep.exit_file),
-                 *req.spec.command],
-                stdin=subprocess.DEVNULL, stdout=prep.logfd, stderr=subprocess.STDOUT,
-                cwd="/", env=self._environment(req, prep.user), start_new_session=True,
+                ["/bin/sh", "-c", SHIM, SHIM_NAME, workdir, str(exit_file), *req.spec.command],
+                stdin=subprocess.DEVNULL, stdout=logfd, stderr=subprocess.STDOUT,
+                cwd="/", env=self._environment(req, user), start_new_session=True,
                 close_fds=True, umask=JOB_UMASK,  # not the daemon's own (066)
-                **prep.kwargs,  # type: ignore[call-overload]
+                **kwargs,  # type: ignore[call-overload]
             )
         except OSError as err:
             raise RunnerError(f"could not start the shim for job {req.job_id}: {err}") from err
         finally:
-            os.close(prep.logfd)
+            os.close(logfd)
         self._procs[key] = proc
         self._watch(key, proc.pid)
         # the start time is read later (confirm): /proc/PID/stat of a process in the middle
@@ -564,12 +515,6 @@ class LocalRunner:
         return True, "local runner ok"
 
     def close(self) -> None:
-        if self._prep is not None:
-            self._prep.shutdown(wait=True)
-            self._prep = None
-        for future in self._prepared.values():
-            _close_prepared(future)
-        self._prepared.clear()
         for key in list(self._pidfds):
             os.close(self._pidfds.pop(key))
         for proc in self._procs.values():

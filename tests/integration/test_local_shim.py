@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from gpusched.errors import LaunchRefused
 from gpusched.gpus import SimulatedInventory
 from gpusched.models import JobSpec
 from gpusched.runners.base import AttemptRef, Launched, LaunchRequest, Outcome
@@ -108,60 +107,3 @@ def test_the_shim_exits_with_the_commands_status(runner: LocalRunner, tmp_path: 
     assert runner._procs[ref.key].returncode == 7  # what a daemon holding the Popen learns
     assert (ref.run_dir / "exit").read_text() == "7\n"
 
-
-
-def request(tmp_path: Path, command: list[str], job: int = 1, workdir: str = "/tmp"
-            ) -> LaunchRequest:
-    gpu = SimulatedInventory(SIM_GPUS).snapshot(lambda pid: None)[0]
-    return LaunchRequest(
-        job_id=job, attempt=1, spec=JobSpec(command=command, workdir=workdir), gpus=(gpu,),
-        simulated=True, env={}, log_path=tmp_path / "logs" / str(job) / "1.log",
-        run_dir=tmp_path / "logs" / str(job), owner_uid=os.getuid(), owner="tester")
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def test_a_prepared_launch_forks_with_the_files_made_beforehand(
-        runner: LocalRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare() makes the folder, exit file and log on its helper thread (while the daemon
-    waits for the claims' commit) and starts nothing; launch() then only forks, with them."""
-    req = request(tmp_path, ["sh", "-c", "echo prepared"])
-    runner.prepare([req])
-    runner._prepared[(1, 1)].result(timeout=30)
-    folder = tmp_path / "logs" / "1"
-    assert sorted(p.name for p in folder.iterdir()) == ["1.exit", "1.log"]
-    assert (folder / "1.exit").read_bytes() == b""  # made, and nothing ran to write it
-    assert runner._procs == {}
-
-    def again(_req: LaunchRequest) -> None:
-        raise AssertionError("the launch prepared its files a second time")
-    monkeypatch.setattr(runner, "_prepare_one", again)
-    launched = runner.launch(req)
-    ref = AttemptRef(job_id=1, n=1, runner="local", gpus=(), log_path=req.log_path,
-                     run_dir=req.run_dir, started_at=0, pid=launched.pid, pid_start=None)
-    assert wait_end(runner, ref).exit_code == 0
-    assert req.log_path.read_text() == "prepared\n"
-    assert runner._prepared == {}
-
-
-def test_discarded_preparations_leave_no_open_log(runner: LocalRunner, tmp_path: Path) -> None:
-    """A claim whose commit failed (or whose launch was paused) is never launched: its
-    prepared log fd is closed, however far its preparation had got."""
-    before = open_fds()
-    reqs = [request(tmp_path, ["true"], job=j) for j in (1, 2, 3)]
-    runner.prepare(reqs)
-    runner.discard(reqs)
-    assert runner._prepared == {}
-    runner.close()  # waits for the helper thread, whose last step is the discard's close
-    assert open_fds() == before
-
-
-def test_a_refusal_found_while_preparing_is_raised_by_the_launch(
-        runner: LocalRunner, tmp_path: Path) -> None:
-    req = request(tmp_path, ["true"], workdir=str(tmp_path / "missing"))
-    runner.prepare([req])
-    with pytest.raises(LaunchRefused, match="does not exist"):
-        runner.launch(req)
-    assert runner._procs == {} and runner._prepared == {}
