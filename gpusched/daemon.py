@@ -1063,6 +1063,11 @@ class Daemon:
                 if req is not None:
                     ready.append(req)
             self._contain(row["id"], "launch it", claim, now)
+        if len(ready) != len(todo):
+            # a placement that did not become a launch (failed at its claim, claimed and then
+            # failed, rolled back) may have left the queue without a bump of the store's
+            # version, or still be in it: the window is read again rather than guessed
+            self._window = None
         started = time.perf_counter()
         saved = bool(ready) and self.commit()
         self.step_seconds["plan_and_launch.commit"] += time.perf_counter() - started

@@ -12,6 +12,7 @@ import pytest
 
 from gpusched.models import JobSpec
 from gpusched.service import Service
+from gpusched.states import JobStatus
 from gpusched.store import Store
 from gpusched.testing.ticks import ended, run_until, status, submit
 
@@ -118,3 +119,30 @@ def test_a_job_written_by_another_connection_is_planned_next(service: Service) -
     for h in holders:
         svc.store.request_cancel(h, actor="tester", now=svc.clock.now())
     run_until(svc, lambda: status(svc, job) == "succeeded")
+
+
+def test_a_placement_that_fails_after_its_claim_leaves_the_window(
+        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job claimed and then failed in the same step (as a TAO stage whose command cannot be
+    built for its GPUs is) leaves the queue with no bump of the store's version: the window
+    must not keep it, or it would be placed on the free GPU on every tick and claimed in vain,
+    and the job behind it would never start."""
+    svc = service
+    holder = submit(svc, "sleep", "60")
+    svc.daemon.tick(svc.clock.now())  # one GPU busy, one free
+    bad, good = submit(svc, "true"), submit(svc, "true")
+    real = svc.daemon._claim
+
+    def claim_then_fail(row: dict[str, object], *args: object) -> object:
+        req = real(row, *args)  # type: ignore[arg-type]
+        if row["id"] == bad and req is not None:
+            svc.store.finish_attempt(bad, req.attempt, to=JobStatus.FAILED, now=svc.clock.now(),
+                                     ended_at=svc.clock.now(), exit_code=None,
+                                     reason="could not start: (injected)")
+            return None
+        return req
+    monkeypatch.setattr(svc.daemon, "_claim", claim_then_fail)
+    run_until(svc, lambda: status(svc, good) == "succeeded")
+    assert status(svc, bad) == "failed"
+    svc.store.request_cancel(holder, actor="tester", now=svc.clock.now())
+    run_until(svc, ended(svc, holder))
