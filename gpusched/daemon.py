@@ -117,7 +117,7 @@ class Daemon:
         self._specs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}  # spec, workload
         self._queued_cache: dict[int, QueuedJob] = {}  # a queued job's request never changes
         # the plan window (runnable()'s rows), kept between ticks while the store says the
-        # queue did not change (Store.queue_version) but for this daemon's own claims
+        # queue did not change (Store.queue_state) but for this daemon's own claims
         self._window: list[Row] | None = None
         self._window_version: tuple[int, int] | None = None
         self._window_full = False  # the query filled it: more runnable jobs may be behind
@@ -248,7 +248,7 @@ class Daemon:
                         "tick", err)
             self.step_errors["commit"] = err.message
             self._after_commit = []
-            self._window = None  # the claims it dropped from the window are queued again
+            self._window = None  # what it undid is read again, whatever the bumps said
             self._dep_events = 0  # the events it read past may be undone: check them all
             return False
         done, self._after_commit = self._after_commit, []

@@ -265,7 +265,6 @@ def _v9_after_any_table(db: sqlite_utils.Database) -> None:
     )
 
 
-#: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
 def _v10_after_any_index(db: sqlite_utils.Database) -> None:
     """An end checks whether any job waits on it (Store.queue_version): by after_id, in both
     dependency tables."""
@@ -273,6 +272,7 @@ def _v10_after_any_index(db: sqlite_utils.Database) -> None:
         "CREATE INDEX IF NOT EXISTS job_after_any_after ON job_after_any(after_id);")
 
 
+#: versioned migrations: MIGRATIONS[i] brings the schema from version i to i+1
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8_batches_and_queue_order, _v9_after_any_table,
     _v10_after_any_index]
