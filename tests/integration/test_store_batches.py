@@ -58,6 +58,11 @@ def test_the_queue_head_and_counts_use_indexes(tmp_path: Path) -> None:
             f"{QUEUE_ORDER} LIMIT 30": "",
             "SELECT status, count(*) FROM jobs WHERE status IN ('queued', 'held') "
             "GROUP BY status": "",
+            # jobs_status (v11 dropped it) served these before: the queue order's index must
+            "SELECT 1 FROM jobs WHERE status IN ('queued', 'starting', 'running', 'unknown') "
+            "LIMIT 1": "",
+            "SELECT id FROM jobs WHERE status IN ('queued', 'held', 'starting', 'running', "
+            "'unknown') AND kind LIKE 'tao:%'": "",
         }
         for sql in plans:
             plan = " / ".join(r["detail"] for r in store.query("EXPLAIN QUERY PLAN " + sql))
@@ -93,6 +98,18 @@ def test_a_v7_database_gains_the_v8_indexes_and_column(tmp_path: Path) -> None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         cols = {r[1] for r in conn.execute("PRAGMA table_info(submissions)")}
     assert {"jobs_queue_order", "jobs_owner_status"} <= names and "job_count" in cols
+
+
+def test_a_v10_database_loses_the_status_index_the_queue_order_covers(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    database_at(path, 10)
+    with sqlite3.connect(path) as conn:
+        before = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        after = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "jobs_status" in before and before - after == {"jobs_status"}
 
 
 def test_after_any_jobs_stored_before_v9_keep_waiting_after_the_upgrade(tmp_path: Path) -> None:
