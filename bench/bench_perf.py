@@ -349,6 +349,13 @@ def find_tsp() -> tuple[str | None, str]:
     return None, "; ".join(tried)
 
 
+#: task-spooler's server keeps one connection per queued job (its client waits on it to run
+#: the job) and allows at most MAXCONN = 1000 (a compile-time limit in its server.c; it waits
+#: on them with select()); beyond that `tsp cmd` blocks. The drain's blockers and `tsp -w`
+#: take three more.
+TSP_MAX_QUEUED = 1000 - 3
+
+
 class Tsp:
     """A task-spooler server of our own: TS_SOCKET and TMPDIR (its output files) in a
     temporary directory, ``-S slots``."""
@@ -536,7 +543,7 @@ class Perf:
             progress(f"drain run {i + 1}/{self.a.repeats}: gpusched ({n} jobs)")
             gs.append(self.drain_gpusched(n))
             progress(f"  gpusched {gs[-1]['jobs_per_s']:.0f} jobs/s; load {load()}")
-            if self.tsp_exe:
+            if self.tsp_exe and n <= TSP_MAX_QUEUED:
                 progress(f"drain run {i + 1}/{self.a.repeats}: task-spooler ({n} jobs)")
                 ts.append(self.drain_tsp(n))
                 progress(f"  tsp {ts[-1]['jobs_per_s']:.0f} jobs/s")
@@ -562,6 +569,10 @@ class Perf:
             t = med(r["jobs_per_s"] for r in ts)
             out(f"   task-spooler  runs {fmt_runs([r['jobs_per_s'] for r in ts])} jobs/s   "
                 f"median {t:.0f} jobs/s  ({min(r['succeeded'] for r in ts)}/{n} finished)")
+        elif self.tsp_exe:
+            out(f"   task-spooler  skipped: it cannot queue {n} jobs (its server holds one "
+                f"connection per queued job, at most 1,000); use --drain-jobs "
+                f"{TSP_MAX_QUEUED} or fewer for that column")
         else:
             out(f"   task-spooler  skipped: {self.tsp_version}")
         f = med(r["jobs_per_s"] for r in fl)
@@ -636,6 +647,7 @@ class Perf:
 
     def submit_tsp(self, n: int) -> dict[str, Any]:
         assert self.tsp_exe
+        n = min(n, TSP_MAX_QUEUED)  # a rate: as many as its server can queue
         t = Tsp(self.tsp_exe, 2, maxconn=n + 100)
         try:
             t.blocker()
