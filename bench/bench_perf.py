@@ -233,10 +233,11 @@ class Bench:
                                f"{self.d.log()}")
         return jid
 
-    def prefill(self, n: int, gpus: str = "1", hold: bool = False, chunk: int = 10000) -> float:
+    def prefill(self, n: int, gpus: str = "1", hold: bool = False, chunk: int = 10000,
+                user: pwd.struct_passwd | None = None) -> float:
         """Queue ``n`` no-op jobs straight into the store (the rows the API writes, minus the
         API), in transactions of ``chunk`` (the daemon's own writes wait at most its 30 s busy
-        timeout). Returns the seconds it took."""
+        timeout), as ``user``'s jobs (default: ours). Returns the seconds it took."""
         t0 = time.monotonic()
         spec = JobSpec(command=["true"], workdir="/tmp", env={"PATH": PATH_ENV},
                        gpus=parse_gpus(gpus), hold=hold)  # type: ignore[arg-type]
@@ -247,7 +248,8 @@ class Bench:
                 k = min(chunk, n - done)
                 with st.write():
                     for _ in range(k):
-                        st.submit(spec, owner_uid=os.getuid(), owner=OWNER, now=time.time())
+                        st.submit(spec, owner_uid=user.pw_uid if user else os.getuid(),
+                                  owner=user.pw_name if user else OWNER, now=time.time())
                 done += k
         finally:
             st.close()
@@ -466,6 +468,7 @@ class Perf:
         self.results: dict[str, Any] = {}
         self.tsp_exe, self.tsp_version = find_tsp()
         self.gs = gpusched_exe()
+        self.drain_user = drain_user(args.drain_user)
 
     # 1 -------------------------------------------------------------------------------------
 
@@ -473,7 +476,7 @@ class Perf:
         b = Bench().start()
         try:
             blocker = b.blocker("2")
-            b.prefill(n, "1")
+            b.prefill(n, "1", user=self.drain_user)
             time.sleep(1.5)  # a tick or two: the queue is planned (and waits) before release
             timeout = max(120.0, n / 10)
             steps0 = step_seconds(b.c.get("/v1/health"))
@@ -538,6 +541,10 @@ class Perf:
         section(f"1. Drain: {n} no-op 1-GPU jobs (`true`) on 2 simulated GPUs / 2 tsp slots, "
                 "queued behind a blocker, then released",
                 ">= 900 jobs/s (task-spooler 1.0.1 did 887-1,114 jobs/s, gpusched 161)")
+        if self.drain_user is not None:
+            out(f"   gpusched's jobs run as {self.drain_user.pw_name} (uid {self.drain_user.pw_uid}):"
+                " the daemon (root) switches to the job's user at each launch, as on a shared box;"
+                " task-spooler and the floor run theirs as root")
         gs, ts, fl = [], [], []
         for i in range(self.a.repeats):
             progress(f"drain run {i + 1}/{self.a.repeats}: gpusched ({n} jobs)")
@@ -1096,6 +1103,18 @@ def git_head() -> str:
         return f"{PKG_SRC}: ?"
 
 
+def drain_user(name: str | None) -> pwd.struct_passwd | None:
+    """--drain-user's passwd entry; it needs root (only root runs jobs as another user)."""
+    if name is None:
+        return None
+    if os.geteuid() != 0:
+        sys.exit("--drain-user needs root: only a daemon run as root starts jobs as another user")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        sys.exit(f"--drain-user {name}: no such user (useradd -M {name}, or name another one)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1105,6 +1124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     ap.add_argument("--sections", default="1,2,3,4,5,6", help="which sections (default all)")
     ap.add_argument("--drain-jobs", type=int, help="section 1 (default 900)")
+    ap.add_argument("--drain-user", metavar="USER",
+                    help="section 1: gpusched's jobs are USER's, so the daemon (run as root) "
+                         "switches to that user at each launch, as on a shared box")
     ap.add_argument("--submit-jobs", type=int, help="section 2, API and tsp (default 500)")
     ap.add_argument("--cli-submits", type=int, help="section 2, CLI calls (default 30)")
     ap.add_argument("--bulk-jobs", type=int, help="section 2, --array/--from-file (default 1000)")

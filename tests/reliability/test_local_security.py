@@ -7,7 +7,10 @@ the daemon reads on its users' behalf.
 - a queued TAO stage whose spec file becomes a FIFO does not hang ``gpusched show``;
 - a status.json that is a symlink to a root-only file is not read;
 - a job's log is 0600 and the job user's; its run directory is the daemon's (0711) and
-  holds only the exit file, which is the user's (0600) but cannot be replaced.
+  holds only the exit file, which is the user's (0600) but cannot be replaced;
+- the switch to the job's user (setpriv in front of the shim, or Popen's where there is no
+  setpriv) gives the job its whole environment, exactly, its user's groups and umask 022, and
+  gives none of it to a process that runs as root.
 
 Needs root with useradd/groupadd/setpriv (the ``users`` fixture skips otherwise). Every wait is
 on a state the daemon reports (a status, progress, a process gone), never on a sleep.
@@ -20,6 +23,7 @@ import json
 import os
 import pwd
 import re
+import select
 import stat
 import subprocess
 import time
@@ -29,7 +33,9 @@ from typing import Any
 
 import pytest
 
-from gpusched.runners.local import exit_path
+from gpusched.models import JobSpec
+from gpusched.runners.base import AttemptRef, LaunchRequest
+from gpusched.runners.local import SHIM, SHIM_SOURCING, LocalRunner, exit_path, trusted_setpriv
 from gpusched.testing import users as real
 from gpusched.testing.harness import DaemonProcess, fake_tao_env
 from gpusched.testing.users import UNAVAILABLE, as_user
@@ -277,3 +283,100 @@ def test_a_jobs_log_and_run_directory_are_private_to_its_user(
     # (what is in it: they may only write it)
     assert (exit_file.st_uid, stat.S_IMODE(exit_file.st_mode)) == (u1.pw_uid, 0o600)
     assert as_user(d, u1, "logs", str(job)).stdout == "hello\n"
+
+
+# -- F: the switch of user, and what the job's environment reaches ----------------------------
+
+
+@pytest.mark.parametrize("switch", ["setpriv", "popen"])
+def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process(
+        users: dict[str, pwd.struct_passwd], shared_dir: Path, tmp_path: Path,
+        switch: str) -> None:
+    """Both ways the runner switches users: setpriv (what a root daemon uses: a vfork, not a
+    fork of the daemon) and Popen's own (where a host has no trustworthy setpriv). The job
+    sees its environment exactly (quotes, $, backquotes, a newline, an empty value), runs with
+    its user's uid, gid and groups (gsadmin1 has a supplementary one), umask 022 and stdin
+    /dev/null. And no root process saw the user's variables: the dynamic loader writes
+    LD_DEBUG's output to LD_DEBUG_OUTPUT.<pid> for every process that has both, so a setpriv
+    (root) given them would leave a root-owned file there."""
+    setpriv = trusted_setpriv()
+    if switch == "setpriv" and setpriv is None:
+        pytest.skip("no trustworthy setpriv on this host (util-linux)")
+    admin = users["gsadmin1"]
+    work = owned_dir(shared_dir / f"env-{switch}", admin)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o711)
+    runner = LocalRunner(state / "runs", state / "logs",
+                         setpriv=setpriv if switch == "setpriv" else None)
+    tricky = "it's \"quoted\" $HOME `id` \\ and\na second line"
+    spec = JobSpec(command=["sh", "-c", 'printf "[%s]\\n" "$TRICKY" "${EMPTY-unset}" '
+                            '"$GPUSCHED_JOB_ID" "$HOME"; id -u; id -g; id -G; umask; '
+                            'readlink /proc/self/fd/0; tr "\\0" " " </proc/$PPID/cmdline'],
+                   workdir=str(work),
+                   env={"TRICKY": tricky, "EMPTY": "", "LD_DEBUG": "libs",
+                        "LD_DEBUG_OUTPUT": str(work / "ld")})
+    log = state / "logs" / "1" / "1.log"
+    req = LaunchRequest(job_id=1, attempt=1, spec=spec, gpus=(), simulated=True,
+                        env={"GPUSCHED_JOB_ID": "1"}, log_path=log, run_dir=log.parent,
+                        owner_uid=admin.pw_uid, owner=admin.pw_name)
+    launched = runner.launch(req)
+    ref = AttemptRef(job_id=1, n=1, runner="local", gpus=(), log_path=log, run_dir=log.parent,
+                     started_at=time.time(), pid=launched.pid)
+    try:
+        while (outcome := runner.poll(ref, time.time())) is None:
+            select.select(runner.wait_fds(), [], [], 30)  # the shim's pidfd: its end
+    finally:
+        runner.close()
+    out = log.read_text()
+    assert outcome.exit_code == 0, (outcome, out)
+    lines = [ln for ln in out.splitlines() if not re.match(r"\s*\d+:", ln)]  # LD_DEBUG's own
+    text = "\n".join(lines)
+    assert f"[{tricky}]\n[]\n[1]\n[{admin.pw_dir}]\n" in text + "\n", out
+    i = lines.index(f"[{admin.pw_dir}]") + 1
+    uid, gid, groups, umask, stdin, parent = lines[i:i + 6]
+    assert (int(uid), int(gid)) == (admin.pw_uid, admin.pw_gid)
+    assert {int(g) for g in groups.split()} == set(os.getgrouplist(admin.pw_name, admin.pw_gid))
+    assert len(groups.split()) >= 2  # gsadmin1's supplementary group is there
+    assert (umask, stdin) == ("0022", "/dev/null")
+    assert (SHIM_SOURCING if switch == "setpriv" else SHIM) in parent, parent
+    debug = sorted(work.glob("ld.*"))
+    assert debug, f"LD_DEBUG reached no process of the job: {out}"  # the check below is live
+    owners = {p.name: p.stat().st_uid for p in debug}
+    assert set(owners.values()) == {admin.pw_uid}, owners
+    for p in debug:
+        assert "initialize program: setpriv" not in p.read_text(), p
+
+
+def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
+        users: dict[str, pwd.struct_passwd], tmp_path: Path) -> None:
+    """Reconcile finds a shim by its command line: the one setpriv runs (SHIM_SOURCING) is
+    recognised, with its job, attempt and user, by a runner that did not start it (the
+    daemon after a restart)."""
+    setpriv = trusted_setpriv()
+    if setpriv is None:
+        pytest.skip("no trustworthy setpriv on this host (util-linux)")
+    u1 = users["gsuser1"]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o711)
+    runner = LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
+    log = state / "logs" / "5" / "2.log"
+    req = LaunchRequest(job_id=5, attempt=2, spec=JobSpec(command=["sleep", "60"],
+                                                         workdir="/tmp"),
+                        gpus=(), simulated=True, env={}, log_path=log, run_dir=log.parent,
+                        owner_uid=u1.pw_uid, owner=u1.pw_name)
+    pid = runner.launch(req).pid
+    assert pid is not None
+    try:
+        deadline = time.monotonic() + 30
+        shim = b"\0".join([b"/bin/sh", b"-c", SHIM_SOURCING.encode()])  # not setpriv's, whose
+        while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(shim):  # argv holds it
+            assert time.monotonic() < deadline, "setpriv never ran the shim"
+            time.sleep(0.01)  # setpriv's exec of the shim: a state of the process, polled
+        after_restart = LocalRunner(state / "runs", state / "logs")
+        found = [o for o in after_restart.orphans(set()) if o.handle[0] == pid]
+        assert [(o.job_id, o.attempt, o.uid) for o in found] == [(5, 2, u1.pw_uid)], found
+        assert after_restart.orphans({(5, 2)}) == []  # a live attempt's shim is not an orphan
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, 9)
+        runner.close()
