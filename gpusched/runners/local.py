@@ -232,6 +232,7 @@ class _ShimProcess(subprocess.Popen[bytes]):
     shim still running then is detached, not waited for (and not warned about)."""
 
     detached = False
+    via_setpriv = False  # started behind setpriv (see the module's doc)
 
     def __del__(self) -> None:
         if not self.detached:
@@ -339,6 +340,7 @@ class LocalRunner:
             os.close(logfd)
             if stdin != subprocess.DEVNULL:
                 os.close(stdin)
+        proc.via_setpriv = exports is not None
         self._procs[key] = proc
         self._watch(key, proc.pid)
         # the start time is read later (confirm): /proc/PID/stat of a process in the middle
@@ -475,8 +477,12 @@ class LocalRunner:
             if code is None:
                 rc = proc.returncode
                 if rc >= 0:  # the shim exits with the command's status: only the file is missing
-                    return self._ended(key, rc, now, reason=describe_exit(rc), note=why or
-                                       "the exit file could not be written")
+                    missing = ("the switch to the job's user failed (setpriv's message is in "
+                               "the log) or the exit file could not be written"
+                               if proc.via_setpriv else
+                               "the exit file could not be written")
+                    return self._ended(key, rc, now, reason=describe_exit(rc),
+                                       note=why or missing)
                 code = 128 - rc  # the shim itself was killed before it could write
                 return self._ended(key, code, now, reason=f"the shim ended without an exit "
                                    f"status ({describe_exit(code)})", note=why)

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from gpusched.models import JobSpec
-from gpusched.runners.base import AttemptRef, LaunchRequest
+from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome
 from gpusched.runners.local import SHIM, SHIM_SOURCING, LocalRunner, exit_path, trusted_setpriv
 from gpusched.testing import users as real
 from gpusched.testing.harness import DaemonProcess, fake_tao_env
@@ -288,10 +288,39 @@ def test_a_jobs_log_and_run_directory_are_private_to_its_user(
 # -- F: the switch of user, and what the job's environment reaches ----------------------------
 
 
+def daemon_state(shared_dir: Path) -> Path:
+    """A state directory laid out as the daemon's (root's, 0711: a job's user may reach its
+    exit file, in logs/<job>/), where a user can reach it."""
+    state = shared_dir / "state"
+    state.mkdir(mode=0o711)
+    return state
+
+
+def launch_as(runner: LocalRunner, user: pwd.struct_passwd, spec: JobSpec, job: int = 1,
+              n: int = 1, env: dict[str, str] | None = None) -> AttemptRef:
+    """Launch ``spec`` as ``user``'s attempt ``job``/``n`` in the runner's state, as the
+    daemon does; the attempt's ref, for polls."""
+    assert runner.logs_dir is not None
+    log = runner.logs_dir / str(job) / f"{n}.log"
+    req = LaunchRequest(job_id=job, attempt=n, spec=spec, gpus=(), simulated=True,
+                        env=env or {}, log_path=log, run_dir=log.parent,
+                        owner_uid=user.pw_uid, owner=user.pw_name)
+    return AttemptRef(job_id=job, n=n, runner="local", gpus=(), log_path=log,
+                      run_dir=log.parent, started_at=time.time(), pid=runner.launch(req).pid)
+
+
+def wait_end(runner: LocalRunner, ref: AttemptRef) -> Outcome:
+    try:
+        while (outcome := runner.poll(ref, time.time())) is None:
+            select.select(runner.wait_fds(), [], [], 30)  # the shim's pidfd: its end
+    finally:
+        runner.close()
+    return outcome
+
+
 @pytest.mark.parametrize("switch", ["setpriv", "popen"])
 def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process(
-        users: dict[str, pwd.struct_passwd], shared_dir: Path, tmp_path: Path,
-        switch: str) -> None:
+        users: dict[str, pwd.struct_passwd], shared_dir: Path, switch: str) -> None:
     """Both ways the runner switches users: setpriv (what a root daemon uses: a vfork, not a
     fork of the daemon) and Popen's own (where a host has no trustworthy setpriv). The job
     sees its environment exactly (quotes, $, backquotes, a newline, an empty value), runs with
@@ -304,8 +333,7 @@ def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process
         pytest.skip("no trustworthy setpriv on this host (util-linux)")
     admin = users["gsadmin1"]
     work = owned_dir(shared_dir / f"env-{switch}", admin)
-    state = tmp_path / "state"
-    state.mkdir(mode=0o711)
+    state = daemon_state(shared_dir)
     runner = LocalRunner(state / "runs", state / "logs",
                          setpriv=setpriv if switch == "setpriv" else None)
     tricky = "it's \"quoted\" $HOME `id` \\ and\na second line"
@@ -315,20 +343,10 @@ def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process
                    workdir=str(work),
                    env={"TRICKY": tricky, "EMPTY": "", "LD_DEBUG": "libs",
                         "LD_DEBUG_OUTPUT": str(work / "ld")})
-    log = state / "logs" / "1" / "1.log"
-    req = LaunchRequest(job_id=1, attempt=1, spec=spec, gpus=(), simulated=True,
-                        env={"GPUSCHED_JOB_ID": "1"}, log_path=log, run_dir=log.parent,
-                        owner_uid=admin.pw_uid, owner=admin.pw_name)
-    launched = runner.launch(req)
-    ref = AttemptRef(job_id=1, n=1, runner="local", gpus=(), log_path=log, run_dir=log.parent,
-                     started_at=time.time(), pid=launched.pid)
-    try:
-        while (outcome := runner.poll(ref, time.time())) is None:
-            select.select(runner.wait_fds(), [], [], 30)  # the shim's pidfd: its end
-    finally:
-        runner.close()
-    out = log.read_text()
-    assert outcome.exit_code == 0, (outcome, out)
+    ref = launch_as(runner, admin, spec, env={"GPUSCHED_JOB_ID": "1"})
+    outcome = wait_end(runner, ref)
+    out = ref.log_path.read_text()
+    assert (outcome.exit_code, outcome.reason) == (0, None), (outcome, out)  # its exit file
     lines = [ln for ln in out.splitlines() if not re.match(r"\s*\d+:", ln)]  # LD_DEBUG's own
     text = "\n".join(lines)
     assert f"[{tricky}]\n[]\n[1]\n[{admin.pw_dir}]\n" in text + "\n", out
@@ -348,7 +366,7 @@ def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process
 
 
 def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
-        users: dict[str, pwd.struct_passwd], tmp_path: Path) -> None:
+        users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
     """Reconcile finds a shim by its command line: the one setpriv runs (SHIM_SOURCING) is
     recognised, with its job, attempt and user, by a runner that did not start it (the
     daemon after a restart)."""
@@ -356,15 +374,9 @@ def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
     if setpriv is None:
         pytest.skip("no trustworthy setpriv on this host (util-linux)")
     u1 = users["gsuser1"]
-    state = tmp_path / "state"
-    state.mkdir(mode=0o711)
+    state = daemon_state(shared_dir)
     runner = LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
-    log = state / "logs" / "5" / "2.log"
-    req = LaunchRequest(job_id=5, attempt=2, spec=JobSpec(command=["sleep", "60"],
-                                                         workdir="/tmp"),
-                        gpus=(), simulated=True, env={}, log_path=log, run_dir=log.parent,
-                        owner_uid=u1.pw_uid, owner=u1.pw_name)
-    pid = runner.launch(req).pid
+    pid = launch_as(runner, u1, JobSpec(command=["sleep", "60"], workdir="/tmp"), 5, 2).pid
     assert pid is not None
     try:
         deadline = time.monotonic() + 30
@@ -380,3 +392,21 @@ def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, 9)
         runner.close()
+
+
+def test_a_failed_switch_of_user_says_so(users: dict[str, pwd.struct_passwd],
+                                         shared_dir: Path) -> None:
+    """When setpriv cannot switch (here: a group that does not exist), the job fails with a
+    reason that names the switch, and setpriv's own message is in the job's log."""
+    setpriv = trusted_setpriv()
+    if setpriv is None:
+        pytest.skip("no trustworthy setpriv on this host (util-linux)")
+    u1 = users["gsuser1"]
+    state = daemon_state(shared_dir)
+    runner = LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
+    runner._groups_of = lambda user: ["none"]  # type: ignore[method-assign]  # not a gid
+    ref = launch_as(runner, u1, JobSpec(command=["true"], workdir="/tmp"))
+    outcome = wait_end(runner, ref)
+    assert outcome.exit_code not in (None, 0), outcome
+    assert "the switch to the job's user failed" in (outcome.reason or ""), outcome
+    assert "setpriv" in ref.log_path.read_text(), ref.log_path.read_text()
