@@ -1096,7 +1096,9 @@ def git_head() -> str:
         head = git("log", "-1", "--format=%h %s")[:90]
         dirty = git("status", "--porcelain", "--untracked-files=no").splitlines()
         if dirty:
-            names = ", ".join(line[3:] for line in dirty[:8]) + (", ..." if len(dirty) > 8 else "")
+            # "XY path" (the output was stripped: the first line may have lost its X)
+            names = ", ".join(line.split(maxsplit=1)[-1] for line in dirty[:8]) + (
+                ", ..." if len(dirty) > 8 else "")
             head += f" (+ uncommitted changes in {len(dirty)} files: {names})"
         return f"{PKG_SRC}: {head}"
     except (OSError, subprocess.TimeoutExpired):
