@@ -22,13 +22,26 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from gpusched.runners.local import DEFAULT_PATH, JOB_UMASK
+from gpusched.runners.local import (
+    DEFAULT_PATH,
+    JOB_UMASK,
+    SETPRIV_ENV,
+    env_memfd,
+    for_setpriv,
+    setpriv_argv,
+    trusted_setpriv,
+    user_groups,
+)
 
 log = logging.getLogger(__name__)
 
 # $1: the directory to run in (entered as the user; "/" when it cannot be), $2: the command
 # line, run by a shell as the user asked for one
 HOOK_SH = 'cd -- "$1" 2>/dev/null || cd /; exec /bin/sh -c "$2"'
+# behind setpriv (see gpusched.runners.local): the export lines of the hook's environment come
+# on its stdout (a memfd; stdin is the hook's own, the log for a copy, and sh names only fds
+# 0-9 in a redirection), read as the user first; then stdout is /dev/null, as for every hook
+HOOK_SH_SOURCING = '. /dev/fd/1; exec >/dev/null; ' + HOOK_SH
 HOOK_NAME = "gpusched-hook"
 # the log copy, as the owner: the daemon opens the attempt's log (its own file, in its own
 # directory) as the copy's stdin; the owner's rights decide where it may go (a symlink of
@@ -45,8 +58,10 @@ class _Running:
 class Hooks:
     """Processes run as a job's owner when it ends, keyed by the caller's notification id."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, setpriv: str | bool | None = True) -> None:
         self._running: dict[int, _Running] = {}
+        # how a root daemon switches to the owner (as the local runner: setpriv, a vfork)
+        self.setpriv = trusted_setpriv() if setpriv is True else setpriv or None
 
     def start(self, key: int, command: str, *, uid: int, workdir: str, env: dict[str, str],
               now: float, timeout_s: float, stdin_path: str | None = None) -> None:
@@ -62,24 +77,39 @@ class Hooks:
             if os.geteuid() == 0:
                 raise
             user = None
+        argv = ["/bin/sh", "-c", HOOK_SH, HOOK_NAME, workdir, command]
+        full_env = {**base, **env}
+        exports = None
         if os.geteuid() == 0 and user is not None:
-            kwargs.update(user=uid, group=user.pw_gid,
-                          extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
+            groups = user_groups(user)
+            if self.setpriv:  # the owner's variables go to the hook, never to setpriv (root)
+                exports = for_setpriv(full_env)
+            if self.setpriv and exports is not None:
+                argv = [*setpriv_argv(self.setpriv, user, groups),
+                        "/bin/sh", "-c", HOOK_SH_SOURCING, HOOK_NAME, workdir, command]
+                full_env = dict(SETPRIV_ENV)
+            else:  # Popen switches in its child: a fork of the whole daemon
+                kwargs.update(user=uid, group=user.pw_gid, extra_groups=groups)
         stdin = (os.open(stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                  if stdin_path else subprocess.DEVNULL)
+        envfd = None
         try:
             if stdin_path and not stat.S_ISREG(os.fstat(stdin).st_mode):
                 raise OSError(f"{stdin_path} is not a regular file")
+            if exports is not None:
+                envfd = env_memfd(exports)
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", HOOK_SH, HOOK_NAME, workdir, command],
-                stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                cwd="/", env={**base, **env}, start_new_session=True, close_fds=True,
+                argv, stdin=stdin, stdout=subprocess.DEVNULL if envfd is None else envfd,
+                stderr=subprocess.DEVNULL,
+                cwd="/", env=full_env, start_new_session=True, close_fds=True,
                 umask=JOB_UMASK, **kwargs)
         except subprocess.SubprocessError as err:  # the switch of user failed in the child
             raise OSError(str(err)) from err
         finally:
             if stdin_path:
                 os.close(stdin)
+            if envfd is not None:
+                os.close(envfd)
         self._running[key] = _Running(proc, now + timeout_s)
 
     def running(self, key: int) -> bool:

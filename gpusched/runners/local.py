@@ -106,6 +106,44 @@ def trusted_setpriv() -> str | None:
     return None
 
 
+_groups_cache: dict[tuple[str, int], tuple[float, list[int]]] = {}
+
+
+def user_groups(user: pwd.struct_passwd) -> list[int]:
+    """The user's groups, as a switch of user gives them to a job or hook: read again after
+    GROUPS_TTL_S (getgrouplist reads the whole group database: 0.1 ms a launch here, more
+    with a directory service), as Slurm's GroupUpdateTime does (600 s there)."""
+    key, now = (user.pw_name, user.pw_gid), time.monotonic()
+    cached = _groups_cache.get(key)
+    if cached is None or now - cached[0] > GROUPS_TTL_S:
+        if len(_groups_cache) > 1024:
+            _groups_cache.clear()
+        cached = _groups_cache[key] = (now, os.getgrouplist(user.pw_name, user.pw_gid))
+    return cached[1]
+
+
+def setpriv_argv(setpriv: str, user: pwd.struct_passwd, groups: list[int]) -> list[str]:
+    """What goes before a command that setpriv runs as ``user`` with ``groups``."""
+    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+            f"--groups={','.join(str(g) for g in groups)}", "--"]
+
+
+def env_memfd(exports: bytes) -> int:
+    """A memfd holding ``exports`` (export_lines), for a shim to source as the job's user."""
+    fd = os.memfd_create("gpusched-env", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, exports)  # a memfd takes it all in one write
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def for_setpriv(env: dict[str, str]) -> bytes | None:
+    """export_lines of what in ``env`` setpriv's own environment does not hold."""
+    return export_lines({k: v for k, v in env.items() if SETPRIV_ENV.get(k) != v})
+
+
 def export_lines(env: dict[str, str]) -> bytes | None:
     """``env`` as POSIX sh that exports it (each value single-quoted; ``command`` so a name
     the shell holds read-only, such as bash's UID, is skipped, its complaint dropped, instead
@@ -253,7 +291,6 @@ class LocalRunner:
         self._outcomes: dict[tuple[int, int], Outcome] = {}  # ended, until cleanup()
         # how a root daemon switches to a job's user (see the module's doc): True finds it
         self.setpriv = trusted_setpriv() if setpriv is True else setpriv or None
-        self._groups: dict[tuple[str, int], tuple[float, list[int]]] = {}
 
     @classmethod
     def of(cls, settings: Settings) -> LocalRunner:
@@ -275,16 +312,7 @@ class LocalRunner:
         return env
 
     def _groups_of(self, user: pwd.struct_passwd) -> list[int]:
-        """The user's groups, as the switch gives them to a job: read again after
-        GROUPS_TTL_S (getgrouplist reads the whole group database: 0.1 ms a launch here, more
-        with a directory service), as Slurm's GroupUpdateTime does (600 s there)."""
-        key, now = (user.pw_name, user.pw_gid), time.monotonic()
-        cached = self._groups.get(key)
-        if cached is None or now - cached[0] > GROUPS_TTL_S:
-            if len(self._groups) > 1024:
-                self._groups.clear()
-            cached = self._groups[key] = (now, os.getgrouplist(user.pw_name, user.pw_gid))
-        return cached[1]
+        return user_groups(user)
 
     def launch(self, req: LaunchRequest) -> Launched:
         key = (req.job_id, req.attempt)
@@ -309,11 +337,9 @@ class LocalRunner:
         if owner is not None and user is not None:
             groups = self._groups_of(user)
             if self.setpriv:  # the user's variables go to the shim, never to setpriv (root)
-                exports = export_lines({k: v for k, v in env.items()
-                                        if SETPRIV_ENV.get(k) != v})
+                exports = for_setpriv(env)
             if self.setpriv and exports is not None:
-                argv = [self.setpriv, f"--reuid={req.owner_uid}", f"--regid={user.pw_gid}",
-                        f"--groups={','.join(str(g) for g in groups)}", "--",
+                argv = [*setpriv_argv(self.setpriv, user, groups),
                         "/bin/sh", "-c", SHIM_SOURCING, *argv[3:]]
                 env = dict(SETPRIV_ENV)
             else:  # Popen switches in its child: a fork of the whole daemon
@@ -326,8 +352,7 @@ class LocalRunner:
         stdin: int = subprocess.DEVNULL
         try:
             if exports is not None:
-                stdin = os.memfd_create("gpusched-env", os.MFD_CLOEXEC)
-                os.write(stdin, exports)  # a memfd takes it all in one write
+                stdin = env_memfd(exports)
             proc = _ShimProcess(
                 argv, stdin=stdin, stdout=logfd, stderr=subprocess.STDOUT,
                 cwd="/", env=env, start_new_session=True,

@@ -10,7 +10,8 @@ the daemon reads on its users' behalf.
   holds only the exit file, which is the user's (0600) but cannot be replaced;
 - the switch to the job's user (setpriv in front of the shim, or Popen's where there is no
   setpriv) gives the job its whole environment, exactly, its user's groups and umask 022, and
-  gives none of it to a process that runs as root.
+  gives none of it to a process that runs as root; so does the switch of a `--notify` or
+  `--output` hook.
 
 Needs root with useradd/groupadd/setpriv (the ``users`` fixture skips otherwise). Every wait is
 on a state the daemon reports (a status, progress, a process gone), never on a sleep.
@@ -35,6 +36,7 @@ import pytest
 
 from gpusched.models import JobSpec
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome
+from gpusched.runners.hooks import Hooks
 from gpusched.runners.local import SHIM, SHIM_SOURCING, LocalRunner, exit_path, trusted_setpriv
 from gpusched.testing import users as real
 from gpusched.testing.harness import DaemonProcess, fake_tao_env
@@ -410,3 +412,36 @@ def test_a_failed_switch_of_user_says_so(users: dict[str, pwd.struct_passwd],
     assert outcome.exit_code not in (None, 0), outcome
     assert "the switch to the job's user failed" in (outcome.reason or ""), outcome
     assert "setpriv" in ref.log_path.read_text(), ref.log_path.read_text()
+
+
+@pytest.mark.parametrize("switch", ["setpriv", "popen"])
+def test_a_hook_switches_to_its_owner_as_a_job_does(
+        users: dict[str, pwd.struct_passwd], shared_dir: Path, switch: str) -> None:
+    """--notify and --output run as the job's owner through the same switch: the hook sees
+    its environment exactly, its owner's uid and groups, its own stdin (the log, for a
+    copy), and no root process sees the owner's variables (LD_DEBUG_OUTPUT, as above)."""
+    setpriv = trusted_setpriv()
+    if switch == "setpriv" and setpriv is None:
+        pytest.skip("no trustworthy setpriv on this host (util-linux)")
+    admin = users["gsadmin1"]
+    work = owned_dir(shared_dir / f"hook-{switch}", admin)
+    given = shared_dir / f"stdin-{switch}"  # a file of the daemon's, as the log is
+    given.write_text("the log\n")
+    hooks = Hooks(setpriv=setpriv if switch == "setpriv" else None)
+    tricky = "it's \"quoted\" $HOME `id` \\ and\na second line"
+    hooks.start(1, 'printf "[%s]\\n" "$TRICKY" > out; id -u >> out; id -G >> out; '
+                   'cat >> out; tr "\\0" " " </proc/$PPID/cmdline >> out',
+                uid=admin.pw_uid, workdir=str(work), now=time.time(), timeout_s=30,
+                env={"TRICKY": tricky, "LD_DEBUG": "libs", "LD_DEBUG_OUTPUT": str(work / "ld")},
+                stdin_path=str(given))
+    hooks._running[1].proc.wait(timeout=30)  # the hook's end
+    assert hooks.poll(1, time.time()) == (True, None)
+    out = (work / "out").read_text()
+    assert out.startswith(f"[{tricky}]\n{admin.pw_uid}\n"), out
+    groups = out.splitlines()[3]
+    assert {int(g) for g in groups.split()} == set(os.getgrouplist(admin.pw_name, admin.pw_gid))
+    assert "the log\n" in out
+    debug = sorted(work.glob("ld.*"))
+    assert debug, out
+    assert {p.stat().st_uid for p in debug} == {admin.pw_uid}
+    assert all("initialize program: setpriv" not in p.read_text() for p in debug)
