@@ -25,12 +25,10 @@ from typing import Any
 from gpusched.runners.local import (
     DEFAULT_PATH,
     JOB_UMASK,
-    SETPRIV_ENV,
+    UserSwitch,
     env_memfd,
-    for_setpriv,
-    setpriv_argv,
     trusted_setpriv,
-    user_groups,
+    user_switch,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,6 @@ class Hooks:
         """Start ``command`` (a shell command line) as ``uid``, ``stdin_path`` (a file of the
         daemon's) on its stdin; raises OSError or KeyError (no such user) when it cannot
         start. A daemon that is not root runs it as itself."""
-        kwargs: dict[str, Any] = {}
         base = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}  # ``env`` (the job's) may change them
         try:
             user = pwd.getpwuid(uid)
@@ -77,32 +74,23 @@ class Hooks:
             if os.geteuid() == 0:
                 raise
             user = None
-        argv = ["/bin/sh", "-c", HOOK_SH, HOOK_NAME, workdir, command]
         full_env = {**base, **env}
-        exports = None
-        if os.geteuid() == 0 and user is not None:
-            groups = user_groups(user)
-            if self.setpriv:  # the owner's variables go to the hook, never to setpriv (root)
-                exports = for_setpriv(full_env)
-            if self.setpriv and exports is not None:
-                argv = [*setpriv_argv(self.setpriv, user, groups),
-                        "/bin/sh", "-c", HOOK_SH_SOURCING, HOOK_NAME, workdir, command]
-                full_env = dict(SETPRIV_ENV)
-            else:  # Popen switches in its child: a fork of the whole daemon
-                kwargs.update(user=uid, group=user.pw_gid, extra_groups=groups)
+        switch = (user_switch(self.setpriv, user, full_env)
+                  if os.geteuid() == 0 and user is not None else UserSwitch([], full_env))
+        text = HOOK_SH_SOURCING if switch.exports is not None else HOOK_SH
+        argv = [*switch.prefix, "/bin/sh", "-c", text, HOOK_NAME, workdir, command]
         stdin = (os.open(stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                  if stdin_path else subprocess.DEVNULL)
         envfd = None
         try:
             if stdin_path and not stat.S_ISREG(os.fstat(stdin).st_mode):
                 raise OSError(f"{stdin_path} is not a regular file")
-            if exports is not None:
-                envfd = env_memfd(exports)
+            if switch.exports is not None:
+                envfd = env_memfd(switch.exports)
             proc = subprocess.Popen(
                 argv, stdin=stdin, stdout=subprocess.DEVNULL if envfd is None else envfd,
-                stderr=subprocess.DEVNULL,
-                cwd="/", env=full_env, start_new_session=True, close_fds=True,
-                umask=JOB_UMASK, **kwargs)
+                stderr=subprocess.DEVNULL, cwd="/", env=switch.env, start_new_session=True,
+                close_fds=True, umask=JOB_UMASK, **switch.popen)
         except subprocess.SubprocessError as err:  # the switch of user failed in the child
             raise OSError(str(err)) from err
         finally:

@@ -9,21 +9,20 @@ deferred until the command ends) so a cancel that signals the whole group still 
 status written; SIGKILL is sent to the group's members but not to the shim.
 
 The shim, not Popen, enters the job's working directory: Popen's ``cwd=`` happens while still
-root, so a job could start in a directory its owner may not enter.
-
-A root daemon switches to the job's user with util-linux's ``setpriv`` in front of the shim,
-not with Popen's ``user=``/``group=``/``extra_groups=``: with those, CPython cannot use vfork
-and forks the whole daemon (page tables and all: 2 ms at 10 MiB, 6 ms at 100 MiB, holding the
-GIL), which made a launch cost about 5 ms of the tick on a shared box. ``setpriv`` runs as root,
-so it gets only two fixed variables (PATH, LANG): a user's LD_PRELOAD, LOCPATH or
-GLIBC_TUNABLES must never reach a root process. The rest of the job's environment reaches the
-shim on its stdin (a memfd) as ``command export`` lines the shim sources as the job's user
-before anything else, then stdin is /dev/null again. A job whose environment has a name the
-shell cannot export (``A.B``), or a host without a trustworthy setpriv, falls back to Popen's
-switch. The run directory (0700) and
+root, so a job could start in a directory its owner may not enter. The run directory (0700) and
 the log (0600) belong to the job's user; everything read back from the run directory goes
 through :mod:`gpusched.safefs`. An attempt's end is reported by every ``poll`` until
 ``cleanup``, which the daemon calls only once the end is committed.
+
+A root daemon switches to the job's user with util-linux's ``setpriv`` in front of the shim
+(``user_switch``; hooks use it too), not with Popen's ``user=``/``group=``/``extra_groups=``:
+with those, CPython cannot use vfork and forks the whole daemon (page tables and all: 2 ms at
+10 MiB, 6 ms at 100 MiB, holding the GIL), which made a launch cost about 5 ms of the tick on
+a shared box. ``setpriv`` runs as root, so it gets only two fixed variables (PATH, LANG): a
+user's LD_PRELOAD, LOCPATH or GLIBC_TUNABLES must never reach a root process. The rest of the
+job's environment reaches the shim on its stdin (a memfd) as ``command export`` lines the shim
+sources as the job's user before anything else, then stdin is /dev/null again. A host without
+a trustworthy setpriv falls back to Popen's switch.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpusched.errors import LaunchRefused, RunnerError
 from gpusched.paths import process_uid
@@ -122,10 +121,31 @@ def user_groups(user: pwd.struct_passwd) -> list[int]:
     return cached[1]
 
 
-def setpriv_argv(setpriv: str, user: pwd.struct_passwd, groups: list[int]) -> list[str]:
-    """What goes before a command that setpriv runs as ``user`` with ``groups``."""
-    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
-            f"--groups={','.join(str(g) for g in groups)}", "--"]
+@dataclasses.dataclass(frozen=True)
+class UserSwitch:
+    """How a root daemon starts ``/bin/sh -c TEXT ...`` as a job's user (see the module's doc).
+    ``exports`` (the environment as export lines, for the shell to source first) is set
+    exactly when the switch is setpriv's; otherwise ``popen`` holds Popen's own switch."""
+
+    prefix: list[str]  # before /bin/sh: setpriv and its arguments, or nothing
+    env: dict[str, str]  # the started process's environment
+    exports: bytes | None = None
+    popen: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def user_switch(setpriv: str | None, user: pwd.struct_passwd,
+                env: dict[str, str]) -> UserSwitch:
+    """The switch to ``user`` for a process whose environment is ``env``: setpriv where the
+    host has a trustworthy one (given only SETPRIV_ENV; the rest goes to ``exports``), else
+    Popen's arguments (a fork of the daemon)."""
+    groups = user_groups(user)
+    if setpriv is None:
+        return UserSwitch([], env, popen={"user": user.pw_uid, "group": user.pw_gid,
+                                          "extra_groups": groups})
+    return UserSwitch(
+        [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+         f"--groups={','.join(str(g) for g in groups)}", "--"], dict(SETPRIV_ENV),
+        exports=export_lines({k: v for k, v in env.items() if SETPRIV_ENV.get(k) != v}))
 
 
 def env_memfd(exports: bytes) -> int:
@@ -139,19 +159,15 @@ def env_memfd(exports: bytes) -> int:
     return fd
 
 
-def for_setpriv(env: dict[str, str]) -> bytes | None:
-    """export_lines of what in ``env`` setpriv's own environment does not hold."""
-    return export_lines({k: v for k, v in env.items() if SETPRIV_ENV.get(k) != v})
-
-
-def export_lines(env: dict[str, str]) -> bytes | None:
+def export_lines(env: dict[str, str]) -> bytes:
     """``env`` as POSIX sh that exports it (each value single-quoted; ``command`` so a name
     the shell holds read-only, such as bash's UID, is skipped, its complaint dropped, instead
-    of ending the shim), or None when a name cannot be exported by a shell."""
+    of ending the shim). Every name must be a shell name: a job's are checked at submission
+    (JobSpec), the daemon's are its own."""
     lines = ["{ :\n"]
     for name, value in env.items():
         if not _SHELL_NAME.fullmatch(name):
-            return None
+            raise ValueError(f"environment variable name {name!r} cannot be exported by sh")
         quoted = value.replace("'", "'\\''")
         lines.append(f"command export {name}='{quoted}'\n")
     lines.append("} 2>/dev/null\n")
@@ -311,9 +327,6 @@ class LocalRunner:
         env.update(req.env)  # the daemon's variables (CUDA_*, GPUSCHED_*) win
         return env
 
-    def _groups_of(self, user: pwd.struct_passwd) -> list[int]:
-        return user_groups(user)
-
     def launch(self, req: LaunchRequest) -> Launched:
         key = (req.job_id, req.attempt)
         try:
@@ -331,19 +344,11 @@ class LocalRunner:
         env = self._environment(req, user)
         # the shim enters the working directory itself, as the job's user: Popen's cwd=
         # happens before the switch of user, while still root
-        argv = ["/bin/sh", "-c", SHIM, SHIM_NAME, workdir, str(exit_file), *req.spec.command]
-        kwargs: dict[str, object] = {}
-        exports = None
-        if owner is not None and user is not None:
-            groups = self._groups_of(user)
-            if self.setpriv:  # the user's variables go to the shim, never to setpriv (root)
-                exports = for_setpriv(env)
-            if self.setpriv and exports is not None:
-                argv = [*setpriv_argv(self.setpriv, user, groups),
-                        "/bin/sh", "-c", SHIM_SOURCING, *argv[3:]]
-                env = dict(SETPRIV_ENV)
-            else:  # Popen switches in its child: a fork of the whole daemon
-                kwargs.update(user=req.owner_uid, group=user.pw_gid, extra_groups=groups)
+        switch = (user_switch(self.setpriv, user, env) if owner is not None and user is not None
+                  else UserSwitch([], env))
+        text = SHIM_SOURCING if switch.exports is not None else SHIM
+        argv = [*switch.prefix, "/bin/sh", "-c", text, SHIM_NAME, workdir, str(exit_file),
+                *req.spec.command]
         try:
             logfd = self.attempt_files(exit_file, req.log_path, owner)
         except OSError as err:
@@ -351,13 +356,13 @@ class LocalRunner:
                               f"{err}") from err
         stdin: int = subprocess.DEVNULL
         try:
-            if exports is not None:
-                stdin = env_memfd(exports)
+            if switch.exports is not None:
+                stdin = env_memfd(switch.exports)
             proc = _ShimProcess(
                 argv, stdin=stdin, stdout=logfd, stderr=subprocess.STDOUT,
-                cwd="/", env=env, start_new_session=True,
+                cwd="/", env=switch.env, start_new_session=True,
                 close_fds=True, umask=JOB_UMASK,  # not the daemon's own (066)
-                **kwargs,  # type: ignore[call-overload]
+                **switch.popen,
             )
         except OSError as err:
             raise RunnerError(f"could not start the shim for job {req.job_id}: {err}") from err
@@ -365,7 +370,7 @@ class LocalRunner:
             os.close(logfd)
             if stdin != subprocess.DEVNULL:
                 os.close(stdin)
-        proc.via_setpriv = exports is not None
+        proc.via_setpriv = switch.exports is not None
         self._procs[key] = proc
         self._watch(key, proc.pid)
         # the start time is read later (confirm): /proc/PID/stat of a process in the middle

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from gpusched.models import JobSpec
+from gpusched.runners import local
 from gpusched.runners.base import AttemptRef, LaunchRequest, Outcome
 from gpusched.runners.hooks import Hooks
 from gpusched.runners.local import SHIM, SHIM_SOURCING, LocalRunner, exit_path, trusted_setpriv
@@ -367,17 +368,23 @@ def test_the_switch_to_a_jobs_user_keeps_its_environment_from_every_root_process
         assert "initialize program: setpriv" not in p.read_text(), p
 
 
-def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
-        users: dict[str, pwd.struct_passwd], shared_dir: Path) -> None:
-    """Reconcile finds a shim by its command line: the one setpriv runs (SHIM_SOURCING) is
-    recognised, with its job, attempt and user, by a runner that did not start it (the
-    daemon after a restart)."""
+@pytest.fixture
+def setpriv_runner(users: dict[str, pwd.struct_passwd], shared_dir: Path) -> LocalRunner:
+    """A local runner that switches users with setpriv, in a state folder of the daemon's
+    layout (skipped where the host has no trustworthy setpriv)."""
     setpriv = trusted_setpriv()
     if setpriv is None:
         pytest.skip("no trustworthy setpriv on this host (util-linux)")
-    u1 = users["gsuser1"]
     state = daemon_state(shared_dir)
-    runner = LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
+    return LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
+
+
+def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
+        users: dict[str, pwd.struct_passwd], setpriv_runner: LocalRunner) -> None:
+    """Reconcile finds a shim by its command line: the one setpriv runs (SHIM_SOURCING) is
+    recognised, with its job, attempt and user, by a runner that did not start it (the
+    daemon after a restart)."""
+    runner, u1 = setpriv_runner, users["gsuser1"]
     pid = launch_as(runner, u1, JobSpec(command=["sleep", "60"], workdir="/tmp"), 5, 2).pid
     assert pid is not None
     try:
@@ -386,7 +393,7 @@ def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
         while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(shim):  # argv holds it
             assert time.monotonic() < deadline, "setpriv never ran the shim"
             time.sleep(0.01)  # setpriv's exec of the shim: a state of the process, polled
-        after_restart = LocalRunner(state / "runs", state / "logs")
+        after_restart = LocalRunner(runner.runs_dir, runner.logs_dir)
         found = [o for o in after_restart.orphans(set()) if o.handle[0] == pid]
         assert [(o.job_id, o.attempt, o.uid) for o in found] == [(5, 2, u1.pw_uid)], found
         assert after_restart.orphans({(5, 2)}) == []  # a live attempt's shim is not an orphan
@@ -397,17 +404,13 @@ def test_a_shim_started_through_setpriv_is_found_again_after_a_restart(
 
 
 def test_a_failed_switch_of_user_says_so(users: dict[str, pwd.struct_passwd],
-                                         shared_dir: Path) -> None:
-    """When setpriv cannot switch (here: a group that does not exist), the job fails with a
+                                         setpriv_runner: LocalRunner,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """When setpriv cannot switch (here: a group that is not a gid), the job fails with a
     reason that names the switch, and setpriv's own message is in the job's log."""
-    setpriv = trusted_setpriv()
-    if setpriv is None:
-        pytest.skip("no trustworthy setpriv on this host (util-linux)")
-    u1 = users["gsuser1"]
-    state = daemon_state(shared_dir)
-    runner = LocalRunner(state / "runs", state / "logs", setpriv=setpriv)
-    runner._groups_of = lambda user: ["none"]  # type: ignore[method-assign]  # not a gid
-    ref = launch_as(runner, u1, JobSpec(command=["true"], workdir="/tmp"))
+    runner = setpriv_runner
+    monkeypatch.setattr(local, "user_groups", lambda user: ["none"])
+    ref = launch_as(runner, users["gsuser1"], JobSpec(command=["true"], workdir="/tmp"))
     outcome = wait_end(runner, ref)
     assert outcome.exit_code not in (None, 0), outcome
     assert "the switch to the job's user failed" in (outcome.reason or ""), outcome
