@@ -16,7 +16,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,7 +96,7 @@ class Daemon:
         self.inventory = inventory
         self.runners = runners
         self.gpus: list[Gpu] = []
-        self.waiting: dict[int, str] = {}  # job id -> why it waits (from the last plan)
+        self.waiting: Mapping[int, str] = {}  # job id -> why it waits (from the last plan)
         self.degraded: dict[str, str] = {}  # runner name -> why it is unusable
         self.orphan_gpus: set[str] = set()
         self._known_gpus: tuple[tuple[str, int, str, int], ...] = ()
@@ -897,7 +897,7 @@ class Daemon:
                 or (self._window_full and len(window) < PLAN_WINDOW * 3 // 4)):
             window = self._window = self._runnable_rows(lean=True)
             self._window_version, self._window_full = version, len(window) >= PLAN_WINDOW
-        return [r for r in window if r["runner"] not in self.degraded]
+        return [r for r in window if r["runner"] not in self.degraded] if self.degraded else window
 
     def _runnable_rows(self, lean: bool) -> list[Row]:
         columns = "j.id, j.priority, j.runner, j.owner_uid, j.owner" if lean else QUEUED_COLUMNS
@@ -924,7 +924,10 @@ class Daemon:
         full = {r["id"]: r for r in self.store.query(
             f"SELECT {QUEUED_COLUMNS} FROM jobs j"
             f" WHERE j.id IN ({','.join('?' * len(missing))})", missing)} if missing else {}
-        jobs = []
+        jobs: list[QueuedJob] = []
+        # Slurm owns its cluster's GPUs: a runnable slurm job is handed to Slurm, which
+        # queues it; it takes no local GPU and never enters the local plan
+        handed: list[QueuedJob] = []
         for r in rows:
             job = cache.get(r["id"])
             if job is None or job.priority != r["priority"]:
@@ -941,15 +944,11 @@ class Daemon:
             since = self._waiting_since.get(job.id)
             if since is not None and now - since > MAX_WAIT_FOR_FASTER_S and job.may_wait:
                 job = cache[r["id"]] = dataclasses.replace(job, may_wait=False)
-            jobs.append(job)
+            (handed if r["runner"] == "slurm" else jobs).append(job)
         if len(cache) > 4 * PLAN_WINDOW:
-            self._queued_cache = {j.id: j for j in jobs}
-            self._queued_specs = {j.id: self._queued_specs[j.id] for j in jobs
+            self._queued_cache = {j.id: j for j in jobs + handed}
+            self._queued_specs = {j.id: self._queued_specs[j.id] for j in jobs + handed
                                   if j.id in self._queued_specs}
-        # Slurm owns its cluster's GPUs: a runnable slurm job is handed to Slurm, which queues
-        # it; it takes no local GPU and never enters the local plan
-        handed = [j for j in jobs if by_id[j.id]["runner"] == "slurm"]
-        jobs = [j for j in jobs if by_id[j.id]["runner"] != "slurm"]
         for job in handed:
             if "slurm" in self.degraded:
                 break  # Slurm stopped answering during this tick: the rest wait, unclaimed
@@ -958,8 +957,9 @@ class Daemon:
             self._contain(job.id, "hand it to Slurm", hand, now)
         result = plan(jobs, self._slots(now), now,
                       foreign_policy=self.settings.gpus.foreign_policy,
-                      policy=self.settings.scheduler.policy, model=self._model(now))
-        self.waiting = {**result.waiting, **result.impossible}
+                      policy=self.settings.scheduler.policy, model=self._model(now), lazy=True)
+        # the reasons of the jobs that wait behind full GPUs are judged when read (ls, show)
+        self.waiting = result.reasons()
         # the wait for a faster GPU is bounded in all, not per pass: a holder whose ETA keeps
         # sliding (it reports max_epoch = epoch + 1) would otherwise be waited on forever
         self._waiting_since = {
@@ -968,8 +968,8 @@ class Daemon:
         if self._launch_pause is not None:
             until, why = self._launch_pause
             if now < until:
-                self.waiting.update({p.job_id: f"launches paused: {why}"
-                                     for p in result.placements})
+                self.waiting = {**self.waiting, **{p.job_id: f"launches paused: {why}"
+                                                   for p in result.placements}}
                 return
             self._launch_pause = None
         gpus = {g.uuid: g for g in self.gpus}

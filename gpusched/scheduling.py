@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,12 +80,99 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Plan:
-    """The outcome of one scheduling pass; every queued job lands in exactly one bucket."""
+    """The outcome of one scheduling pass; every queued job lands in exactly one bucket.
+
+    With ``plan(lazy=True)`` the jobs after the point where nothing more can start (every GPU
+    busy or taken, the reservation made) are in ``rest`` instead of ``waiting``/``impossible``:
+    ``reasons()`` judges them when first read."""
 
     placements: tuple[Placement, ...]
     waiting: dict[int, str]  # job id -> why it waits now
     impossible: dict[int, str]  # job id -> why it can never run on this host as it is
     reservation: Reservation | None
+    rest: WaitingRest | None = None
+
+    def reasons(self) -> Mapping[int, str]:
+        """Why each job not placed does not start (waiting or impossible), ``rest`` included."""
+        return Reasons({**self.waiting, **self.impossible}, self.rest)
+
+
+class WaitingRest:
+    """The jobs a plan reached once every GPU was busy or taken and the reservation made.
+    From there nothing changes: no job can take a GPU (a CPU-only one is placed without),
+    so each waits, or is impossible, for a reason that depends only on its request and on
+    whether it may backfill. They are judged when first asked: the daemon plans on every job
+    start and end, and on a long queue all but a few of the window's jobs end up here."""
+
+    def __init__(self, jobs: Sequence[QueuedJob], slots: Sequence[GpuSlot],
+                 taken: dict[str, int], reservation: Reservation, now: float,
+                 policy: ForeignPolicy,
+                 impossible_memo: dict[tuple[object, ...], str | None]) -> None:
+        self.jobs = tuple(jobs)
+        self._slots, self._taken, self._reservation = tuple(slots), dict(taken), reservation
+        self._now, self._policy, self._impossible_memo = now, policy, dict(impossible_memo)
+        self._judged: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def cpu_only(self) -> list[QueuedJob]:
+        return [j for j in self.jobs if j.request.ids is None and j.request.count == 0]
+
+    def judge(self) -> tuple[dict[int, str], dict[int, str]]:
+        """(waiting, impossible) of these jobs, as the plan's full pass gives them."""
+        if self._judged is not None:
+            return self._judged
+        waiting: dict[int, str] = {}
+        impossible: dict[int, str] = {}
+        wait_memo: dict[tuple[object, ...], str] = {}
+        slots, reservation = self._slots, self._reservation
+        for job in self.jobs:
+            req = job.request
+            if req.ids is None and req.count == 0:
+                continue  # placed by the plan
+            rkey = (req.count, req.count_max, req.ids, req.gpu_type, req.mem_mib)
+            if rkey not in self._impossible_memo:
+                self._impossible_memo[rkey] = impossible_reason(req, slots)
+            reason = self._impossible_memo[rkey]
+            if reason is not None:
+                impossible[job.id] = reason
+                continue
+            backfill = _may_backfill(job, reservation, self._now)
+            key = (*rkey, backfill)
+            if key not in wait_memo:
+                wait_memo[key] = _wait_reason(job, slots, self._taken, reservation, backfill,
+                                              self._policy)
+            waiting[job.id] = wait_memo[key]
+        self._judged = (waiting, impossible)  # one assignment: safe to read from any thread
+        return self._judged
+
+
+class Reasons(Mapping[int, str]):
+    """A plan's reasons, with its ``rest`` judged on first read (from any thread)."""
+
+    def __init__(self, known: dict[int, str], rest: WaitingRest | None) -> None:
+        self._known, self._rest = known, rest
+        self._all: dict[int, str] | None = None if rest is not None else known
+
+    def _get(self) -> dict[int, str]:
+        if self._all is None:
+            assert self._rest is not None
+            waiting, impossible = self._rest.judge()
+            self._all = {**waiting, **impossible, **self._known}
+        return self._all
+
+    def __getitem__(self, key: int) -> str:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._get()
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 def job_order_key(job: QueuedJob) -> tuple[int, float, int]:
@@ -510,6 +597,7 @@ def plan(
     foreign_policy: ForeignPolicy = "memory",
     policy: PlacementPolicy = "throughput",
     model: SpeedModel | None = None,
+    lazy: bool = False,
 ) -> Plan:
     """Decide which jobs start now and on which GPUs.
 
@@ -523,6 +611,8 @@ def plan(
     short stage whose only free GPU is faster than one that frees within its own run time waits
     for that slower one when a training job could use the fast GPU now (``_wait_for_slower``).
     The result depends only on the contents of ``jobs`` and ``gpus``, never on their order.
+    With ``lazy`` the reasons of the jobs after the point where nothing more can start are
+    judged only when read (``Plan.rest``, ``Plan.reasons()``): the same reasons, later.
     """
     slots = sorted(gpus, key=lambda s: (s.index, s.uuid))
     speed = model if model is not None else _EMPTY_MODEL
@@ -541,8 +631,7 @@ def plan(
             fits_memo[k] = sum(1 for s in slots if s.usable and _type_ok(s, req.gpu_type)
                                and s.memory_total_mib >= k[1])
         return fits_memo[k]
-    # jobs that could share the host with an elastic one
-    flexible = [j for j in jobs if j.request.ids is not None or j.request.count > 0]
+    flexible: list[QueuedJob] = []  # jobs that could share the host with an elastic one
     decided: set[int] = set()  # placed or found impossible in this pass
 
     def others_could_use(job: QueuedJob, free: Sequence[GpuSlot]) -> bool:
@@ -550,6 +639,8 @@ def plan(
         count? Only then is splitting worth anything (a job pinned elsewhere, of another type
         or too big for a GPU here is no reason to leave one idle)."""
         spare = len(free) - job.request.count
+        if not flexible:  # made when first needed: most queues have no elastic job
+            flexible.extend(j for j in jobs if j.request.ids is not None or j.request.count > 0)
         for o in flexible:
             if o.id == job.id or o.id in decided or o.request.count > spare:
                 continue
@@ -576,8 +667,19 @@ def plan(
     # plans on every job start and end, so this loop is its hot path).
     impossible_memo: dict[tuple[object, ...], str | None] = {}
     wait_memo: dict[tuple[object, ...], str] = {}
-    none_free, none_free_at = False, -1  # every GPU busy or taken, as of len(taken) == this
-    for job in sorted(jobs, key=throughput_order_key if policy == "throughput" else job_order_key):
+    none_free_at = -1  # every GPU was found busy or taken as of len(taken) == this: no
+    rest: WaitingRest | None = None
+    order = sorted(jobs, key=throughput_order_key if policy == "throughput" else job_order_key)
+    for i, job in enumerate(order):
+        if reservation is not None and none_free_at != len(taken):
+            none_free_at = len(taken)  # what is free changes only when a job takes GPUs
+            if not any(s.uuid not in taken and _is_free(s, foreign_policy) for s in slots):
+                # every GPU is busy or taken in this pass and the reservation is made: from
+                # here no job can take a GPU, each waits for the reason its request gives
+                # (the hot path of a long queue: no options, no choice to make)
+                rest = WaitingRest(order[i:], slots, taken, reservation, now, foreign_policy,
+                                   impossible_memo)
+                break
         req = job.request
         if req.ids is None and req.count == 0:
             placements.append(Placement(job_id=job.id, gpu_uuids=()))  # CPU-only: no GPU
@@ -591,20 +693,6 @@ def plan(
             decided.add(job.id)
             continue
         backfill = _may_backfill(job, reservation, now)
-        if reservation is not None and none_free_at != len(taken):
-            none_free_at = len(taken)  # what is free changes only when a job takes GPUs
-            none_free = not any(s.uuid not in taken and _is_free(s, foreign_policy)
-                                for s in slots)
-        if reservation is not None and none_free:
-            # every GPU is busy or taken in this pass: this job waits, for the same reason
-            # as any other with its request (the hot path of a long queue: no options, no
-            # choice to make; the result is the one the full path below would give)
-            key = (*rkey, backfill, len(taken))
-            if key not in wait_memo:
-                wait_memo[key] = _wait_reason(job, slots, taken, reservation, backfill,
-                                              foreign_policy)
-            waiting[job.id] = wait_memo[key]
-            continue
         reserved = frozenset(reservation.gpu_uuids) if reservation else frozenset()
 
         allowed = frozenset(
@@ -664,9 +752,17 @@ def plan(
                                           foreign_policy)
         waiting[job.id] = wait_memo[key]
 
+    if rest is not None:
+        placements.extend(Placement(job_id=j.id, gpu_uuids=()) for j in rest.cpu_only())
+        if not lazy:
+            rest_waiting, rest_impossible = rest.judge()
+            waiting.update(rest_waiting)
+            impossible.update(rest_impossible)
+            rest = None
     return Plan(
         placements=tuple(placements),
         waiting=waiting,
         impossible=impossible,
         reservation=reservation,
+        rest=rest,
     )

@@ -15,6 +15,7 @@ from gpusched.scheduling import (
     ForeignPolicy,
     GpuSlot,
     Plan,
+    PlacementPolicy,
     QueuedJob,
     Reservation,
     impossible_reason,
@@ -517,3 +518,37 @@ def test_plan_is_deterministic(
     rnd.shuffle(jobs2)
     rnd.shuffle(gpus2)
     assert plan(jobs2, gpus2, NOW, foreign_policy=policy) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios() | contended(), st.sampled_from(["throughput", "fifo"]))
+def test_lazy_plan_gives_the_full_plans_reasons(
+    case: tuple[list[QueuedJob], list[GpuSlot], ForeignPolicy], placement: PlacementPolicy,
+) -> None:
+    """plan(lazy=True), as the daemon calls it, places the same jobs and, once its rest is
+    judged, gives every other job the same reason as the full pass."""
+    jobs, gpus, policy = case
+    full = plan(jobs, gpus, NOW, foreign_policy=policy, policy=placement)
+    lazy = plan(jobs, gpus, NOW, foreign_policy=policy, policy=placement, lazy=True)
+    assert full.rest is None
+    assert lazy.placements == full.placements and lazy.reservation == full.reservation
+    reasons = lazy.reasons()
+    assert dict(reasons) == {**full.waiting, **full.impossible} == dict(full.reasons())
+    assert len(reasons) == len(jobs) - len(full.placements)
+    assert all((j.id in reasons) == (j.id not in {p.job_id for p in full.placements})
+               for j in jobs)
+    if lazy.rest is not None:  # the point where nothing more could start was reached
+        assert lazy.reservation is not None
+        assert not set(lazy.waiting) & {j.id for j in lazy.rest.jobs}
+
+
+def test_lazy_plan_leaves_the_jobs_behind_full_gpus_unjudged() -> None:
+    """On a long queue of one request and two free GPUs the lazy plan judges the two it
+    places and the one that holds the reservation; the others' reasons come when read."""
+    gpus = [GpuSlot(f"GPU-{i}", i, "RTX A4000", 16384, 16384) for i in range(2)]
+    jobs = [QueuedJob(i, 0, float(i), GpuRequest(count=1), None) for i in range(1, 129)]
+    lazy = plan(jobs, gpus, NOW, lazy=True)
+    assert [p.job_id for p in lazy.placements] == [1, 2]
+    assert set(lazy.waiting) == {3} and lazy.rest is not None and len(lazy.rest.jobs) == 125
+    assert lazy.reasons()[128] == "needs 1 GPU, 0 free"
+    assert repr(lazy.reasons()).startswith("{")
