@@ -14,8 +14,8 @@ from gpusched.models import GpuRequest
 from gpusched.scheduling import (
     ForeignPolicy,
     GpuSlot,
-    Plan,
     PlacementPolicy,
+    Plan,
     QueuedJob,
     Reservation,
     impossible_reason,
