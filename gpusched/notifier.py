@@ -30,6 +30,7 @@ class Notifier:
         self.settings, self.store, self.log_path = settings, store, log_path
         self.hooks, self.poster = Hooks(), Poster()
         self._started = False
+        self._quiet: tuple[int, int] | None = None  # Store.notify_state when none was open
 
     def close(self) -> None:
         self.hooks.close()
@@ -40,8 +41,13 @@ class Notifier:
             self._started = True
             if n := self.store.requeue_sending_notifications():
                 log.info("%s notification(s) in flight at the last stop are due again", n)
+        state = self.store.notify_state()  # read before the query: a change after it shows
+        if state == self._quiet:
+            return  # none was open, and no write since could have opened one
         if not self.store.notifications_open():
-            return  # none waits for its job, is being sent or will be retried (most ticks)
+            self._quiet = state  # none waits for its job, is being sent or will be retried
+            return
+        self._quiet = None
         for key, error in self.poster.results():
             self._delivered(key, error, now)
         for row in self.store.notifications(state="sending"):

@@ -352,6 +352,10 @@ class Store:
         #: against (Daemon._runnable_window). A claim does not bump it: the tick that claims
         #: drops the job from its window itself.
         self.queue_version = 0
+        #: bumped by every write that may make a notification open (a job submitted with one,
+        #: a requeue, a delivery's state): see notify_state, which lets the notifier skip its
+        #: query on the ticks (nearly all) where none can be open
+        self.notify_version = 0
         self._unsettled = 0  # queue_state's answers while another thread writes: -1, -2...
         self._readers_lock = threading.Lock()
         self._closed = False
@@ -534,11 +538,19 @@ class Store:
         (another process: a restore, a tool writing the file) commits. While another thread
         is inside a write the answer is one never given before: that write may change the
         queue once it commits, so the caller must read it again (and never waits for it)."""
+        return self._state("queue_version")
+
+    def notify_state(self) -> tuple[int, int]:
+        """What the notifier's "none open" answer is checked against, as queue_state is for
+        the plan window: notify_version and the connection's data_version."""
+        return self._state("notify_version")
+
+    def _state(self, counter: str) -> tuple[int, int]:
         if not self.lock.acquire(blocking=False):
             self._unsettled -= 1
-            return self.queue_version, self._unsettled
+            return getattr(self, counter), self._unsettled
         try:
-            return self.queue_version, int(
+            return getattr(self, counter), int(
                 self.conn.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error as err:
             raise _wrap(err) from err
@@ -656,6 +668,8 @@ class Store:
             self._event(conn, job_id, now, None, status, "submitted", owner)
             if status is JobStatus.QUEUED:
                 self.queue_version += 1
+            if spec.output or spec.notify_cmd or spec.notify_url:
+                self.notify_version += 1
             conn.executemany(
                 "INSERT INTO notifications (job_id, kind, target, state) VALUES (?,?,?,'waiting')",
                 [(job_id, kind, target) for kind, target in (
@@ -1100,12 +1114,14 @@ class Store:
     def update_notification(self, note_id: int, **fields: Any) -> None:
         assign = ", ".join(f"{k} = ?" for k in fields)
         with self.write() as conn:
+            self.notify_version += 1
             conn.execute(f"UPDATE notifications SET {assign} WHERE id = ?",
                          [*fields.values(), note_id])
 
     def requeue_sending_notifications(self) -> int:
         """After a restart: deliveries that were in flight are due again (at least once)."""
         with self.write() as conn:
+            self.notify_version += 1
             return conn.execute("UPDATE notifications SET state = 'pending', next_at = 0"
                                 " WHERE state = 'sending'").rowcount
 
@@ -1155,6 +1171,7 @@ class Store:
                             "retries_left": retries}) is None:
                 raise Conflict(f"job {job_id} is {status.value}: only ended jobs can be "
                                "requeued")
+            self.notify_version += 1
             conn.execute("UPDATE notifications SET state = 'waiting', tries = 0, next_at = NULL"
                          " WHERE job_id = ?", (job_id,))
 

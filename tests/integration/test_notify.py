@@ -4,6 +4,7 @@ HTTP server on 127.0.0.1 (also a failing and a slow one), with the tick on a Fak
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,3 +190,46 @@ def test_notify_url_default_from_the_config(state_dir: Path, receiver: Receiver)
         assert own.notify_url == "http://x/"
     finally:
         svc.close()
+
+
+def test_the_notifier_skips_its_query_only_while_no_write_could_open_one(
+        svc: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most ticks have no notification to deliver: the notifier asks the store once, then
+    not again until a write (this process's, or another process's commit) could have made
+    one open. Every such write is seen by the very next tick."""
+    asked: list[int] = []
+    real = svc.store.notifications_open
+
+    def counted() -> bool:
+        asked.append(1)
+        return real()
+    monkeypatch.setattr(svc.store, "notifications_open", counted)
+    now = svc.clock.now
+    svc.daemon.tick(now())
+    assert asked == [1]
+    plain = submit(svc, "true")
+    run_until(svc, ended(svc, plain))
+    asked.clear()
+    svc.daemon.tick(now())
+    assert asked == [], "nothing could have opened a notification, yet the store was asked"
+    out = tmp_path / "notified"
+    j = submit(svc, "true", notify_cmd=f"echo $GPUSCHED_JOB_STATUS > {out}")
+    svc.daemon.tick(now())
+    assert asked, "a job submitted with --notify must make the notifier look again"
+    run_until(svc, lambda: bool(notes(svc, j, "done")))
+    assert out.read_text().strip() == "succeeded"
+    svc.daemon.tick(now())
+    asked.clear()
+    svc.daemon.tick(now())
+    assert asked == []
+    # another process's commit (a tool writing the file): the store cannot know what it did
+    other = sqlite3.connect(str(svc.store.path))
+    try:
+        with other:
+            other.execute("UPDATE notifications SET state = 'pending', next_at = 0"
+                          " WHERE job_id = ?", (j,))
+    finally:
+        other.close()
+    svc.daemon.tick(now())
+    assert asked, "another process's commit must make the notifier look again"
+    run_until(svc, lambda: bool(notes(svc, j, "done")))
